@@ -1,0 +1,219 @@
+package runtime
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// DefaultPath is the PATH a task gets when neither the job nor the image sets one.
+const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// TaskDirs are the host directories Nomad made for a task; they appear inside
+// the sandbox at /alloc, /local and /secrets.
+type TaskDirs struct {
+	Alloc   string
+	Local   string
+	Secrets string
+}
+
+// Resources are the limits written into the spec's linux.resources.
+type Resources struct {
+	MemoryLimitBytes int64
+	CPUShares        uint64
+	CpusetCpus       string
+	PidsLimit        int64
+}
+
+// HostMount is an extra bind mount from the host (Nomad volume_mount).
+type HostMount struct {
+	HostPath string
+	TaskPath string
+	Readonly bool
+}
+
+// BundleConfig is everything that goes into a task's OCI spec. It is built by
+// the driver from validated input; nothing here comes from the job unchecked.
+type BundleConfig struct {
+	Rootfs         string
+	ReadonlyRootfs bool
+	Args           []string
+	Env            []string
+	Cwd            string
+	User           specs.User
+	Caps           []string
+	Hostname       string
+	Dirs           TaskDirs
+	Tmpfs          []string
+	Mounts         []HostMount
+	Resources      Resources
+	CgroupsPath    string
+	// ResolvConf and Hosts are host files bound read-only at /etc/resolv.conf
+	// and /etc/hosts.
+	ResolvConf string
+	Hosts      string
+}
+
+// Spec returns the OCI runtime spec for c.
+func (c *BundleConfig) Spec() *specs.Spec {
+	caps := append([]string(nil), c.Caps...)
+	sort.Strings(caps)
+	if caps == nil {
+		caps = []string{}
+	}
+	s := &specs.Spec{
+		Version:  specs.Version,
+		Hostname: c.Hostname,
+		Root:     &specs.Root{Path: c.Rootfs, Readonly: c.ReadonlyRootfs},
+		Process: &specs.Process{
+			Args: c.Args,
+			Env:  c.Env,
+			Cwd:  c.Cwd,
+			User: c.User,
+			Capabilities: &specs.LinuxCapabilities{
+				Bounding:    caps,
+				Effective:   caps,
+				Permitted:   caps,
+				Inheritable: []string{},
+				Ambient:     []string{},
+			},
+			NoNewPrivileges: true,
+			Rlimits: []specs.POSIXRlimit{
+				{Type: "RLIMIT_NOFILE", Soft: 4096, Hard: 65536},
+				{Type: "RLIMIT_CORE", Soft: 0, Hard: 0},
+			},
+		},
+		Mounts: c.mounts(),
+		Linux: &specs.Linux{
+			Namespaces: []specs.LinuxNamespace{
+				{Type: specs.PIDNamespace},
+				{Type: specs.IPCNamespace},
+				{Type: specs.UTSNamespace},
+				{Type: specs.MountNamespace},
+				{Type: specs.NetworkNamespace},
+			},
+			CgroupsPath: c.CgroupsPath,
+			Resources:   c.resources(),
+		},
+	}
+	return s
+}
+
+func (c *BundleConfig) resources() *specs.LinuxResources {
+	r := &specs.LinuxResources{}
+	if c.Resources.MemoryLimitBytes > 0 {
+		l := c.Resources.MemoryLimitBytes
+		r.Memory = &specs.LinuxMemory{Limit: &l}
+	}
+	if c.Resources.CPUShares > 0 || c.Resources.CpusetCpus != "" {
+		r.CPU = &specs.LinuxCPU{Cpus: c.Resources.CpusetCpus}
+		if c.Resources.CPUShares > 0 {
+			sh := c.Resources.CPUShares
+			r.CPU.Shares = &sh
+		}
+	}
+	if c.Resources.PidsLimit > 0 {
+		r.Pids = &specs.LinuxPids{Limit: c.Resources.PidsLimit}
+	}
+	return r
+}
+
+func (c *BundleConfig) mounts() []specs.Mount {
+	ms := []specs.Mount{
+		{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+		{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+		{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
+		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+		{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+	}
+	for _, p := range c.Tmpfs {
+		ms = append(ms, specs.Mount{Destination: p, Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777"}})
+	}
+	bind := func(src, dst string, ro bool) specs.Mount {
+		opts := []string{"rbind", "nosuid", "nodev"}
+		if ro {
+			opts = append(opts, "ro")
+		} else {
+			opts = append(opts, "rw")
+		}
+		return specs.Mount{Destination: dst, Type: "bind", Source: src, Options: opts}
+	}
+	ms = append(ms,
+		bind(c.Dirs.Alloc, "/alloc", false),
+		bind(c.Dirs.Local, "/local", false),
+		bind(c.Dirs.Secrets, "/secrets", false),
+	)
+	for _, m := range c.Mounts {
+		ms = append(ms, bind(m.HostPath, m.TaskPath, m.Readonly))
+	}
+	if c.ResolvConf != "" {
+		ms = append(ms, bind(c.ResolvConf, "/etc/resolv.conf", true))
+	}
+	if c.Hosts != "" {
+		ms = append(ms, bind(c.Hosts, "/etc/hosts", true))
+	}
+	return ms
+}
+
+// WriteBundle writes config.json for c into dir, which must exist.
+func WriteBundle(dir string, c *BundleConfig) error {
+	return writeJSON(filepath.Join(dir, "config.json"), c.Spec(), 0o600)
+}
+
+// writeJSON writes v to path atomically: a reader sees the old file or the
+// whole new one, never a torn write, even if the writer is killed.
+func writeJSON(path string, v any, mode os.FileMode) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
+	}
+	return writeFileAtomic(path, b, mode)
+}
+
+func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rename %s: %w", path, err)
+	}
+	return nil
+}
+
+// ResolvConf renders resolv.conf for a sandbox.
+func ResolvConf(servers, searches, options []string) []byte {
+	var b strings.Builder
+	for _, s := range servers {
+		fmt.Fprintf(&b, "nameserver %s\n", s)
+	}
+	if len(searches) > 0 {
+		fmt.Fprintf(&b, "search %s\n", strings.Join(searches, " "))
+	}
+	if len(options) > 0 {
+		fmt.Fprintf(&b, "options %s\n", strings.Join(options, " "))
+	}
+	return []byte(b.String())
+}
+
+// HostsFile renders /etc/hosts for a sandbox with only loopback and its own name.
+func HostsFile(hostname string) []byte {
+	return []byte(fmt.Sprintf("127.0.0.1 localhost %[1]s\n::1 localhost ip6-localhost ip6-loopback %[1]s\n", hostname))
+}

@@ -1,0 +1,110 @@
+package runtime
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+	"github.com/shoenig/test/must"
+)
+
+func TestMain(m *testing.M) {
+	if len(os.Args) > 2 && os.Args[1] == SupervisorArg {
+		os.Exit(SupervisorMain(os.Args[2:]))
+	}
+	os.Exit(m.Run())
+}
+
+type sandboxRun struct {
+	stdout, stderr string
+	status         *ExitStatus
+}
+
+// runSandbox runs args in a fresh sandbox through the real supervisor and
+// runsc, and removes everything it made.
+func runSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) sandboxRun {
+	t.Helper()
+	testutil.RequireRoot(t)
+	base := t.TempDir()
+	rootfs := testutil.MakeRootfs(t, filepath.Join(base, "rootfs"))
+	stateDir := filepath.Join(base, "state")
+	dirs := TaskDirs{Alloc: filepath.Join(base, "alloc"), Local: filepath.Join(base, "local"), Secrets: filepath.Join(base, "secrets")}
+	for _, d := range []string{stateDir, filepath.Join(stateDir, BundleDir), dirs.Alloc, dirs.Local, dirs.Secrets} {
+		must.NoError(t, os.MkdirAll(d, 0o755))
+	}
+	runscRoot := filepath.Join(base, "runsc-root")
+	must.NoError(t, os.MkdirAll(runscRoot, 0o700))
+	r := Runsc{Path: testutil.Runsc(t), Root: runscRoot, Platform: PlatformSystrap}
+	id := "rt-" + strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-")
+	cfg := &BundleConfig{
+		Rootfs:         rootfs,
+		ReadonlyRootfs: true,
+		Args:           args,
+		Env:            []string{"PATH=" + DefaultPath},
+		Cwd:            "/",
+		Hostname:       "sandbox-test",
+		Dirs:           dirs,
+		Tmpfs:          []string{"/tmp"},
+	}
+	if mutate != nil {
+		mutate(cfg)
+	}
+	must.NoError(t, WriteBundle(filepath.Join(stateDir, BundleDir), cfg))
+	exe, err := os.Executable()
+	must.NoError(t, err)
+	sup := &Supervisor{Dir: stateDir, Exe: exe}
+	t.Cleanup(func() {
+		_ = r.Delete(context.Background(), id, DeleteOpts{Force: true})
+		sup.Kill()
+		must.NoError(t, r.ReleaseRoot())
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	must.NoError(t, sup.Start(ctx, &SupervisorSpec{
+		ID:     id,
+		Runsc:  r,
+		Run:    RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
+		Stdout: filepath.Join(base, "stdout"),
+		Stderr: filepath.Join(base, "stderr"),
+	}))
+	st, err := sup.Wait(ctx)
+	must.NoError(t, err)
+	out, _ := os.ReadFile(filepath.Join(base, "stdout"))
+	errb, _ := os.ReadFile(filepath.Join(base, "stderr"))
+	exists, err := r.Exists(context.Background(), id)
+	must.NoError(t, err)
+	must.False(t, exists, must.Sprint("the supervisor must delete the container when it ends"))
+	return sandboxRun{stdout: string(out), stderr: string(errb), status: st}
+}
+
+func TestSandbox_ExitCodeAndStreams(t *testing.T) {
+	res := runSandbox(t, nil, "/bin/sh", "-c", "echo to-out; echo to-err >&2; exit 3")
+	must.Eq(t, 3, res.status.ExitCode)
+	must.Eq(t, 0, res.status.Signal)
+	must.Eq(t, "to-out\n", res.stdout)
+	must.Eq(t, "to-err\n", res.stderr)
+}
+
+func TestSandbox_Hardening(t *testing.T) {
+	script := `
+if touch /rootfs-write 2>/dev/null; then echo ROOT_WRITABLE; fi
+grep CapEff /proc/self/status
+uname -a
+grep NoNewPrivs /proc/self/status
+for d in /alloc /local /secrets /tmp; do touch $d/probe && echo "$d writable"; done
+`
+	res := runSandbox(t, nil, "/bin/sh", "-c", script)
+	must.Eq(t, 0, res.status.ExitCode, must.Sprint(res.stderr))
+	must.StrNotContains(t, res.stdout, "ROOT_WRITABLE")
+	must.StrContains(t, res.stdout, "CapEff:\t0000000000000000")
+	must.StrContains(t, res.stdout, "NoNewPrivs:\t1")
+	// gVisor's kernel reports itself as 4.4.0 with no host kernel string.
+	must.StrNotContains(t, res.stdout, "6.18")
+	for _, d := range []string{"/alloc", "/local", "/secrets", "/tmp"} {
+		must.StrContains(t, res.stdout, d+" writable")
+	}
+}

@@ -1,0 +1,453 @@
+package runtime
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// SupervisorArg is the first argument that turns the plugin binary into a
+// task supervisor. The supervisor is the sandbox's parent: runsc keeps no
+// exit status, so whoever outlives the plugin must wait for the sandbox and
+// store its status on disk.
+const SupervisorArg = "supervise"
+
+// Files in a task's state directory.
+const (
+	specFile    = "supervisor.json"
+	exitFile    = "exit.json"
+	pidFile     = "supervisor.pid"
+	sockFile    = "supervisor.sock"
+	sandboxPid  = "sandbox.pid"
+	runscLog    = "runsc.log"
+	supervisLog = "supervisor.log"
+	// BundleDir is the OCI bundle inside a task's state directory.
+	BundleDir = "bundle"
+)
+
+// SupervisorSpec is what the plugin hands the supervisor.
+type SupervisorSpec struct {
+	ID     string  `json:"id"`
+	Runsc  Runsc   `json:"runsc"`
+	Run    RunOpts `json:"run"`
+	Stdout string  `json:"stdout"`
+	Stderr string  `json:"stderr"`
+}
+
+// ExitStatus is the task's end as the supervisor saw it.
+type ExitStatus struct {
+	ExitCode    int       `json:"exit_code"`
+	Signal      int       `json:"signal"`
+	OOMKilled   bool      `json:"oom_killed"`
+	Err         string    `json:"error,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	CompletedAt time.Time `json:"completed_at"`
+}
+
+// Supervisor is the plugin's view of one task's supervisor process.
+type Supervisor struct {
+	// Dir is the task's state directory.
+	Dir string
+	// Exe is the binary to run as supervisor (the plugin's own).
+	Exe string
+}
+
+// Start writes spec and launches a detached supervisor, returning once the
+// sandbox runs or with the reason it could not start. The supervisor is in its
+// own session so it survives the plugin and the Nomad agent.
+func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
+	if err := writeJSON(filepath.Join(s.Dir, specFile), spec, 0o600); err != nil {
+		return err
+	}
+	rd, wr, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("start supervisor: %w", err)
+	}
+	defer rd.Close()
+	logf, err := os.OpenFile(filepath.Join(s.Dir, supervisLog), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		wr.Close()
+		return fmt.Errorf("start supervisor: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(s.Exe, SupervisorArg, s.Dir)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.ExtraFiles = []*os.File{wr} // fd 3: the ready pipe
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	if err := cmd.Start(); err != nil {
+		wr.Close()
+		return fmt.Errorf("start supervisor: %w", err)
+	}
+	wr.Close()
+	// The supervisor is not our child to wait for in the long run; release
+	// it, and reap it in the background if it ends while we are alive.
+	go cmd.Wait()
+
+	type result struct {
+		line string
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		line, err := bufio.NewReader(rd).ReadString('\n')
+		ch <- result{strings.TrimSpace(line), err}
+	}()
+	select {
+	case <-ctx.Done():
+		_ = cmd.Process.Kill()
+		return fmt.Errorf("start supervisor: %w", ctx.Err())
+	case r := <-ch:
+		switch {
+		case r.line == "ok":
+			return nil
+		case strings.HasPrefix(r.line, "error: "):
+			return errors.New(strings.TrimPrefix(r.line, "error: "))
+		default:
+			return fmt.Errorf("supervisor ended before the sandbox started (see %s)", filepath.Join(s.Dir, supervisLog))
+		}
+	}
+}
+
+// Wait blocks until the task ends and returns its exit status. It works
+// whether or not this process started the supervisor: the supervisor's socket
+// closes when it is done, and the status is then on disk.
+func (s *Supervisor) Wait(ctx context.Context) (*ExitStatus, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", filepath.Join(s.Dir, sockFile))
+	if err == nil {
+		done := make(chan struct{})
+		go func() {
+			select {
+			case <-ctx.Done():
+				conn.Close()
+			case <-done:
+			}
+		}()
+		_, _ = io.Copy(io.Discard, conn)
+		close(done)
+		conn.Close()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
+	st, err := s.ExitStatus()
+	if err != nil {
+		return nil, err
+	}
+	if st == nil {
+		return nil, errors.New("task supervisor is gone and left no exit status")
+	}
+	return st, nil
+}
+
+// ExitStatus returns the stored exit status, or nil while the task runs.
+func (s *Supervisor) ExitStatus() (*ExitStatus, error) {
+	b, err := os.ReadFile(filepath.Join(s.Dir, exitFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read exit status: %w", err)
+	}
+	var st ExitStatus
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("decode exit status: %w", err)
+	}
+	return &st, nil
+}
+
+// Alive reports whether the supervisor process still runs.
+func (s *Supervisor) Alive() bool {
+	b, err := os.ReadFile(filepath.Join(s.Dir, pidFile))
+	if err != nil {
+		return false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return false
+	}
+	// The pid might have been reused; the command line tells.
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	return strings.Contains(string(cmdline), s.Dir)
+}
+
+// Kill ends the supervisor (used only when cleaning up after a crash).
+func (s *Supervisor) Kill() {
+	if !s.Alive() {
+		return
+	}
+	b, _ := os.ReadFile(filepath.Join(s.Dir, pidFile))
+	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
+		_ = unix.Kill(pid, unix.SIGKILL)
+	}
+}
+
+// SupervisorMain is the supervisor process. It returns the process exit code.
+func SupervisorMain(args []string) int {
+	if len(args) != 1 {
+		fmt.Fprintln(os.Stderr, "usage: supervise STATE_DIR")
+		return 2
+	}
+	ready := os.NewFile(3, "ready")
+	err := supervise(args[0], ready)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s supervisor: %v\n", time.Now().UTC().Format(time.RFC3339), err)
+		return 1
+	}
+	return 0
+}
+
+func supervise(dir string, ready *os.File) (err error) {
+	signalReady := func(msg string) {
+		if ready != nil {
+			_, _ = ready.WriteString(strings.ReplaceAll(msg, "\n", " ") + "\n")
+			ready.Close()
+			ready = nil
+		}
+	}
+	defer func() {
+		if err != nil {
+			signalReady("error: " + err.Error())
+		}
+	}()
+
+	b, err := os.ReadFile(filepath.Join(dir, specFile))
+	if err != nil {
+		return fmt.Errorf("read spec: %w", err)
+	}
+	var spec SupervisorSpec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return fmt.Errorf("decode spec: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, pidFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		return fmt.Errorf("write pid: %w", err)
+	}
+	// The sandbox is forked by `runsc create`, which then exits; as a
+	// subreaper we inherit it and can wait for its exit status.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("become subreaper: %w", err)
+	}
+	// A plugin that died mid-write must not stop us, nor a closed log FIFO.
+	signalIgnore()
+
+	sockPath := filepath.Join(dir, sockFile)
+	_ = os.Remove(sockPath)
+	ln, err := net.Listen("unix", sockPath)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
+	go acceptAndHold(ln)
+
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("stdout pipe: %w", err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("stderr pipe: %w", err)
+	}
+	outDone := relay(outR, spec.Stdout)
+	errDone := relay(errR, spec.Stderr)
+
+	runsc := spec.Runsc
+	started := time.Now().UTC()
+	pid, err := createAndStart(dir, &runsc, &spec, outW, errW)
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		_ = runsc.Delete(context.Background(), spec.ID, DeleteOpts{Force: true})
+		waitRelays(outDone, errDone)
+		return err
+	}
+	signalReady("ok")
+
+	var ws unix.WaitStatus
+	for {
+		_, werr := unix.Wait4(pid, &ws, 0, nil)
+		if werr == unix.EINTR {
+			continue
+		}
+		if werr != nil {
+			return fmt.Errorf("wait for sandbox %d: %w", pid, werr)
+		}
+		break
+	}
+	st := ExitStatus{StartedAt: started, CompletedAt: time.Now().UTC()}
+	switch {
+	case ws.Signaled():
+		// The sandbox itself was killed from the host (e.g. SIGKILL by
+		// the kernel's OOM killer).
+		st.Signal = int(ws.Signal())
+		st.ExitCode = 128 + st.Signal
+	default:
+		st.ExitCode = ws.ExitStatus()
+		// runsc reports a task killed by signal N as 128+N, the way a
+		// shell does; a task that exits with such a code itself is
+		// indistinguishable, and is reported the same way.
+		if st.ExitCode > 128 && st.ExitCode <= 128+64 {
+			st.Signal = st.ExitCode - 128
+		}
+	}
+	waitRelays(outDone, errDone)
+	_ = runsc.Delete(context.Background(), spec.ID, DeleteOpts{Force: true})
+	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
+}
+
+func createAndStart(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.File) (int, error) {
+	global, verb := spec.Run.Args(spec.ID)
+	pidPath := filepath.Join(dir, sandboxPid)
+	createArgs := append(append([]string{}, global...), "create", "--pid-file", pidPath)
+	createArgs = append(createArgs, verb...)
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, err
+	}
+	defer devnull.Close()
+
+	cmd := exec.Command(r.Path, append(r.globalArgs(), createArgs...)...)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdin = devnull
+	cmd.Stdout = stdout
+	cmd.Stderr = stderr
+	cmd.Dir = "/"
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("create sandbox: %w%s", err, logTail(spec.Run.LogFile))
+	}
+	b, err := os.ReadFile(pidPath)
+	if err != nil {
+		return 0, fmt.Errorf("create sandbox: read pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("create sandbox: bad pid file %q", b)
+	}
+	start := append(append(r.globalArgs(), global...), "start", spec.ID)
+	scmd := exec.Command(r.Path, start...)
+	scmd.Env = cmd.Env
+	scmd.Dir = "/"
+	if out, err := scmd.CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("start sandbox: %w: %s%s", err, strings.TrimSpace(string(out)), logTail(spec.Run.LogFile))
+	}
+	return pid, nil
+}
+
+// logTail returns the last error lines of runsc's log, for error messages.
+func logTail(path string) string {
+	if path == "" {
+		return ""
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	var picked []string
+	for i := len(lines) - 1; i >= 0 && len(picked) < 3; i-- {
+		l := lines[i]
+		if strings.HasPrefix(l, "W") || strings.HasPrefix(l, "E") || strings.Contains(l, "rror") {
+			picked = append([]string{strings.TrimSpace(l)}, picked...)
+		}
+	}
+	if len(picked) == 0 {
+		return ""
+	}
+	return ": " + strings.Join(picked, "; ")
+}
+
+func acceptAndHold(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		// Held open until the process exits: the close is the signal.
+		_ = c
+	}
+}
+
+// relay copies the sandbox's output from r to the log FIFO at path. runsc
+// gets a pipe of its own, never the FIFO: runsc makes its descriptors
+// non-blocking, and a FIFO whose reader restarts (Nomad's logmon after an
+// agent restart) is reopened here instead of killing the task with EPIPE.
+func relay(r *os.File, path string) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer r.Close()
+		var w *os.File
+		defer func() {
+			if w != nil {
+				w.Close()
+			}
+		}()
+		buf := make([]byte, 32*1024)
+		for {
+			n, rerr := r.Read(buf)
+			data := buf[:n]
+			for len(data) > 0 && path != "" {
+				if w == nil {
+					f, err := openLog(path)
+					if err != nil {
+						// No one to write to: drop this chunk.
+						data = nil
+						break
+					}
+					w = f
+				}
+				m, err := w.Write(data)
+				data = data[m:]
+				if err != nil {
+					w.Close()
+					w = nil
+					if !errors.Is(err, unix.EPIPE) {
+						data = nil
+					}
+				}
+			}
+			if rerr != nil {
+				return
+			}
+		}
+	}()
+	return done
+}
+
+func openLog(path string) (*os.File, error) {
+	fi, err := os.Stat(path)
+	if err == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+		// Blocks until Nomad's log collector has the FIFO open.
+		return os.OpenFile(path, os.O_WRONLY, 0)
+	}
+	return os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+}
+
+func waitRelays(chs ...<-chan struct{}) {
+	deadline := time.After(10 * time.Second)
+	for _, ch := range chs {
+		select {
+		case <-ch:
+		case <-deadline:
+			return
+		}
+	}
+}
