@@ -75,12 +75,26 @@ cleanup() {
 			"$runsc" --root "$runsc_root" delete -force "$id" 2>/dev/null || true
 		done
 	fi
+	# Task supervisors outlive the agent on purpose and ignore SIGTERM; once
+	# their sandbox is gone they end by themselves. Kill any that did not.
+	if [ -d "$work/tasks" ]; then
+		sleep 1
+		while IFS= read -r pidfile; do
+			local pid
+			pid=$(cat "$pidfile" 2>/dev/null) || continue
+			case "$pid" in '' | *[!0-9]*) continue ;; esac
+			if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF " supervise $work/tasks"; then
+				echo "demo: killing leftover supervisor $pid" >&2
+				kill -KILL "$pid" 2>/dev/null || true
+			fi
+		done < <(find "$work/tasks" -name supervisor.pid 2>/dev/null)
+	fi
 	if [ "$rc" -ne 0 ] && [ -s "$agent_log" ]; then
 		echo "demo: failed; last lines of the agent log:" >&2
 		tail -n 40 "$agent_log" >&2 || true
 	fi
 	unmount_under "$work"
-	rm -rf --one-file-system "$work"
+	rm -rf --one-file-system "$work" || echo "demo: could not remove all of $work" >&2
 	exit "$rc"
 }
 trap cleanup EXIT
