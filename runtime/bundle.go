@@ -3,6 +3,7 @@ package runtime
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -216,4 +217,25 @@ func ResolvConf(servers, searches, options []string) []byte {
 // HostsFile renders /etc/hosts for a sandbox with only loopback and its own name.
 func HostsFile(hostname string) []byte {
 	return []byte(fmt.Sprintf("127.0.0.1 localhost %[1]s\n::1 localhost ip6-localhost ip6-loopback %[1]s\n", hostname))
+}
+
+// ReadBundle reads the spec of the bundle in dir.
+func ReadBundle(dir string) (*specs.Spec, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read bundle: %w", err)
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("decode bundle: %w", err)
+	}
+	if s.Process == nil {
+		return nil, fmt.Errorf("bundle %s has no process", dir)
+	}
+	return &s, nil
+}
+
+// EncodeProcess writes p as the JSON process file `runsc exec --process` reads.
+func EncodeProcess(w io.Writer, p *specs.Process) error {
+	return json.NewEncoder(w).Encode(p)
 }

@@ -1,0 +1,243 @@
+package driver
+
+import (
+	"fmt"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+const (
+	// PluginName is both the binary's name (matched by the client's
+	// `plugin "sandbox"` block) and the name jobs use in `driver = "sandbox"`.
+	PluginName = "sandbox"
+
+	// PluginVersion is the driver's semantic version.
+	PluginVersion = "0.1.0"
+
+	// taskHandleVersion is the version of the state kept in TaskHandle.
+	taskHandleVersion = 1
+
+	fingerprintPeriod = 30 * time.Second
+)
+
+var pluginInfo = &base.PluginInfoResponse{
+	Type:              base.PluginTypeDriver,
+	PluginApiVersions: []string{drivers.ApiVersion010},
+	PluginVersion:     PluginVersion,
+	Name:              PluginName,
+}
+
+// configSpec is the plugin's `config {}` block in the client's
+// `plugin "sandbox"` stanza.
+var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
+	"runsc_path": hclspec.NewDefault(hclspec.NewAttr("runsc_path", "string", false), hclspec.NewLiteral(`"runsc"`)),
+	"runsc_root": hclspec.NewDefault(hclspec.NewAttr("runsc_root", "string", false), hclspec.NewLiteral(`"/run/nomad-sandbox/runsc"`)),
+	"state_dir":  hclspec.NewDefault(hclspec.NewAttr("state_dir", "string", false), hclspec.NewLiteral(`"/run/nomad-sandbox/tasks"`)),
+	"platform":   hclspec.NewDefault(hclspec.NewAttr("platform", "string", false), hclspec.NewLiteral(`"systrap"`)),
+	"allow_caps": hclspec.NewDefault(hclspec.NewAttr("allow_caps", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"allow_writable_rootfs": hclspec.NewDefault(
+		hclspec.NewAttr("allow_writable_rootfs", "bool", false), hclspec.NewLiteral(`false`)),
+	"allow_host_rootfs": hclspec.NewDefault(hclspec.NewAttr("allow_host_rootfs", "list(string)", false), hclspec.NewLiteral(`[]`)),
+})
+
+// taskConfigSpec is the task's `config {}` block.
+var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
+	"rootfs":     hclspec.NewAttr("rootfs", "string", true),
+	"command":    hclspec.NewAttr("command", "string", false),
+	"args":       hclspec.NewAttr("args", "list(string)", false),
+	"entrypoint": hclspec.NewAttr("entrypoint", "list(string)", false),
+	"work_dir":   hclspec.NewAttr("work_dir", "string", false),
+	"cap_add":    hclspec.NewAttr("cap_add", "list(string)", false),
+	"readonly_rootfs": hclspec.NewDefault(
+		hclspec.NewAttr("readonly_rootfs", "bool", false), hclspec.NewLiteral(`true`)),
+	"tmpfs":    hclspec.NewDefault(hclspec.NewAttr("tmpfs", "list(string)", false), hclspec.NewLiteral(`["/tmp"]`)),
+	"hostname": hclspec.NewAttr("hostname", "string", false),
+})
+
+var capabilities = &drivers.Capabilities{
+	SendSignals: true,
+	Exec:        true,
+	FSIsolation: drivers.FSIsolationImage,
+	// Networking arrives with netpolicy; until then every sandbox has
+	// loopback only, whatever the group asks for.
+	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeNone},
+	MountConfigs:      drivers.MountConfigSupportAll,
+}
+
+// PluginConfig is the decoded plugin configuration.
+type PluginConfig struct {
+	RunscPath           string   `codec:"runsc_path"`
+	RunscRoot           string   `codec:"runsc_root"`
+	StateDir            string   `codec:"state_dir"`
+	Platform            string   `codec:"platform"`
+	AllowCaps           []string `codec:"allow_caps"`
+	AllowWritableRootfs bool     `codec:"allow_writable_rootfs"`
+	AllowHostRootfs     []string `codec:"allow_host_rootfs"`
+}
+
+// Validate checks the plugin configuration and normalises capability names.
+func (c *PluginConfig) Validate() error {
+	var p runtime.Platform
+	if err := p.Set(c.Platform); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	if c.RunscPath == "" {
+		return fmt.Errorf("plugin config: runsc_path must not be empty")
+	}
+	for _, f := range []struct{ name, val string }{{"runsc_root", c.RunscRoot}, {"state_dir", c.StateDir}} {
+		if !filepath.IsAbs(f.val) {
+			return fmt.Errorf("plugin config: %s %q must be an absolute path", f.name, f.val)
+		}
+	}
+	caps, err := normalizeCaps(c.AllowCaps)
+	if err != nil {
+		return fmt.Errorf("plugin config: allow_caps: %w", err)
+	}
+	c.AllowCaps = caps
+	for i, d := range c.AllowHostRootfs {
+		if !filepath.IsAbs(d) || filepath.Clean(d) == "/" {
+			return fmt.Errorf("plugin config: allow_host_rootfs %q must be an absolute directory other than /", d)
+		}
+		c.AllowHostRootfs[i] = filepath.Clean(d)
+	}
+	return nil
+}
+
+// TaskConfig is the decoded task configuration.
+type TaskConfig struct {
+	Rootfs         string   `codec:"rootfs"`
+	Command        string   `codec:"command"`
+	Args           []string `codec:"args"`
+	Entrypoint     []string `codec:"entrypoint"`
+	WorkDir        string   `codec:"work_dir"`
+	CapAdd         []string `codec:"cap_add"`
+	ReadonlyRootfs bool     `codec:"readonly_rootfs"`
+	Tmpfs          []string `codec:"tmpfs"`
+	Hostname       string   `codec:"hostname"`
+}
+
+// Validate checks a task's configuration against the plugin's ceiling. It
+// runs before anything is created, and every message names the field and
+// what to change.
+func (tc *TaskConfig) Validate(pc *PluginConfig) error {
+	if strings.TrimSpace(tc.Rootfs) == "" {
+		return fmt.Errorf("rootfs is required: set it to a directory holding the task's root filesystem")
+	}
+	if tc.Command == "" && len(tc.Entrypoint) == 0 {
+		return fmt.Errorf("command is required: set command (and args) or entrypoint")
+	}
+	if tc.WorkDir != "" && !filepath.IsAbs(tc.WorkDir) {
+		return fmt.Errorf("work_dir %q must be an absolute path inside the sandbox", tc.WorkDir)
+	}
+	caps, err := normalizeCaps(tc.CapAdd)
+	if err != nil {
+		return fmt.Errorf("cap_add: %w", err)
+	}
+	for _, c := range caps {
+		if !contains(pc.AllowCaps, c) {
+			return fmt.Errorf("cap_add: %s is not allowed on this node: the operator must add it to the plugin's allow_caps", c)
+		}
+	}
+	tc.CapAdd = caps
+	if !tc.ReadonlyRootfs && !pc.AllowWritableRootfs {
+		return fmt.Errorf("readonly_rootfs = false is not allowed on this node: the operator must set allow_writable_rootfs in the plugin config")
+	}
+	seen := map[string]bool{}
+	for _, p := range tc.Tmpfs {
+		clean := filepath.Clean(p)
+		if !filepath.IsAbs(p) || clean == "/" {
+			return fmt.Errorf("tmpfs %q must be an absolute path other than /", p)
+		}
+		if reservedMount(clean) {
+			return fmt.Errorf("tmpfs %q would cover a path the driver mounts (/alloc, /local, /secrets, /proc, /dev, /sys, /etc/resolv.conf, /etc/hosts)", p)
+		}
+		if seen[clean] {
+			return fmt.Errorf("tmpfs %q is listed twice", p)
+		}
+		seen[clean] = true
+	}
+	if tc.Hostname != "" && !validHostname(tc.Hostname) {
+		return fmt.Errorf("hostname %q is not a valid host name: use letters, digits and '-', at most 63 characters per label", tc.Hostname)
+	}
+	return nil
+}
+
+func reservedMount(p string) bool {
+	for _, r := range []string{"/alloc", "/local", "/secrets", "/proc", "/dev", "/sys"} {
+		if p == r || strings.HasPrefix(p, r+"/") {
+			return true
+		}
+	}
+	return p == "/etc/resolv.conf" || p == "/etc/hosts"
+}
+
+func validHostname(h string) bool {
+	if len(h) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(h, ".") {
+		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// knownCaps are the Linux capabilities by their OCI names.
+var knownCaps = []string{
+	"CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF",
+	"CAP_CHECKPOINT_RESTORE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
+	"CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE",
+	"CAP_MAC_ADMIN", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE",
+	"CAP_NET_BROADCAST", "CAP_NET_RAW", "CAP_PERFMON", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP",
+	"CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_CHROOT", "CAP_SYS_MODULE", "CAP_SYS_NICE",
+	"CAP_SYS_PACCT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+	"CAP_SYS_TTY_CONFIG", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+}
+
+// normalizeCaps accepts "net_raw", "NET_RAW" or "CAP_NET_RAW" and returns the
+// sorted, de-duplicated OCI names. "all" is refused: a ceiling must be listed.
+func normalizeCaps(in []string) ([]string, error) {
+	set := map[string]bool{}
+	for _, c := range in {
+		name := strings.ToUpper(strings.TrimSpace(c))
+		if name == "ALL" {
+			return nil, fmt.Errorf("%q is not accepted: list each capability by name", c)
+		}
+		if !strings.HasPrefix(name, "CAP_") {
+			name = "CAP_" + name
+		}
+		if !contains(knownCaps, name) {
+			return nil, fmt.Errorf("unknown capability %q", c)
+		}
+		set[name] = true
+	}
+	out := make([]string, 0, len(set))
+	for c := range set {
+		out = append(out, c)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}

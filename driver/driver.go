@@ -1,0 +1,190 @@
+// Package driver is the Nomad RPC glue of the sandbox driver: config specs,
+// capabilities, fingerprint, the task store and handles. The work itself
+// lives in runtime/.
+package driver
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/drivers/shared/eventer"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+// Driver runs Nomad tasks in gVisor sandboxes.
+type Driver struct {
+	eventer *eventer.Eventer
+	config  *PluginConfig
+	runsc   *runtime.Runsc
+	tasks   *taskStore
+	logger  hclog.Logger
+
+	// supervisorExe is the binary started as each task's supervisor; it
+	// is the plugin's own executable unless a test sets it.
+	supervisorExe string
+
+	// cpu converts CPU time into the MHz "ticks" Nomad charts.
+	cpu cpuInfo
+
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// NewPlugin returns the driver; main serves it.
+func NewPlugin(logger hclog.Logger) drivers.DriverPlugin {
+	return New(logger)
+}
+
+// New returns a Driver that is not yet configured.
+func New(logger hclog.Logger) *Driver {
+	ctx, cancel := context.WithCancel(context.Background())
+	logger = logger.Named(PluginName)
+	return &Driver{
+		eventer: eventer.NewEventer(ctx, logger),
+		tasks:   newTaskStore(),
+		logger:  logger,
+		cpu:     readCPUInfo(),
+		ctx:     ctx,
+		cancel:  cancel,
+	}
+}
+
+// SetSupervisorExe sets the binary that supervises tasks (tests use their
+// own test binary).
+func (d *Driver) SetSupervisorExe(path string) { d.supervisorExe = path }
+
+func (d *Driver) PluginInfo() (*base.PluginInfoResponse, error) { return pluginInfo, nil }
+
+func (d *Driver) ConfigSchema() (*hclspec.Spec, error) { return configSpec, nil }
+
+func (d *Driver) SetConfig(cfg *base.Config) error {
+	var pc PluginConfig
+	if len(cfg.PluginConfig) != 0 {
+		if err := base.MsgPackDecode(cfg.PluginConfig, &pc); err != nil {
+			return fmt.Errorf("plugin config: %w", err)
+		}
+	}
+	if err := pc.Validate(); err != nil {
+		return err
+	}
+	path, err := exec.LookPath(pc.RunscPath)
+	if err != nil {
+		// Not fatal: the fingerprint reports the driver unhealthy with
+		// this reason, and recovers once runsc is installed.
+		path = pc.RunscPath
+	}
+	var platform runtime.Platform
+	_ = platform.Set(pc.Platform)
+	for _, dir := range []string{pc.RunscRoot, pc.StateDir} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("plugin config: create %s: %w", dir, err)
+		}
+	}
+	if d.supervisorExe == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find plugin executable: %w", err)
+		}
+		d.supervisorExe = exe
+	}
+	d.config = &pc
+	d.runsc = &runtime.Runsc{Path: path, Root: pc.RunscRoot, Platform: platform}
+	go d.collectGarbage(d.ctx)
+	return nil
+}
+
+func (d *Driver) TaskConfigSchema() (*hclspec.Spec, error) { return taskConfigSpec, nil }
+
+func (d *Driver) Capabilities() (*drivers.Capabilities, error) { return capabilities, nil }
+
+func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, error) {
+	ch := make(chan *drivers.Fingerprint)
+	go func() {
+		defer close(ch)
+		timer := time.NewTimer(0)
+		defer timer.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-d.ctx.Done():
+				return
+			case <-timer.C:
+				timer.Reset(fingerprintPeriod)
+				select {
+				case ch <- d.fingerprint(ctx):
+				case <-ctx.Done():
+					return
+				case <-d.ctx.Done():
+					return
+				}
+			}
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
+	fp := &drivers.Fingerprint{
+		Attributes: map[string]*pstructs.Attribute{
+			"driver.sandbox.version": pstructs.NewStringAttribute(PluginVersion),
+		},
+		Health:            drivers.HealthStateHealthy,
+		HealthDescription: drivers.DriverHealthy,
+	}
+	unhealthy := func(reason string) *drivers.Fingerprint {
+		fp.Health = drivers.HealthStateUnhealthy
+		fp.HealthDescription = reason
+		return fp
+	}
+	if d.config == nil {
+		return unhealthy("plugin is not configured")
+	}
+	if os.Geteuid() != 0 {
+		return unhealthy("the sandbox driver must run as root")
+	}
+	fp.Attributes["driver.sandbox.platform"] = pstructs.NewStringAttribute(d.runsc.Platform.String())
+	if d.runsc.Platform == runtime.PlatformKVM {
+		if _, err := os.Stat("/dev/kvm"); err != nil {
+			return unhealthy("platform \"kvm\" needs /dev/kvm: " + err.Error())
+		}
+	}
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := d.runsc.Version(vctx)
+	if err != nil {
+		return unhealthy(fmt.Sprintf("runsc at %q does not work (set runsc_path): %v", d.runsc.Path, err))
+	}
+	fp.Attributes["driver.sandbox.runsc.version"] = pstructs.NewStringAttribute(v)
+	fp.Attributes["driver.sandbox.runsc.path"] = pstructs.NewStringAttribute(d.runsc.Path)
+	return fp
+}
+
+func (d *Driver) TaskEvents(ctx context.Context) (<-chan *drivers.TaskEvent, error) {
+	return d.eventer.TaskEvents(ctx)
+}
+
+func (d *Driver) emitEvent(cfg *drivers.TaskConfig, msg string, annotations map[string]string) {
+	if err := d.eventer.EmitEvent(&drivers.TaskEvent{
+		TaskID:      cfg.ID,
+		TaskName:    cfg.Name,
+		AllocID:     cfg.AllocID,
+		Timestamp:   time.Now(),
+		Message:     msg,
+		Annotations: annotations,
+	}); err != nil {
+		d.logger.Warn("failed to emit task event", "task_id", cfg.ID, "error", err)
+	}
+}
+
+// Shutdown stops the plugin's background work; tasks keep running.
+func (d *Driver) Shutdown() { d.cancel() }

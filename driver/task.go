@@ -1,0 +1,456 @@
+package driver
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+const (
+	startTimeout = 2 * time.Minute
+	// metaFile records, next to the bundle, which Nomad task a state
+	// directory belongs to, so leftovers can be matched after a crash.
+	metaFile = "task.json"
+)
+
+type taskMeta struct {
+	TaskID    string `json:"task_id"`
+	AllocID   string `json:"alloc_id"`
+	TaskName  string `json:"task_name"`
+	TaskDir   string `json:"task_dir"`
+	SandboxID string `json:"sandbox_id"`
+}
+
+func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	if d.config == nil {
+		return nil, nil, errors.New("sandbox driver is not configured")
+	}
+	if _, ok := d.tasks.Get(cfg.ID); ok {
+		return nil, nil, fmt.Errorf("task %q is already started", cfg.ID)
+	}
+	var tc TaskConfig
+	if err := cfg.DecodeDriverConfig(&tc); err != nil {
+		return nil, nil, fmt.Errorf("task config: %w", err)
+	}
+	bc, err := d.bundleConfig(cfg, &tc)
+	if err != nil {
+		d.emitEvent(cfg, "Sandbox refused: "+err.Error(), nil)
+		return nil, nil, err
+	}
+
+	id := sandboxID(cfg)
+	dir := filepath.Join(d.config.StateDir, id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("create task state: %w", err)
+	}
+	cu := cleanup.Make(func() { _ = os.RemoveAll(dir) })
+	defer cu.Clean()
+
+	bundle := filepath.Join(dir, runtime.BundleDir)
+	if err := os.Mkdir(bundle, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("create bundle: %w", err)
+	}
+	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id}
+	if err := writeJSONFile(filepath.Join(dir, metaFile), meta); err != nil {
+		return nil, nil, err
+	}
+	bc.ResolvConf = filepath.Join(dir, "resolv.conf")
+	bc.Hosts = filepath.Join(dir, "hosts")
+	var dns []string
+	var search, opts []string
+	if cfg.DNS != nil {
+		dns, search, opts = cfg.DNS.Servers, cfg.DNS.Searches, cfg.DNS.Options
+	}
+	if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf(dns, search, opts), 0o644); err != nil {
+		return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
+	}
+	if err := os.WriteFile(bc.Hosts, runtime.HostsFile(bc.Hostname), 0o644); err != nil {
+		return nil, nil, fmt.Errorf("write hosts: %w", err)
+	}
+	if err := runtime.WriteBundle(bundle, bc); err != nil {
+		return nil, nil, err
+	}
+
+	overlay := "none"
+	if !bc.ReadonlyRootfs {
+		// Writes to the root go to memory and vanish with the sandbox;
+		// the host directory is never modified.
+		overlay = "root:memory"
+	}
+	spec := &runtime.SupervisorSpec{
+		ID:    id,
+		Runsc: *d.runsc,
+		Run: runtime.RunOpts{
+			Bundle:   bundle,
+			Network:  "none",
+			Overlay:  overlay,
+			HostUDS:  "none",
+			LogFile:  filepath.Join(dir, "runsc.log"),
+			PanicLog: filepath.Join(dir, "runsc-panic.log"),
+		},
+		Stdout: cfg.StdoutPath,
+		Stderr: cfg.StderrPath,
+	}
+	sup := &runtime.Supervisor{Dir: dir, Exe: d.supervisorExe}
+	cu.Add(func() {
+		sup.Kill()
+		_ = d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
+	})
+	ctx, cancel := context.WithTimeout(d.ctx, startTimeout)
+	defer cancel()
+	if err := sup.Start(ctx, spec); err != nil {
+		d.emitEvent(cfg, "Sandbox failed to start: "+err.Error(), nil)
+		return nil, nil, fmt.Errorf("start sandbox: %w", err)
+	}
+
+	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
+	handle := drivers.NewTaskHandle(taskHandleVersion)
+	handle.Config = cfg
+	if err := handle.SetDriverState(&st); err != nil {
+		return nil, nil, fmt.Errorf("encode task state: %w", err)
+	}
+	h := newTaskHandle(cfg, st, sup, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
+	d.tasks.Set(cfg.ID, h)
+	go h.watch(d.ctx)
+	cu.Release()
+
+	d.emitEvent(cfg, fmt.Sprintf("Sandbox %s started (runsc, platform %s)", id, d.runsc.Platform), map[string]string{
+		"sandbox_id": id,
+		"platform":   d.runsc.Platform.String(),
+	})
+	return handle, nil, nil
+}
+
+// bundleConfig validates the task and turns it into the sandbox's spec
+// input. It creates nothing.
+func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, error) {
+	if err := tc.Validate(d.config); err != nil {
+		return nil, err
+	}
+	if ni := cfg.NetworkIsolation; ni != nil && ni.Mode != drivers.NetIsolationModeNone {
+		return nil, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
+	}
+	rootfs, err := d.resolveRootfs(cfg, tc.Rootfs)
+	if err != nil {
+		return nil, err
+	}
+	user, err := runtime.ResolveUser(rootfs, cfg.User)
+	if err != nil {
+		return nil, fmt.Errorf("task user: %w", err)
+	}
+	args := append([]string{}, tc.Entrypoint...)
+	if tc.Command != "" {
+		args = append(args, tc.Command)
+	}
+	args = append(args, tc.Args...)
+	cwd := tc.WorkDir
+	if cwd == "" {
+		cwd = "/"
+	}
+	hostname := tc.Hostname
+	if hostname == "" {
+		hostname = defaultHostname(cfg.Name)
+	}
+	var mounts []runtime.HostMount
+	for _, m := range cfg.Mounts {
+		if !filepath.IsAbs(m.TaskPath) || reservedMount(filepath.Clean(m.TaskPath)) || filepath.Clean(m.TaskPath) == "/" {
+			return nil, fmt.Errorf("volume_mount destination %q must be an absolute path outside /alloc, /local, /secrets, /proc, /dev and /sys", m.TaskPath)
+		}
+		mounts = append(mounts, runtime.HostMount{HostPath: m.HostPath, TaskPath: filepath.Clean(m.TaskPath), Readonly: m.Readonly})
+	}
+	td := cfg.TaskDir()
+	bc := &runtime.BundleConfig{
+		Rootfs:         rootfs,
+		ReadonlyRootfs: tc.ReadonlyRootfs,
+		Args:           args,
+		Env:            taskEnv(cfg),
+		Cwd:            cwd,
+		User:           user,
+		Caps:           tc.CapAdd,
+		Hostname:       hostname,
+		Dirs:           runtime.TaskDirs{Alloc: td.SharedAllocDir, Local: td.LocalDir, Secrets: td.SecretsDir},
+		Tmpfs:          tc.Tmpfs,
+		Mounts:         mounts,
+	}
+	if r := cfg.Resources; r != nil && r.LinuxResources != nil {
+		bc.Resources.MemoryLimitBytes = r.LinuxResources.MemoryLimitBytes
+		if r.LinuxResources.CPUShares > 0 {
+			bc.Resources.CPUShares = uint64(r.LinuxResources.CPUShares)
+		}
+	}
+	return bc, nil
+}
+
+// taskEnv is the task's environment exactly as Nomad computed it (job env,
+// NOMAD_* variables with the sandbox's paths), plus a PATH when none is set.
+// Nothing of the plugin's or the agent's own environment is added.
+func taskEnv(cfg *drivers.TaskConfig) []string {
+	env := cfg.EnvList()
+	for k, v := range cfg.DeviceEnv {
+		env = append(env, k+"="+v)
+	}
+	if _, ok := cfg.Env["PATH"]; !ok {
+		env = append(env, "PATH="+runtime.DefaultPath)
+	}
+	return env
+}
+
+// resolveRootfs finds the task's root filesystem on the host. A relative
+// path lives in the task directory (an artifact unpacked into local/); an
+// absolute one must be under an operator-allowed directory. Symlinks are
+// resolved before the check, so a link cannot lead out of either.
+func (d *Driver) resolveRootfs(cfg *drivers.TaskConfig, rootfs string) (string, error) {
+	var base []string
+	var p string
+	if filepath.IsAbs(rootfs) {
+		if len(d.config.AllowHostRootfs) == 0 {
+			return "", fmt.Errorf("rootfs %q: host directories are not allowed on this node: use a path inside the task directory (e.g. local/rootfs from an artifact), or the operator must list a parent in allow_host_rootfs", rootfs)
+		}
+		base = d.config.AllowHostRootfs
+		p = filepath.Clean(rootfs)
+	} else {
+		taskDir := cfg.TaskDir().Dir
+		base = []string{taskDir}
+		p = filepath.Join(taskDir, rootfs)
+	}
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", fmt.Errorf("rootfs %q: %w", rootfs, err)
+	}
+	fi, err := os.Stat(real)
+	if err != nil {
+		return "", fmt.Errorf("rootfs %q: %w", rootfs, err)
+	}
+	if !fi.IsDir() {
+		return "", fmt.Errorf("rootfs %q is not a directory", rootfs)
+	}
+	for _, b := range base {
+		rb, err := filepath.EvalSymlinks(b)
+		if err != nil {
+			continue
+		}
+		if real != rb && strings.HasPrefix(real, rb+string(filepath.Separator)) {
+			return real, nil
+		}
+	}
+	if filepath.IsAbs(rootfs) {
+		return "", fmt.Errorf("rootfs %q is not under a directory in the plugin's allow_host_rootfs %v", rootfs, d.config.AllowHostRootfs)
+	}
+	return "", fmt.Errorf("rootfs %q leads outside the task directory", rootfs)
+}
+
+func sandboxID(cfg *drivers.TaskConfig) string {
+	sum := sha256.Sum256([]byte(cfg.ID))
+	alloc := cfg.AllocID
+	if len(alloc) > 8 {
+		alloc = alloc[:8]
+	}
+	name := sanitize(cfg.Name, 40)
+	return fmt.Sprintf("nomad-%s-%s-%s", sanitize(alloc, 8), name, hex.EncodeToString(sum[:4]))
+}
+
+func sanitize(s string, max int) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(s) {
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' {
+			b.WriteRune(r)
+		} else {
+			b.WriteRune('-')
+		}
+		if b.Len() >= max {
+			break
+		}
+	}
+	if b.Len() == 0 {
+		return "task"
+	}
+	return b.String()
+}
+
+func defaultHostname(task string) string {
+	h := strings.Trim(sanitize(task, 63), "-")
+	if h == "" {
+		return "sandbox"
+	}
+	return h
+}
+
+func writeJSONFile(path string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
+	}
+	return nil
+}
+
+func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
+	if handle == nil {
+		return errors.New("recover task: nil handle")
+	}
+	if _, ok := d.tasks.Get(handle.Config.ID); ok {
+		return nil
+	}
+	if d.config == nil {
+		return errors.New("recover task: sandbox driver is not configured")
+	}
+	var st taskState
+	if err := handle.GetDriverState(&st); err != nil {
+		return fmt.Errorf("recover task: decode state: %w", err)
+	}
+	if st.StateDir == "" || filepath.Dir(st.StateDir) != filepath.Clean(d.config.StateDir) {
+		return fmt.Errorf("recover task: state directory %q is not under state_dir %q", st.StateDir, d.config.StateDir)
+	}
+	sup := &runtime.Supervisor{Dir: st.StateDir, Exe: d.supervisorExe}
+	if !sup.Alive() {
+		es, err := sup.ExitStatus()
+		if err != nil {
+			return fmt.Errorf("recover task: %w", err)
+		}
+		if es == nil {
+			return fmt.Errorf("recover task: sandbox %s has no supervisor and no exit status", st.SandboxID)
+		}
+	}
+	h := newTaskHandle(handle.Config, st, sup, d.logger.With("task_id", handle.Config.ID, "sandbox_id", st.SandboxID))
+	d.tasks.Set(handle.Config.ID, h)
+	go h.watch(d.ctx)
+	d.logger.Info("recovered task", "task_id", handle.Config.ID, "sandbox_id", st.SandboxID)
+	return nil
+}
+
+func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.ExitResult, error) {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	ch := make(chan *drivers.ExitResult, 1)
+	go func() {
+		defer close(ch)
+		select {
+		case <-h.done:
+			ch <- h.result()
+		case <-ctx.Done():
+		case <-d.ctx.Done():
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	if !h.running() {
+		return nil
+	}
+	sig := unix.SIGTERM
+	if signal != "" {
+		s, err := parseSignal(signal)
+		if err != nil {
+			return err
+		}
+		sig = s
+	}
+	ctx := context.Background()
+	if err := d.runsc.Kill(ctx, h.sandboxID, sig, runtime.KillOpts{}); err != nil && h.running() {
+		h.logger.Warn("stop signal failed; killing", "signal", sig, "error", err)
+	}
+	select {
+	case <-h.done:
+		return nil
+	case <-time.After(timeout):
+	}
+	if err := d.runsc.Kill(ctx, h.sandboxID, unix.SIGKILL, runtime.KillOpts{All: true}); err != nil && h.running() {
+		return fmt.Errorf("kill sandbox %s: %w", h.sandboxID, err)
+	}
+	select {
+	case <-h.done:
+		return nil
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("sandbox %s did not exit after SIGKILL", h.sandboxID)
+	}
+}
+
+func (d *Driver) DestroyTask(taskID string, force bool) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	if h.running() {
+		if !force {
+			return errors.New("cannot destroy a running task without force")
+		}
+		if err := d.StopTask(taskID, 0, "SIGKILL"); err != nil {
+			h.logger.Warn("failed to stop task on destroy", "error", err)
+		}
+	}
+	if err := d.removeSandbox(h.sandboxID, h.sup); err != nil {
+		return err
+	}
+	d.tasks.Delete(taskID)
+	return nil
+}
+
+// removeSandbox deletes a sandbox and its state directory. It is safe to
+// call for a sandbox that is already gone.
+func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
+	sup.Kill()
+	if err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true}); err != nil && !errors.Is(err, runtime.ErrNotExist) {
+		if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
+			return fmt.Errorf("delete sandbox %s: %w", id, err)
+		}
+	}
+	if err := os.RemoveAll(sup.Dir); err != nil {
+		return fmt.Errorf("remove task state: %w", err)
+	}
+	return nil
+}
+
+func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	return h.status(), nil
+}
+
+func (d *Driver) SignalTask(taskID string, signal string) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	sig, err := parseSignal(signal)
+	if err != nil {
+		return err
+	}
+	return d.runsc.Kill(context.Background(), h.sandboxID, sig, runtime.KillOpts{})
+}
+
+func parseSignal(s string) (syscall.Signal, error) {
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		return 0, fmt.Errorf("unknown signal %q", s)
+	}
+	return sig, nil
+}
