@@ -54,6 +54,10 @@ unmount_under() {
 cleanup() {
 	local rc=$? id i
 	trap - EXIT INT TERM
+	if [ "$rc" -ne 0 ] && [ -s "$agent_log" ]; then
+		echo "demo: failed; last lines of the agent log:" >&2
+		grep -v "http: request complete" "$agent_log" | tail -n 30 >&2 || true
+	fi
 	if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
 		log "stopping the agent"
 		kill -TERM "$agent_pid" 2>/dev/null || true
@@ -88,10 +92,6 @@ cleanup() {
 				kill -KILL "$pid" 2>/dev/null || true
 			fi
 		done < <(find "$work/tasks" -name supervisor.pid 2>/dev/null)
-	fi
-	if [ "$rc" -ne 0 ] && [ -s "$agent_log" ]; then
-		echo "demo: failed; last lines of the agent log:" >&2
-		tail -n 40 "$agent_log" >&2 || true
 	fi
 	unmount_under "$work"
 	rm -rf --one-file-system "$work" || echo "demo: could not remove all of $work" >&2
