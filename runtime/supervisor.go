@@ -129,7 +129,12 @@ func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
 // closes when it is done, and the status is then on disk.
 func (s *Supervisor) Wait(ctx context.Context) (*ExitStatus, error) {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", filepath.Join(s.Dir, sockFile))
+	path, release, err := shortPath(s.Dir, sockFile)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := d.DialContext(ctx, "unix", path)
+	release()
 	if err == nil {
 		done := make(chan struct{})
 		go func() {
@@ -249,9 +254,13 @@ func supervise(dir string, ready *os.File) (err error) {
 	// A plugin that died mid-write must not stop us, nor a closed log FIFO.
 	signalIgnore()
 
-	sockPath := filepath.Join(dir, sockFile)
-	_ = os.Remove(sockPath)
+	_ = os.Remove(filepath.Join(dir, sockFile))
+	sockPath, release, err := shortPath(dir, sockFile)
+	if err != nil {
+		return err
+	}
 	ln, err := net.Listen("unix", sockPath)
+	release()
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
@@ -372,6 +381,16 @@ func logTail(path string) string {
 		return ""
 	}
 	return ": " + strings.Join(picked, "; ")
+}
+
+// shortPath names dir/name through /proc/self/fd so that a Unix socket in a
+// deep state directory stays within the 108-byte sun_path limit.
+func shortPath(dir, name string) (string, func(), error) {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", nil, fmt.Errorf("open %s: %w", dir, err)
+	}
+	return fmt.Sprintf("/proc/self/fd/%d/%s", fd, name), func() { unix.Close(fd) }, nil
 }
 
 func acceptAndHold(ln net.Listener) {
