@@ -170,8 +170,10 @@ func waitLog(t *testing.T, cfg *drivers.TaskConfig, stream string, done func(str
 	return out
 }
 
-func has(s string) func(string) bool { return func(out string) bool { return strings.Contains(out, s) } }
-func equals(s string) func(string) bool   { return func(out string) bool { return out == s } }
+func has(s string) func(string) bool {
+	return func(out string) bool { return strings.Contains(out, s) }
+}
+func equals(s string) func(string) bool { return func(out string) bool { return out == s } }
 
 func TestDriver_BatchExitCodeAndStreams(t *testing.T) {
 	e := newTestEnv(t, nil)
