@@ -1,0 +1,78 @@
+package driver
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/shoenig/test/must"
+	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+// TestDriver_SweepRemovesLeftovers plays a plugin that crashed: a new
+// plugin process must remove what no Nomad task can still recover, and keep
+// what it can.
+func TestDriver_SweepRemovesLeftovers(t *testing.T) {
+	e := newTestEnv(t, nil)
+	script := `echo ready; sleep 600`
+
+	// A running task whose allocation Nomad still has: kept.
+	keepCfg, keepCleanup := e.task(t, "keep", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}}))
+	defer keepCleanup()
+	keepHandle, _, err := e.harness.StartTask(keepCfg)
+	must.NoError(t, err)
+	waitLog(t, keepCfg, "stdout", has("ready"))
+
+	// A running task whose allocation directory is gone: removed.
+	goneCfg, goneCleanup := e.task(t, "gone", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}}))
+	defer goneCleanup()
+	goneHandle, _, err := e.harness.StartTask(goneCfg)
+	must.NoError(t, err)
+	waitLog(t, goneCfg, "stdout", has("ready"))
+	var goneState taskState
+	must.NoError(t, goneHandle.GetDriverState(&goneState))
+
+	// A state directory from a create that crashed half-way: removed.
+	half := filepath.Join(e.config.StateDir, "nomad-halfmade")
+	must.NoError(t, os.MkdirAll(filepath.Join(half, runtime.BundleDir), 0o700))
+
+	e.driver.Shutdown()
+	// Nomad's garbage collection of the allocation (secrets and private
+	// are mounts of their own).
+	unmountUnder(t, goneCfg.TaskDir().Dir)
+	must.NoError(t, os.RemoveAll(goneCfg.TaskDir().Dir))
+
+	fresh := e.newDriver()
+	e.driver = fresh
+	fresh.sweep(context.Background(), 0)
+
+	_, err = os.Stat(half)
+	must.True(t, os.IsNotExist(err), must.Sprint("half-made state must be removed"))
+	_, err = os.Stat(goneState.StateDir)
+	must.True(t, os.IsNotExist(err), must.Sprint("state of a task whose allocation is gone must be removed"))
+	exists, err := fresh.runsc.Exists(context.Background(), goneState.SandboxID)
+	must.NoError(t, err)
+	must.False(t, exists, must.Sprint("the orphaned sandbox must be deleted"))
+
+	must.NoError(t, fresh.RecoverTask(keepHandle), must.Sprint("a task Nomad can still recover must be kept"))
+	status, err := fresh.InspectTask(keepCfg.ID)
+	must.NoError(t, err)
+	must.Eq(t, "running", string(status.State))
+	must.NoError(t, fresh.DestroyTask(keepCfg.ID, true))
+}
+
+func unmountUnder(t *testing.T, dir string) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mounts")
+	must.NoError(t, err)
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+			must.NoError(t, unix.Unmount(f[1], unix.MNT_DETACH))
+		}
+	}
+}
