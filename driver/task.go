@@ -81,6 +81,12 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := os.WriteFile(bc.Hosts, runtime.HostsFile(bc.Hostname), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
+	cg := taskCgroup(id)
+	if err := cg.Create(bc.Resources); err != nil {
+		return nil, nil, err
+	}
+	cu.Add(func() { _ = cg.Destroy() })
+	bc.CgroupsPath = cg.Path
 	if err := runtime.WriteBundle(bundle, bc); err != nil {
 		return nil, nil, err
 	}
@@ -104,6 +110,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		},
 		Stdout: cfg.StdoutPath,
 		Stderr: cfg.StderrPath,
+		Cgroup: cg,
 	}
 	sup := &runtime.Supervisor{Dir: dir, Exe: d.supervisorExe}
 	cu.Add(func() {
@@ -417,10 +424,19 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 			return fmt.Errorf("delete sandbox %s: %w", id, err)
 		}
 	}
+	if err := taskCgroup(id).Destroy(); err != nil {
+		return err
+	}
 	if err := os.RemoveAll(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)
 	}
 	return nil
+}
+
+// taskCgroup is the host cgroup of a sandbox, named after it so that a
+// restarted plugin finds it from the sandbox ID alone.
+func taskCgroup(id string) *runtime.Cgroup {
+	return runtime.NewCgroup("/nomad-sandbox/" + id)
 }
 
 func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {

@@ -45,6 +45,9 @@ type SupervisorSpec struct {
 	Run    RunOpts `json:"run"`
 	Stdout string  `json:"stdout"`
 	Stderr string  `json:"stderr"`
+	// Cgroup, when set, was created by the driver; the supervisor reads
+	// its OOM record after the sandbox exits and then removes it.
+	Cgroup *Cgroup `json:"cgroup,omitempty"`
 }
 
 // ExitStatus is the task's end as the supervisor saw it.
@@ -319,6 +322,16 @@ func supervise(dir string, ready *os.File) (err error) {
 	}
 	waitRelays(outDone, errDone)
 	_ = runsc.Delete(context.Background(), spec.ID, DeleteOpts{Force: true})
+	if cg := spec.Cgroup; cg != nil {
+		oom, err := cg.OOMKilled()
+		if err != nil {
+			st.Err = "cannot tell whether the task was OOM-killed: " + err.Error()
+		}
+		st.OOMKilled = oom
+		if err := cg.Destroy(); err != nil {
+			fmt.Fprintf(os.Stderr, "%s supervisor: %v\n", time.Now().UTC().Format(time.RFC3339), err)
+		}
+	}
 	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
 }
 
