@@ -418,10 +418,15 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 // removeSandbox deletes a sandbox and its state directory. It is safe to
 // call for a sandbox that is already gone.
 func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
-	sup.Kill()
-	if err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true}); err != nil && !errors.Is(err, runtime.ErrNotExist) {
-		if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
-			return fmt.Errorf("delete sandbox %s: %w", id, err)
+	// A supervisor that stored an exit status has deleted the container
+	// already; asking runsc again would only cost a process.
+	if st, _ := sup.ExitStatus(); st == nil || sup.Alive() {
+		sup.Kill()
+		err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
+		if err != nil && !errors.Is(err, runtime.ErrNotExist) {
+			if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
+				return fmt.Errorf("delete sandbox %s: %w", id, err)
+			}
 		}
 	}
 	if err := taskCgroup(id).Destroy(); err != nil {

@@ -131,37 +131,55 @@ func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
 // whether or not this process started the supervisor: the supervisor's socket
 // closes when it is done, and the status is then on disk.
 func (s *Supervisor) Wait(ctx context.Context) (*ExitStatus, error) {
+	for {
+		if err := s.waitClose(ctx); err != nil {
+			return nil, err
+		}
+		st, err := s.ExitStatus()
+		if err != nil {
+			return nil, err
+		}
+		if st != nil {
+			return st, nil
+		}
+		if !s.Alive() {
+			return nil, errors.New("task supervisor is gone and left no exit status")
+		}
+		// The connection dropped while the supervisor still runs: it is
+		// writing the status now, or the connection was lost. Wait again.
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// waitClose returns when the supervisor closes its side of a connection,
+// or at once if it no longer listens.
+func (s *Supervisor) waitClose(ctx context.Context) error {
 	var d net.Dialer
 	path, release, err := shortPath(s.Dir, sockFile)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	conn, err := d.DialContext(ctx, "unix", path)
 	release()
-	if err == nil {
-		done := make(chan struct{})
-		go func() {
-			select {
-			case <-ctx.Done():
-				conn.Close()
-			case <-done:
-			}
-		}()
-		_, _ = io.Copy(io.Discard, conn)
-		close(done)
-		conn.Close()
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-	}
-	st, err := s.ExitStatus()
 	if err != nil {
-		return nil, err
+		return nil
 	}
-	if st == nil {
-		return nil, errors.New("task supervisor is gone and left no exit status")
-	}
-	return st, nil
+	defer conn.Close()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+			conn.Close()
+		case <-done:
+		}
+	}()
+	_, _ = io.Copy(io.Discard, conn)
+	return ctx.Err()
 }
 
 // ExitStatus returns the stored exit status, or nil while the task runs.
@@ -283,7 +301,7 @@ func supervise(dir string, ready *os.File) (err error) {
 
 	runsc := spec.Runsc
 	started := time.Now().UTC()
-	pid, err := createAndStart(dir, &runsc, &spec, outW, errW)
+	pid, err := runDetached(dir, &runsc, &spec, outW, errW)
 	outW.Close()
 	errW.Close()
 	if err != nil {
@@ -335,40 +353,37 @@ func supervise(dir string, ready *os.File) (err error) {
 	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
 }
 
-func createAndStart(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.File) (int, error) {
+// runDetached starts the sandbox with `runsc run --detach`: one runsc
+// process creates and starts it, then exits, and the sandbox is reparented
+// to us (a subreaper) so that we can wait for its exit status.
+func runDetached(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.File) (int, error) {
 	global, verb := spec.Run.Args(spec.ID)
 	pidPath := filepath.Join(dir, sandboxPid)
-	createArgs := append(append([]string{}, global...), "create", "--pid-file", pidPath)
-	createArgs = append(createArgs, verb...)
+	argv := append(r.globalArgs(), global...)
+	argv = append(argv, "run", "--detach", "--pid-file", pidPath)
+	argv = append(argv, verb...)
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return 0, err
 	}
 	defer devnull.Close()
 
-	cmd := exec.Command(r.Path, append(r.globalArgs(), createArgs...)...)
+	cmd := exec.Command(r.Path, argv...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	cmd.Stdin = devnull
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr
 	cmd.Dir = "/"
 	if err := cmd.Run(); err != nil {
-		return 0, fmt.Errorf("create sandbox: %w%s", err, logTail(spec.Run.LogFile))
+		return 0, fmt.Errorf("run sandbox: %w%s", err, logTail(spec.Run.LogFile))
 	}
 	b, err := os.ReadFile(pidPath)
 	if err != nil {
-		return 0, fmt.Errorf("create sandbox: read pid file: %w", err)
+		return 0, fmt.Errorf("run sandbox: read pid file: %w", err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		return 0, fmt.Errorf("create sandbox: bad pid file %q", b)
-	}
-	start := append(append(r.globalArgs(), global...), "start", spec.ID)
-	scmd := exec.Command(r.Path, start...)
-	scmd.Env = cmd.Env
-	scmd.Dir = "/"
-	if out, err := scmd.CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("start sandbox: %w: %s%s", err, strings.TrimSpace(string(out)), logTail(spec.Run.LogFile))
+		return 0, fmt.Errorf("run sandbox: bad pid file %q", b)
 	}
 	return pid, nil
 }
@@ -407,13 +422,17 @@ func shortPath(dir, name string) (string, func(), error) {
 }
 
 func acceptAndHold(ln net.Listener) {
+	// The connections stay referenced until the process exits: their
+	// close is the signal, and an unreferenced one would be closed early
+	// by the garbage collector's finalizer.
+	var held []net.Conn
 	for {
 		c, err := ln.Accept()
 		if err != nil {
+			runtimeKeepAlive(held)
 			return
 		}
-		// Held open until the process exits: the close is the signal.
-		_ = c
+		held = append(held, c)
 	}
 }
 
