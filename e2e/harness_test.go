@@ -24,7 +24,6 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -121,11 +120,10 @@ func runSuite(m *testing.M) (code int) {
 }
 
 func newHarness() (*harness, error) {
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		return nil, errors.New("cannot locate the source file")
+	repo, err := repoRoot()
+	if err != nil {
+		return nil, err
 	}
-	repo := filepath.Dir(filepath.Dir(file))
 	h := &harness{
 		repo:     repo,
 		nomadBin: filepath.Join(repo, "bin", "nomad"),
@@ -199,11 +197,9 @@ func (h *harness) addr() string { return fmt.Sprintf("http://127.0.0.1:%d", h.ht
 
 // The agent is a full (not -dev) server and client: a -dev agent keeps its
 // server and client state in memory and destroys every allocation when it
-// stops, so tasks could not outlive an agent restart.
+// stops, so tasks could not outlive an agent restart. The data dir, plugin
+// dir and bind address are given on the command line.
 var agentConfig = template.Must(template.New("agent").Parse(`
-data_dir             = "{{.DataDir}}"
-plugin_dir           = "{{.PluginDir}}"
-bind_addr            = "127.0.0.1"
 log_level            = "DEBUG"
 disable_update_check = true
 
@@ -257,7 +253,6 @@ plugin "sandbox" {
 func (h *harness) writeAgentConfig() error {
 	var b bytes.Buffer
 	err := agentConfig.Execute(&b, map[string]any{
-		"DataDir": h.dataDir, "PluginDir": h.pluginDir,
 		"HTTP": h.httpPort, "RPC": h.rpcPort, "Serf": h.serfPort,
 		"Cgroup": h.cgroup, "Runsc": h.runscBin, "RunscRoot": h.runscRoot,
 		"StateDir": h.stateDir, "RootfsParent": h.rootfsDir,
@@ -300,7 +295,8 @@ func (h *harness) startAgent() error {
 	}
 	defer logf.Close()
 	fmt.Fprintf(logf, "\n==== e2e: starting agent at %s ====\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(h.nomadBin, "agent", "-config", h.cfgPath)
+	cmd := exec.Command(h.nomadBin, "agent", "-bind", "127.0.0.1",
+		"-data-dir", h.dataDir, "-plugin-dir", h.pluginDir, "-config", h.cfgPath)
 	cmd.Dir = h.tmp
 	cmd.Stdout = logf
 	cmd.Stderr = logf
@@ -725,8 +721,22 @@ func cleanStaleRuns() {
 }
 
 func suiteRunsc() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(filepath.Dir(file)), "bin", "runsc")
+	repo, _ := repoRoot()
+	return filepath.Join(repo, "bin", "runsc")
+}
+
+// repoRoot is the repository root: `go test` runs the test binary in the
+// package's directory, e2e/.
+func repoRoot() (string, error) {
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	repo := filepath.Dir(wd)
+	if _, err := os.Stat(filepath.Join(repo, "go.mod")); err != nil {
+		return "", fmt.Errorf("%s is not the repository root (run the suite with go test ./e2e/...): %w", repo, err)
+	}
+	return repo, nil
 }
 
 func writeOwner(dir string) error {

@@ -428,7 +428,9 @@ func (j *runningJob) waitAlloc(t *testing.T, timeout time.Duration, what string,
 		}),
 		wait.Timeout(timeout),
 		wait.Gap(200*time.Millisecond),
-	), must.Sprintf("allocation %s: %s; task: %s", j.allocID, what, j.taskStateOf(last)))
+	), must.Func(func() string {
+		return fmt.Sprintf("allocation %s: %s; task: %s", j.allocID, what, j.taskStateOf(last))
+	}))
 	return last
 }
 
@@ -493,7 +495,9 @@ func (j *runningJob) waitLogs(t *testing.T, stderr bool, want string) string {
 		}),
 		wait.Timeout(30*time.Second),
 		wait.Gap(250*time.Millisecond),
-	), must.Sprintf("task log (stderr=%v) never contained %q; it holds:\n%s", stderr, want, out))
+	), must.Func(func() string {
+		return fmt.Sprintf("task log (stderr=%v) never contained %q; it holds:\n%s", stderr, want, out)
+	}))
 	return out
 }
 

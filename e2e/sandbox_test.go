@@ -288,7 +288,7 @@ func (j *runningJob) waitExec(t *testing.T, word string) {
 		}),
 		wait.Timeout(60*time.Second),
 		wait.Gap(500*time.Millisecond),
-	), must.Sprintf("exec never reached the task: %s", last))
+	), must.Func(func() string { return fmt.Sprintf("exec never reached the task: %s", last) }))
 }
 
 // checkExit4 waits for the marker task to end and checks that it ended once,
@@ -450,7 +450,9 @@ exit 5
 		wait.BoolFunc(func() bool { return firstSize.MatchString(out.String()) }),
 		wait.Timeout(30*time.Second),
 		wait.Gap(100*time.Millisecond),
-	), must.Sprintf("the command's output never arrived; the terminal shows %q", out.String()))
+	), must.Func(func() string {
+		return fmt.Sprintf("the command's output never arrived; the terminal shows %q", out.String())
+	}))
 	first := out.String()
 	must.StrContains(t, first, "STDIN-IS-TTY")
 	must.StrContains(t, first, "STDOUT-IS-TTY")
@@ -469,7 +471,7 @@ exit 5
 		}),
 		wait.Timeout(30*time.Second),
 		wait.Gap(500*time.Millisecond),
-	), must.Sprintf("the resize never reached the sandbox; output %q", out.String()))
+	), must.Func(func() string { return fmt.Sprintf("the resize never reached the sandbox; output %q", out.String()) }))
 
 	_, err = ptmx.Write([]byte("quit\n"))
 	must.NoError(t, err)
