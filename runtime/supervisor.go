@@ -451,6 +451,14 @@ func relay(r *os.File, path string) <-chan struct{} {
 				w.Close()
 			}
 		}()
+		// Open at once, not at the first output: Nomad's log collector
+		// waits for a writer to come and go, and a quiet task would
+		// otherwise leave it waiting when the task ends.
+		if path != "" {
+			if f, err := openLog(path); err == nil {
+				w = f
+			}
+		}
 		buf := make([]byte, 32*1024)
 		for {
 			n, rerr := r.Read(buf)
