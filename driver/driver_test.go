@@ -120,7 +120,12 @@ func (e *testEnv) task(t *testing.T, name string, tc TaskConfig) (*drivers.TaskC
 	must.NoError(t, cfg.EncodeConcreteDriverConfig(&tc))
 	e.harness = dtestutil.NewDriverHarness(t, e.driver)
 	cleanup := e.harness.MkAllocDir(cfg, true)
-	return cfg, cleanup
+	return cfg, func() {
+		cleanup()
+		// The harness removes the alloc dir but not the temporary
+		// directory it made around it.
+		_ = os.Remove(filepath.Dir(cfg.AllocDir))
+	}
 }
 
 func readonlyDefault(tc TaskConfig) TaskConfig { tc.ReadonlyRootfs = true; return tc }
