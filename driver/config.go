@@ -46,6 +46,13 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"allow_writable_rootfs": hclspec.NewDefault(
 		hclspec.NewAttr("allow_writable_rootfs", "bool", false), hclspec.NewLiteral(`false`)),
 	"allow_host_rootfs": hclspec.NewDefault(hclspec.NewAttr("allow_host_rootfs", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"default_pids_limit": hclspec.NewDefault(
+		hclspec.NewAttr("default_pids_limit", "number", false), hclspec.NewLiteral(`1024`)),
+	"max_pids_limit": hclspec.NewDefault(
+		hclspec.NewAttr("max_pids_limit", "number", false), hclspec.NewLiteral(`4096`)),
+	"default_timeout": hclspec.NewAttr("default_timeout", "string", false),
+	"max_timeout":     hclspec.NewAttr("max_timeout", "string", false),
+	"max_sandboxes":   hclspec.NewAttr("max_sandboxes", "number", false),
 })
 
 // taskConfigSpec is the task's `config {}` block.
@@ -58,8 +65,10 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"cap_add":    hclspec.NewAttr("cap_add", "list(string)", false),
 	"readonly_rootfs": hclspec.NewDefault(
 		hclspec.NewAttr("readonly_rootfs", "bool", false), hclspec.NewLiteral(`true`)),
-	"tmpfs":    hclspec.NewDefault(hclspec.NewAttr("tmpfs", "list(string)", false), hclspec.NewLiteral(`["/tmp"]`)),
-	"hostname": hclspec.NewAttr("hostname", "string", false),
+	"tmpfs":      hclspec.NewDefault(hclspec.NewAttr("tmpfs", "list(string)", false), hclspec.NewLiteral(`["/tmp"]`)),
+	"hostname":   hclspec.NewAttr("hostname", "string", false),
+	"pids_limit": hclspec.NewAttr("pids_limit", "number", false),
+	"timeout":    hclspec.NewAttr("timeout", "string", false),
 })
 
 var capabilities = &drivers.Capabilities{
@@ -81,6 +90,18 @@ type PluginConfig struct {
 	AllowCaps           []string `codec:"allow_caps"`
 	AllowWritableRootfs bool     `codec:"allow_writable_rootfs"`
 	AllowHostRootfs     []string `codec:"allow_host_rootfs"`
+	DefaultPidsLimit    int64    `codec:"default_pids_limit"`
+	MaxPidsLimit        int64    `codec:"max_pids_limit"`
+	DefaultTimeout      string   `codec:"default_timeout"`
+	MaxTimeout          string   `codec:"max_timeout"`
+	MaxSandboxes        int      `codec:"max_sandboxes"`
+}
+
+// timeouts returns default_timeout and max_timeout, which Validate checked.
+func (c *PluginConfig) timeouts() (def, max time.Duration) {
+	def, _ = parseTimeout("default_timeout", c.DefaultTimeout)
+	max, _ = parseTimeout("max_timeout", c.MaxTimeout)
+	return def, max
 }
 
 // Validate checks the plugin configuration and normalises capability names.
@@ -108,7 +129,39 @@ func (c *PluginConfig) Validate() error {
 		}
 		c.AllowHostRootfs[i] = filepath.Clean(d)
 	}
+	if c.DefaultPidsLimit < 0 || c.MaxPidsLimit < 0 {
+		return fmt.Errorf("plugin config: default_pids_limit and max_pids_limit must not be negative")
+	}
+	if c.MaxPidsLimit > 0 && c.DefaultPidsLimit > c.MaxPidsLimit {
+		return fmt.Errorf("plugin config: default_pids_limit %d is above max_pids_limit %d", c.DefaultPidsLimit, c.MaxPidsLimit)
+	}
+	def, err := parseTimeout("default_timeout", c.DefaultTimeout)
+	if err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	max, err := parseTimeout("max_timeout", c.MaxTimeout)
+	if err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	if max > 0 && def > max {
+		return fmt.Errorf("plugin config: default_timeout %s is above max_timeout %s", def, max)
+	}
+	if c.MaxSandboxes < 0 {
+		return fmt.Errorf("plugin config: max_sandboxes must not be negative (0 means no limit)")
+	}
 	return nil
+}
+
+// parseTimeout parses a Go duration such as "90s" or "1h30m"; empty is none.
+func parseTimeout(field, s string) (time.Duration, error) {
+	if s == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%s %q is not a positive duration: write it like \"90s\", \"15m\" or \"2h\"", field, s)
+	}
+	return d, nil
 }
 
 // TaskConfig is the decoded task configuration.
@@ -122,12 +175,27 @@ type TaskConfig struct {
 	ReadonlyRootfs bool     `codec:"readonly_rootfs"`
 	Tmpfs          []string `codec:"tmpfs"`
 	Hostname       string   `codec:"hostname"`
+	PidsLimit      int64    `codec:"pids_limit"`
+	Timeout        string   `codec:"timeout"`
 }
 
-// Validate checks a task's configuration against the plugin's ceiling. It
-// runs before anything is created, and every message names the field and
-// what to change.
-func (tc *TaskConfig) Validate(pc *PluginConfig) error {
+// taskLimits are the limits that apply to a task once the plugin's
+// defaults and ceilings are taken into account.
+type taskLimits struct {
+	pids    int64
+	timeout time.Duration
+}
+
+// Validate checks a task's configuration against the plugin's ceiling and
+// returns the limits that apply. It runs before anything is created, and
+// every message names the field and what to change.
+func (tc *TaskConfig) Validate(pc *PluginConfig) (taskLimits, error) {
+	var lim taskLimits
+	err := tc.validate(pc, &lim)
+	return lim, err
+}
+
+func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
 	if strings.TrimSpace(tc.Rootfs) == "" {
 		return fmt.Errorf("rootfs is required: set it to a directory holding the task's root filesystem")
 	}
@@ -163,6 +231,32 @@ func (tc *TaskConfig) Validate(pc *PluginConfig) error {
 			return fmt.Errorf("tmpfs %q is listed twice", p)
 		}
 		seen[clean] = true
+	}
+	switch {
+	case tc.PidsLimit < 0:
+		return fmt.Errorf("pids_limit %d must be positive", tc.PidsLimit)
+	case tc.PidsLimit == 0:
+		lim.pids = pc.DefaultPidsLimit
+	case pc.MaxPidsLimit > 0 && tc.PidsLimit > pc.MaxPidsLimit:
+		return fmt.Errorf("pids_limit %d is above this node's ceiling of %d (the plugin's max_pids_limit): ask for %d or less", tc.PidsLimit, pc.MaxPidsLimit, pc.MaxPidsLimit)
+	default:
+		lim.pids = tc.PidsLimit
+	}
+	timeout, err := parseTimeout("timeout", tc.Timeout)
+	if err != nil {
+		return err
+	}
+	def, max := pc.timeouts()
+	switch {
+	case timeout == 0 && def > 0:
+		lim.timeout = def
+	case timeout == 0:
+		// With a ceiling but no default, the ceiling applies.
+		lim.timeout = max
+	case max > 0 && timeout > max:
+		return fmt.Errorf("timeout %s is above this node's ceiling of %s (the plugin's max_timeout): ask for %s or less", timeout, max, max)
+	default:
+		lim.timeout = timeout
 	}
 	if tc.Hostname != "" && !validHostname(tc.Hostname) {
 		return fmt.Errorf("hostname %q is not a valid host name: use letters, digits and '-', at most 63 characters per label", tc.Hostname)

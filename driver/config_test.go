@@ -3,6 +3,7 @@ package driver
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/nomad/helper/pluginutils/hclspecutils"
 	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
@@ -25,6 +26,8 @@ config {
   readonly_rootfs = false
   tmpfs           = ["/tmp", "/run"]
   hostname        = "builder"
+  pids_limit      = 64
+  timeout         = "90s"
 }`, &tc)
 	must.Eq(t, TaskConfig{
 		Rootfs:         "local/rootfs",
@@ -36,6 +39,8 @@ config {
 		ReadonlyRootfs: false,
 		Tmpfs:          []string{"/tmp", "/run"},
 		Hostname:       "builder",
+		PidsLimit:      64,
+		Timeout:        "90s",
 	}, tc)
 }
 
@@ -70,12 +75,14 @@ func TestPluginConfig_ParseHCLAndDefaults(t *testing.T) {
 	var pc PluginConfig
 	hclutils.NewConfigParser(configSpec).ParseHCL(t, `config {}`, &pc)
 	must.Eq(t, PluginConfig{
-		RunscPath:       "runsc",
-		RunscRoot:       "/run/nomad-sandbox/runsc",
-		StateDir:        "/run/nomad-sandbox/tasks",
-		Platform:        "systrap",
-		AllowCaps:       []string{},
-		AllowHostRootfs: []string{},
+		RunscPath:        "runsc",
+		RunscRoot:        "/run/nomad-sandbox/runsc",
+		StateDir:         "/run/nomad-sandbox/tasks",
+		Platform:         "systrap",
+		AllowCaps:        []string{},
+		AllowHostRootfs:  []string{},
+		DefaultPidsLimit: 1024,
+		MaxPidsLimit:     4096,
 	}, pc)
 	must.NoError(t, pc.Validate())
 
@@ -88,12 +95,22 @@ config {
   allow_caps            = ["net_raw", "CAP_NET_BIND_SERVICE"]
   allow_writable_rootfs = true
   allow_host_rootfs     = ["/var/lib/images/"]
+  default_pids_limit    = 128
+  max_pids_limit        = 512
+  default_timeout       = "10m"
+  max_timeout           = "1h"
+  max_sandboxes         = 8
 }`, &pc)
 	must.NoError(t, pc.Validate())
 	must.Eq(t, "kvm", pc.Platform)
 	must.Eq(t, []string{"CAP_NET_BIND_SERVICE", "CAP_NET_RAW"}, pc.AllowCaps)
 	must.True(t, pc.AllowWritableRootfs)
 	must.Eq(t, []string{"/var/lib/images"}, pc.AllowHostRootfs)
+	must.Eq(t, 128, pc.DefaultPidsLimit)
+	must.Eq(t, 512, pc.MaxPidsLimit)
+	must.Eq(t, "10m", pc.DefaultTimeout)
+	must.Eq(t, "1h", pc.MaxTimeout)
+	must.Eq(t, 8, pc.MaxSandboxes)
 }
 
 func TestPluginConfig_Validate(t *testing.T) {
@@ -112,6 +129,10 @@ func TestPluginConfig_Validate(t *testing.T) {
 		{"all caps", func(c *PluginConfig) { c.AllowCaps = []string{"ALL"} }, `list each capability by name`},
 		{"host rootfs /", func(c *PluginConfig) { c.AllowHostRootfs = []string{"/"} }, `allow_host_rootfs "/" must be an absolute directory other than /`},
 		{"empty runsc", func(c *PluginConfig) { c.RunscPath = "" }, `runsc_path must not be empty`},
+		{"bad timeout", func(c *PluginConfig) { c.MaxTimeout = "forever" }, `max_timeout "forever" is not a positive duration`},
+		{"default above max timeout", func(c *PluginConfig) { c.DefaultTimeout, c.MaxTimeout = "2h", "1h" }, `default_timeout 2h0m0s is above max_timeout 1h0m0s`},
+		{"default above max pids", func(c *PluginConfig) { c.DefaultPidsLimit, c.MaxPidsLimit = 100, 50 }, `default_pids_limit 100 is above max_pids_limit 50`},
+		{"negative sandboxes", func(c *PluginConfig) { c.MaxSandboxes = -1 }, `max_sandboxes must not be negative`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -125,4 +146,42 @@ func TestPluginConfig_Validate(t *testing.T) {
 	}
 	c := good()
 	must.NoError(t, c.Validate())
+}
+
+func TestTaskConfig_LimitsAgainstCeilings(t *testing.T) {
+	pc := PluginConfig{RunscPath: "runsc", RunscRoot: "/r", StateDir: "/s", Platform: "systrap",
+		DefaultPidsLimit: 100, MaxPidsLimit: 200, DefaultTimeout: "10m", MaxTimeout: "1h"}
+	must.NoError(t, pc.Validate())
+	base := TaskConfig{Rootfs: "local/rootfs", Command: "/bin/true", ReadonlyRootfs: true}
+
+	lim, err := base.Validate(&pc)
+	must.NoError(t, err)
+	must.Eq(t, taskLimits{pids: 100, timeout: 10 * time.Minute}, lim)
+
+	tc := base
+	tc.PidsLimit, tc.Timeout = 150, "30m"
+	lim, err = tc.Validate(&pc)
+	must.NoError(t, err)
+	must.Eq(t, taskLimits{pids: 150, timeout: 30 * time.Minute}, lim)
+
+	tc = base
+	tc.Timeout = "2h"
+	_, err = tc.Validate(&pc)
+	must.EqError(t, err, "timeout 2h0m0s is above this node's ceiling of 1h0m0s (the plugin's max_timeout): ask for 1h0m0s or less")
+
+	tc = base
+	tc.PidsLimit = 500
+	_, err = tc.Validate(&pc)
+	must.EqError(t, err, "pids_limit 500 is above this node's ceiling of 200 (the plugin's max_pids_limit): ask for 200 or less")
+
+	tc = base
+	tc.Timeout = "soon"
+	_, err = tc.Validate(&pc)
+	must.StrContains(t, err.Error(), `timeout "soon" is not a positive duration`)
+
+	// A ceiling without a default is the default.
+	pc.DefaultTimeout = ""
+	lim, err = base.Validate(&pc)
+	must.NoError(t, err)
+	must.Eq(t, time.Hour, lim.timeout)
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -34,6 +35,14 @@ type Driver struct {
 
 	// cpu converts CPU time into the MHz "ticks" Nomad charts.
 	cpu cpuInfo
+
+	// admitMu guards starting, the sandboxes being started, which count
+	// against max_sandboxes with the running ones.
+	admitMu  sync.Mutex
+	starting int
+
+	versionMu sync.Mutex
+	version   string
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -165,6 +174,9 @@ func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {
 		return unhealthy(fmt.Sprintf("runsc at %q does not work (set runsc_path): %v", d.runsc.Path, err))
 	}
 	fp.Attributes["driver.sandbox.runsc.version"] = pstructs.NewStringAttribute(v)
+	d.versionMu.Lock()
+	d.version = v
+	d.versionMu.Unlock()
 	fp.Attributes["driver.sandbox.runsc.path"] = pstructs.NewStringAttribute(d.runsc.Path)
 	return fp
 }

@@ -104,6 +104,11 @@ func (e *testEnv) assertNothingLeft() {
 // harness of its own, bound to t: the harness's cleanup closes its client.
 func (e *testEnv) task(t *testing.T, name string, tc TaskConfig) (*drivers.TaskConfig, func()) {
 	t.Helper()
+	return e.taskWithLogs(t, name, tc, true)
+}
+
+func (e *testEnv) taskWithLogs(t *testing.T, name string, tc TaskConfig, withLogs bool) (*drivers.TaskConfig, func()) {
+	t.Helper()
 	if tc.Rootfs == "" {
 		tc.Rootfs = e.rootfs
 	}
@@ -119,7 +124,7 @@ func (e *testEnv) task(t *testing.T, name string, tc TaskConfig) (*drivers.TaskC
 	}
 	must.NoError(t, cfg.EncodeConcreteDriverConfig(&tc))
 	e.harness = dtestutil.NewDriverHarness(t, e.driver)
-	cleanup := e.harness.MkAllocDir(cfg, true)
+	cleanup := e.harness.MkAllocDir(cfg, withLogs)
 	return cfg, func() {
 		cleanup()
 		// The harness removes the alloc dir but not the temporary
@@ -342,7 +347,11 @@ func TestDriver_RecoverAfterPluginRestart(t *testing.T) {
 }
 
 func TestDriver_BadConfigCreatesNothing(t *testing.T) {
-	e := newTestEnv(t, func(pc *PluginConfig) { pc.AllowCaps = []string{"CAP_NET_BIND_SERVICE"} })
+	e := newTestEnv(t, func(pc *PluginConfig) {
+		pc.AllowCaps = []string{"CAP_NET_BIND_SERVICE"}
+		pc.MaxTimeout = "1m"
+		pc.DefaultPidsLimit, pc.MaxPidsLimit = 50, 100
+	})
 	outside := t.TempDir()
 	must.NoError(t, os.Symlink("/", filepath.Join(outside, "to-root")))
 	cases := []struct {
@@ -361,6 +370,8 @@ func TestDriver_BadConfigCreatesNothing(t *testing.T) {
 		{"relative work_dir", TaskConfig{Command: "/bin/true", WorkDir: "src"}, "", "work_dir"},
 		{"tmpfs over secrets", TaskConfig{Command: "/bin/true", Tmpfs: []string{"/secrets"}}, "", "tmpfs"},
 		{"unknown user", TaskConfig{Command: "/bin/true"}, "mallory", `no such user`},
+		{"timeout above max_timeout", TaskConfig{Command: "/bin/true", Timeout: "2m"}, "", "timeout 2m0s is above this node's ceiling of 1m0s (the plugin's max_timeout)"},
+		{"pids above max_pids_limit", TaskConfig{Command: "/bin/true", PidsLimit: 1000}, "", "pids_limit 1000 is above this node's ceiling of 100"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -368,7 +379,8 @@ func TestDriver_BadConfigCreatesNothing(t *testing.T) {
 			if tc.name != "writable root not allowed" {
 				in.ReadonlyRootfs = true
 			}
-			cfg, cleanup := e.task(t, "bad", in)
+			// No logmon: nothing starts, and logmon would wait for a writer.
+			cfg, cleanup := e.taskWithLogs(t, "bad", in, false)
 			defer cleanup()
 			cfg.User = tc.user
 			_, _, err := e.harness.StartTask(cfg)

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -24,7 +25,10 @@ type taskHandle struct {
 	stateDir   string
 	taskConfig *drivers.TaskConfig
 	sup        *runtime.Supervisor
-	logger     hclog.Logger
+	// spec is what the supervisor was started with: the cgroup to read
+	// stats from and the time limit.
+	spec   *runtime.SupervisorSpec
+	logger hclog.Logger
 
 	// done is closed when the task has ended and exitResult is set.
 	done chan struct{}
@@ -36,12 +40,13 @@ type taskHandle struct {
 	exitResult  *drivers.ExitResult
 }
 
-func newTaskHandle(cfg *drivers.TaskConfig, st taskState, sup *runtime.Supervisor, logger hclog.Logger) *taskHandle {
+func newTaskHandle(cfg *drivers.TaskConfig, st taskState, sup *runtime.Supervisor, spec *runtime.SupervisorSpec, logger hclog.Logger) *taskHandle {
 	return &taskHandle{
 		sandboxID:  st.SandboxID,
 		stateDir:   st.StateDir,
 		taskConfig: cfg,
 		sup:        sup,
+		spec:       spec,
 		logger:     logger,
 		done:       make(chan struct{}),
 		state:      drivers.TaskStateRunning,
@@ -49,12 +54,13 @@ func newTaskHandle(cfg *drivers.TaskConfig, st taskState, sup *runtime.Superviso
 	}
 }
 
-// watch waits for the supervisor to report the end of the task.
-func (h *taskHandle) watch(ctx context.Context) {
+// watch waits for the supervisor to report the end of the task. It returns
+// the status, or nil when ctx ended first.
+func (h *taskHandle) watch(ctx context.Context) *runtime.ExitStatus {
 	st, err := h.sup.Wait(ctx)
 	if ctx.Err() != nil {
 		// The plugin is shutting down; the task goes on without us.
-		return
+		return nil
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -62,17 +68,26 @@ func (h *taskHandle) watch(ctx context.Context) {
 	if err != nil {
 		h.completedAt = time.Now()
 		h.exitResult = &drivers.ExitResult{ExitCode: -1, Err: err}
+		st = &runtime.ExitStatus{Err: err.Error()}
 	} else {
 		h.completedAt = st.CompletedAt
-		h.exitResult = exitResult(st)
+		h.exitResult = exitResult(st, h.spec.Timeout)
 	}
 	close(h.done)
+	return st
 }
 
-func exitResult(st *runtime.ExitStatus) *drivers.ExitResult {
+func exitResult(st *runtime.ExitStatus, timeout time.Duration) *drivers.ExitResult {
 	r := &drivers.ExitResult{ExitCode: st.ExitCode, Signal: st.Signal, OOMKilled: st.OOMKilled}
-	if st.Err != "" {
+	switch {
+	case st.Err != "":
 		r.Err = errString(st.Err)
+	case st.TimedOut:
+		// An error makes the result a failure even if the task caught
+		// SIGTERM and exited 0: it did not finish its work in time.
+		r.Err = errString(fmt.Sprintf("time limit of %s exceeded", timeout))
+	case st.OOMKilled:
+		r.Err = errString("out of memory: killed by the host's OOM killer at the task's memory limit")
 	}
 	return r
 }

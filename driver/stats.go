@@ -57,8 +57,7 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 	ch := make(chan *cstructs.TaskResourceUsage)
 	go func() {
 		defer close(ch)
-		var prevNs uint64
-		var prevAt time.Time
+		var prev sample
 		timer := time.NewTimer(0)
 		defer timer.Stop()
 		for {
@@ -72,34 +71,15 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 			case <-timer.C:
 				timer.Reset(interval)
 			}
-			s, err := d.runsc.EventsStats(ctx, h.sandboxID)
+			cur, err := d.sample(ctx, h)
 			if err != nil {
 				// A sample can fail while the sandbox starts or
 				// ends; the stream stays open.
 				h.logger.Trace("stats sample failed", "error", err)
 				continue
 			}
-			now := time.Now()
-			var percent float64
-			if !prevAt.IsZero() && s.CPUTotalNs >= prevNs {
-				percent = float64(s.CPUTotalNs-prevNs) / float64(now.Sub(prevAt).Nanoseconds()) * 100
-			}
-			prevNs, prevAt = s.CPUTotalNs, now
-			usage := &cstructs.TaskResourceUsage{
-				ResourceUsage: &cstructs.ResourceUsage{
-					MemoryStats: &cstructs.MemoryStats{
-						RSS:      s.MemoryUsage,
-						Usage:    s.MemoryUsage,
-						Measured: []string{"RSS", "Usage"},
-					},
-					CpuStats: &cstructs.CpuStats{
-						Percent:    percent,
-						TotalTicks: d.cpu.ticks(percent),
-						Measured:   []string{"Percent", "Total Ticks"},
-					},
-				},
-				Timestamp: now.UnixNano(),
-			}
+			usage := d.usage(prev, cur)
+			prev = cur
 			select {
 			case ch <- usage:
 			case <-ctx.Done():
@@ -108,4 +88,61 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 		}
 	}()
 	return ch, nil
+}
+
+// sample is one reading of a sandbox's resource use.
+type sample struct {
+	at                   time.Time
+	cpuNs, userNs, sysNs uint64
+	mem, maxMem, rss     uint64
+	fromCgroup           bool
+}
+
+// sample reads the sandbox's host cgroup: a few small files, no process
+// started. runsc's own report (a fork and exec per sample) is the fallback.
+func (d *Driver) sample(ctx context.Context, h *taskHandle) (sample, error) {
+	s := sample{at: time.Now()}
+	if cg := h.spec.Cgroup; cg != nil {
+		total, user, sys, err1 := cg.CPUStats()
+		mem, maxMem, rss, err2 := cg.MemoryStats()
+		if err1 == nil && err2 == nil {
+			s.cpuNs, s.userNs, s.sysNs = total, user, sys
+			s.mem, s.maxMem, s.rss = mem, maxMem, rss
+			s.fromCgroup = true
+			return s, nil
+		}
+	}
+	st, err := d.runsc.EventsStats(ctx, h.sandboxID)
+	if err != nil {
+		return s, err
+	}
+	s.cpuNs, s.mem = st.CPUTotalNs, st.MemoryUsage
+	return s, nil
+}
+
+func (d *Driver) usage(prev, cur sample) *cstructs.TaskResourceUsage {
+	pct := func(a, b uint64) float64 {
+		if prev.at.IsZero() || b < a {
+			return 0
+		}
+		return float64(b-a) / float64(cur.at.Sub(prev.at).Nanoseconds()) * 100
+	}
+	percent := pct(prev.cpuNs, cur.cpuNs)
+	cpu := &cstructs.CpuStats{
+		Percent:    percent,
+		TotalTicks: d.cpu.ticks(percent),
+		Measured:   []string{"Percent", "Total Ticks"},
+	}
+	mem := &cstructs.MemoryStats{Usage: cur.mem, Measured: []string{"Usage"}}
+	if cur.fromCgroup {
+		cpu.UserMode = pct(prev.userNs, cur.userNs)
+		cpu.SystemMode = pct(prev.sysNs, cur.sysNs)
+		cpu.Measured = append(cpu.Measured, "User Mode", "System Mode")
+		mem.RSS, mem.MaxUsage = cur.rss, cur.maxMem
+		mem.Measured = append(mem.Measured, "RSS", "Max Usage")
+	}
+	return &cstructs.TaskResourceUsage{
+		ResourceUsage: &cstructs.ResourceUsage{MemoryStats: mem, CpuStats: cpu},
+		Timestamp:     cur.at.UnixNano(),
+	}
 }

@@ -37,6 +37,19 @@ func (s *taskStore) Len() int {
 	return len(s.tasks)
 }
 
+// Running is the number of tasks whose sandbox has not ended.
+func (s *taskStore) Running() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n := 0
+	for _, h := range s.tasks {
+		if h.running() {
+			n++
+		}
+	}
+	return n
+}
+
 // SandboxIDs is the set of sandbox IDs the store holds.
 func (s *taskStore) SandboxIDs() map[string]bool {
 	s.mu.RLock()

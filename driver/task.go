@@ -22,6 +22,10 @@ import (
 
 const (
 	startTimeout = 2 * time.Minute
+	// timeoutKillGrace is how long a task whose time is up has between
+	// SIGTERM and SIGKILL. Nomad 1.6 does not tell a driver the job's
+	// kill_timeout before it stops the task itself.
+	timeoutKillGrace = 5 * time.Second
 	// metaFile records, next to the bundle, which Nomad task a state
 	// directory belongs to, so leftovers can be matched after a crash.
 	metaFile = "task.json"
@@ -46,11 +50,17 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, fmt.Errorf("task config: %w", err)
 	}
-	bc, err := d.bundleConfig(cfg, &tc)
+	bc, lim, err := d.bundleConfig(cfg, &tc)
 	if err != nil {
 		d.emitEvent(cfg, "Sandbox refused: "+err.Error(), nil)
 		return nil, nil, err
 	}
+	release, err := d.admit()
+	if err != nil {
+		d.emitEvent(cfg, "Sandbox refused: "+err.Error(), nil)
+		return nil, nil, err
+	}
+	defer release()
 
 	id := sandboxID(cfg)
 	dir := filepath.Join(d.config.StateDir, id)
@@ -82,6 +92,11 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
 	cg := taskCgroup(id)
+	if p := cfg.Resources.LinuxResources; p != nil && p.CpusetCgroupPath != "" {
+		if borrowed, ok := runtime.BorrowCgroup(p.CpusetCgroupPath); ok {
+			cg = borrowed
+		}
+	}
 	if err := cg.Create(bc.Resources); err != nil {
 		return nil, nil, err
 	}
@@ -108,9 +123,11 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 			LogFile:  filepath.Join(dir, "runsc.log"),
 			PanicLog: filepath.Join(dir, "runsc-panic.log"),
 		},
-		Stdout: cfg.StdoutPath,
-		Stderr: cfg.StderrPath,
-		Cgroup: cg,
+		Stdout:    cfg.StdoutPath,
+		Stderr:    cfg.StderrPath,
+		Cgroup:    cg,
+		Timeout:   lim.timeout,
+		KillGrace: timeoutKillGrace,
 	}
 	sup := &runtime.Supervisor{Dir: dir, Exe: d.supervisorExe}
 	cu.Add(func() {
@@ -130,24 +147,36 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := handle.SetDriverState(&st); err != nil {
 		return nil, nil, fmt.Errorf("encode task state: %w", err)
 	}
-	h := newTaskHandle(cfg, st, sup, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
+	h := newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
 	d.tasks.Set(cfg.ID, h)
-	go h.watch(d.ctx)
+	go d.watch(h)
 	cu.Release()
 
-	d.emitEvent(cfg, fmt.Sprintf("Sandbox %s started (runsc, platform %s)", id, d.runsc.Platform), map[string]string{
-		"sandbox_id": id,
-		"platform":   d.runsc.Platform.String(),
+	version := d.runscVersion()
+	d.emitEvent(cfg, fmt.Sprintf("Sandbox started: runsc %s, platform %s", version, d.runsc.Platform), map[string]string{
+		"sandbox_id":    id,
+		"platform":      d.runsc.Platform.String(),
+		"runsc_version": version,
 	})
+	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim), nil)
 	return handle, nil, nil
 }
 
 // bundleConfig validates the task and turns it into the sandbox's spec
 // input. It creates nothing.
-func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, error) {
-	if err := tc.Validate(d.config); err != nil {
-		return nil, err
+func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, taskLimits, error) {
+	lim, err := tc.Validate(d.config)
+	if err != nil {
+		return nil, lim, err
 	}
+	bc, err := d.bundleFor(cfg, tc)
+	if bc != nil {
+		bc.Resources.PidsLimit = lim.pids
+	}
+	return bc, lim, err
+}
+
+func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, error) {
 	if ni := cfg.NetworkIsolation; ni != nil && ni.Mode != drivers.NetIsolationModeNone {
 		return nil, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
 	}
@@ -194,9 +223,18 @@ func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime
 		Mounts:         mounts,
 	}
 	if r := cfg.Resources; r != nil && r.LinuxResources != nil {
-		bc.Resources.MemoryLimitBytes = r.LinuxResources.MemoryLimitBytes
-		if r.LinuxResources.CPUShares > 0 {
-			bc.Resources.CPUShares = uint64(r.LinuxResources.CPUShares)
+		lr := r.LinuxResources
+		bc.Resources.MemoryLimitBytes = lr.MemoryLimitBytes
+		if lr.CPUShares > 0 {
+			bc.Resources.CPUShares = uint64(lr.CPUShares)
+		}
+		// Reserved cores (resources.cores) come as a cpuset; otherwise
+		// the sandbox takes the shared cpuset Nomad keeps for tasks.
+		bc.Resources.CpusetCpus = lr.CpusetCpus
+		if bc.Resources.CpusetCpus == "" && lr.CpusetCgroupPath != "" {
+			if b, err := os.ReadFile(filepath.Join(lr.CpusetCgroupPath, "cpuset.cpus")); err == nil {
+				bc.Resources.CpusetCpus = strings.TrimSpace(string(b))
+			}
 		}
 	}
 	return bc, nil
@@ -334,9 +372,13 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 			return fmt.Errorf("recover task: sandbox %s has no supervisor and no exit status", st.SandboxID)
 		}
 	}
-	h := newTaskHandle(handle.Config, st, sup, d.logger.With("task_id", handle.Config.ID, "sandbox_id", st.SandboxID))
+	spec, err := sup.Spec()
+	if err != nil {
+		return fmt.Errorf("recover task: %w", err)
+	}
+	h := newTaskHandle(handle.Config, st, sup, spec, d.logger.With("task_id", handle.Config.ID, "sandbox_id", st.SandboxID))
 	d.tasks.Set(handle.Config.ID, h)
-	go h.watch(d.ctx)
+	go d.watch(h)
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "sandbox_id", st.SandboxID)
 	return nil
 }
@@ -384,13 +426,16 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 		return nil
 	case <-time.After(timeout):
 	}
-	if err := d.runsc.Kill(ctx, h.sandboxID, unix.SIGKILL, runtime.KillOpts{All: true}); err != nil && h.running() {
-		return fmt.Errorf("kill sandbox %s: %w", h.sandboxID, err)
-	}
+	// The kill can fail because the sandbox is ending on its own; what
+	// counts is that it ends.
+	killErr := d.runsc.Kill(ctx, h.sandboxID, unix.SIGKILL, runtime.KillOpts{All: true})
 	select {
 	case <-h.done:
 		return nil
 	case <-time.After(30 * time.Second):
+		if killErr != nil {
+			return fmt.Errorf("kill sandbox %s: %w", h.sandboxID, killErr)
+		}
 		return fmt.Errorf("sandbox %s did not exit after SIGKILL", h.sandboxID)
 	}
 }

@@ -84,10 +84,7 @@ func (c *BundleConfig) Spec() *specs.Spec {
 				Ambient:     []string{},
 			},
 			NoNewPrivileges: true,
-			Rlimits: []specs.POSIXRlimit{
-				{Type: "RLIMIT_NOFILE", Soft: 4096, Hard: 65536},
-				{Type: "RLIMIT_CORE", Soft: 0, Hard: 0},
-			},
+			Rlimits:         c.rlimits(),
 		},
 		Mounts: c.mounts(),
 		Linux: &specs.Linux{
@@ -118,10 +115,23 @@ func (c *BundleConfig) resources() *specs.LinuxResources {
 			r.CPU.Shares = &sh
 		}
 	}
-	if c.Resources.PidsLimit > 0 {
-		r.Pids = &specs.LinuxPids{Limit: c.Resources.PidsLimit}
-	}
 	return r
+}
+
+// rlimits are the task's resource limits inside the sandbox. The pids limit
+// is RLIMIT_NPROC, enforced by gVisor's kernel: a host pids cgroup would
+// count the sandbox's own threads, not the task's processes, which gVisor
+// runs as goroutines. Soft and hard are equal so the task cannot raise it,
+// and without CAP_SYS_ADMIN or CAP_SYS_RESOURCE it cannot bypass it.
+func (c *BundleConfig) rlimits() []specs.POSIXRlimit {
+	rl := []specs.POSIXRlimit{
+		{Type: "RLIMIT_NOFILE", Soft: 4096, Hard: 65536},
+		{Type: "RLIMIT_CORE", Soft: 0, Hard: 0},
+	}
+	if n := c.Resources.PidsLimit; n > 0 {
+		rl = append(rl, specs.POSIXRlimit{Type: "RLIMIT_NPROC", Soft: uint64(n), Hard: uint64(n)})
+	}
+	return rl
 }
 
 func (c *BundleConfig) mounts() []specs.Mount {

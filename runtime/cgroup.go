@@ -28,6 +28,25 @@ type Cgroup struct {
 	V2 bool `json:"v2"`
 	// Root is the hierarchy mount point (CgroupRoot unless a test says).
 	Root string `json:"root"`
+	// Borrowed marks a cgroup that Nomad made for the task (newer clients
+	// on cgroup v2 pass it as CpusetCgroupPath): the driver writes its
+	// limits and reads it, but never removes it.
+	Borrowed bool `json:"borrowed,omitempty"`
+}
+
+// BorrowCgroup describes the v2 cgroup at the absolute path abs, made by
+// Nomad for the task. ok is false when abs is not a usable v2 cgroup.
+func BorrowCgroup(abs string) (c *Cgroup, ok bool) {
+	c = NewCgroup("")
+	rel, err := filepath.Rel(c.Root, filepath.Clean(abs))
+	if !c.V2 || err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return nil, false
+	}
+	if _, err := os.Stat(filepath.Join(abs, "cgroup.procs")); err != nil {
+		return nil, false
+	}
+	c.Path, c.Borrowed = "/"+rel, true
+	return c, true
 }
 
 // NewCgroup describes the cgroup at path on this host; it creates nothing.
@@ -48,22 +67,21 @@ func (c *Cgroup) memDir() string {
 // into a cgroup it did not create.
 func (c *Cgroup) Create(r Resources) error {
 	dir := c.memDir()
-	if c.V2 {
-		if err := enableControllers(c.Root, filepath.Dir(c.Path)); err != nil {
-			return err
+	if !c.Borrowed {
+		if c.V2 {
+			if err := enableControllers(c.Root, filepath.Dir(c.Path)); err != nil {
+				return err
+			}
 		}
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("create cgroup %s: %w", dir, err)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("create cgroup %s: %w", dir, err)
+		}
 	}
 	writes := map[string]string{}
 	if c.V2 {
 		if r.MemoryLimitBytes > 0 {
 			writes["memory.max"] = strconv.FormatInt(r.MemoryLimitBytes, 10)
 			writes["memory.swap.max"] = "0"
-		}
-		if r.PidsLimit > 0 {
-			writes["pids.max"] = strconv.FormatInt(r.PidsLimit, 10)
 		}
 		if r.CPUShares > 0 {
 			// The v1 shares range [2, 262144] maps onto weight [1, 10000].
@@ -147,8 +165,41 @@ func (c *Cgroup) MemoryStats() (usage, peak, rss uint64, err error) {
 	return usage, peak, rss, err
 }
 
+// CPUStats reads the CPU time used in the cgroup, in nanoseconds: total,
+// user and system. On v1 it reads cpuacct, which runsc creates at the same
+// path as the memory cgroup.
+func (c *Cgroup) CPUStats() (total, user, system uint64, err error) {
+	if c.V2 {
+		b, err := os.ReadFile(filepath.Join(c.Root, c.Path, "cpu.stat"))
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		total, err = keyedValue(b, "usage_usec")
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		user, _ = keyedValue(b, "user_usec")
+		system, _ = keyedValue(b, "system_usec")
+		return total * 1000, user * 1000, system * 1000, nil
+	}
+	dir := filepath.Join(c.Root, "cpuacct", c.Path)
+	if total, err = readUint(filepath.Join(dir, "cpuacct.usage")); err != nil {
+		return 0, 0, 0, err
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "cpuacct.stat")); err == nil {
+		// cpuacct.stat counts in USER_HZ, 100 per second on Linux.
+		u, _ := keyedValue(b, "user")
+		s, _ := keyedValue(b, "system")
+		user, system = u*10_000_000, s*10_000_000
+	}
+	return total, user, system, nil
+}
+
 // Destroy removes the cgroup; it is gone already if nothing is there.
 func (c *Cgroup) Destroy() error {
+	if c.Borrowed {
+		return nil
+	}
 	err := unix.Rmdir(c.memDir())
 	if err == nil || errors.Is(err, unix.ENOENT) {
 		return nil

@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -107,4 +108,30 @@ for d in /alloc /local /secrets /tmp; do touch $d/probe && echo "$d writable"; d
 	for _, d := range []string{"/alloc", "/local", "/secrets", "/tmp"} {
 		must.StrContains(t, res.stdout, d+" writable")
 	}
+}
+
+func TestSandbox_PidsLimitContainsForkBomb(t *testing.T) {
+	// A fork bomb, bounded so that a broken limit ends the test instead of
+	// the machine (each level forks twice, at most 12 deep); then as many
+	// sleeps as the limit lets start, counted with shell builtins only
+	// (no fork is left to spare once they run).
+	script := `
+bomb() { [ "$1" -gt 12 ] && return; bomb $(($1+1)) & bomb $(($1+1)) & wait; }
+( bomb 0 ) 2>/dev/null
+echo "bomb done"
+( i=0; while [ $i -lt 200 ]; do sleep 30 & echo $! >> /tmp/pids; i=$((i+1)); echo $i > /tmp/count; done ) 2>/dev/null
+read n < /tmp/count
+echo "started $n"
+while read p; do kill $p; done < /tmp/pids
+`
+	res := runSandbox(t, func(c *BundleConfig) { c.Resources.PidsLimit = 64 }, "/bin/sh", "-c", script)
+	must.StrContains(t, res.stdout, "bomb done", must.Sprint(res.stdout, res.stderr, res.status))
+	var started int
+	i := strings.Index(res.stdout, "started ")
+	must.Positive(t, i+1, must.Sprint(res.stdout, res.stderr, res.status))
+	_, err := fmt.Sscanf(res.stdout[i:], "started %d", &started)
+	must.NoError(t, err)
+	must.Less(t, 64, started, must.Sprint("no more than pids_limit processes may run"))
+	must.Greater(t, 30, started, must.Sprint("the limit must not stop ordinary forking"))
+	must.Eq(t, 0, res.status.ExitCode, must.Sprint(res.stderr))
 }

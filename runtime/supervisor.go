@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -48,6 +49,11 @@ type SupervisorSpec struct {
 	// Cgroup, when set, was created by the driver; the supervisor reads
 	// its OOM record after the sandbox exits and then removes it.
 	Cgroup *Cgroup `json:"cgroup,omitempty"`
+	// Timeout, when set, is the task's wall-clock limit, counted from the
+	// moment the sandbox runs. When it passes, the task gets SIGTERM and,
+	// KillGrace later, SIGKILL.
+	Timeout   time.Duration `json:"timeout,omitempty"`
+	KillGrace time.Duration `json:"kill_grace,omitempty"`
 }
 
 // ExitStatus is the task's end as the supervisor saw it.
@@ -55,6 +61,7 @@ type ExitStatus struct {
 	ExitCode    int       `json:"exit_code"`
 	Signal      int       `json:"signal"`
 	OOMKilled   bool      `json:"oom_killed"`
+	TimedOut    bool      `json:"timed_out,omitempty"`
 	Err         string    `json:"error,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	CompletedAt time.Time `json:"completed_at"`
@@ -180,6 +187,19 @@ func (s *Supervisor) waitClose(ctx context.Context) error {
 	}()
 	_, _ = io.Copy(io.Discard, conn)
 	return ctx.Err()
+}
+
+// Spec returns the spec the supervisor was started with.
+func (s *Supervisor) Spec() (*SupervisorSpec, error) {
+	b, err := os.ReadFile(filepath.Join(s.Dir, specFile))
+	if err != nil {
+		return nil, fmt.Errorf("read supervisor spec: %w", err)
+	}
+	var spec SupervisorSpec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("decode supervisor spec: %w", err)
+	}
+	return &spec, nil
 }
 
 // ExitStatus returns the stored exit status, or nil while the task runs.
@@ -311,6 +331,12 @@ func supervise(dir string, ready *os.File) (err error) {
 	}
 	signalReady("ok")
 
+	var timedOut atomic.Bool
+	if spec.Timeout > 0 {
+		stop := enforceTimeout(&runsc, &spec, &timedOut)
+		defer stop()
+	}
+
 	var ws unix.WaitStatus
 	for {
 		_, werr := unix.Wait4(pid, &ws, 0, nil)
@@ -322,7 +348,7 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 		break
 	}
-	st := ExitStatus{StartedAt: started, CompletedAt: time.Now().UTC()}
+	st := ExitStatus{StartedAt: started, CompletedAt: time.Now().UTC(), TimedOut: timedOut.Load()}
 	switch {
 	case ws.Signaled():
 		// The sandbox itself was killed from the host (e.g. SIGKILL by
@@ -386,6 +412,35 @@ func runDetached(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.
 		return 0, fmt.Errorf("run sandbox: bad pid file %q", b)
 	}
 	return pid, nil
+}
+
+// enforceTimeout ends the task when its time is up: SIGTERM to the task,
+// then SIGKILL to everything in the sandbox after the grace period. It
+// returns a function that cancels the timers.
+func enforceTimeout(r *Runsc, spec *SupervisorSpec, timedOut *atomic.Bool) func() {
+	grace := spec.KillGrace
+	if grace <= 0 {
+		grace = 5 * time.Second
+	}
+	done := make(chan struct{})
+	kill := func(sig unix.Signal, o KillOpts) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = r.Kill(ctx, spec.ID, sig, o)
+	}
+	t := time.AfterFunc(spec.Timeout, func() {
+		timedOut.Store(true)
+		kill(unix.SIGTERM, KillOpts{})
+		select {
+		case <-time.After(grace):
+			kill(unix.SIGKILL, KillOpts{All: true})
+		case <-done:
+		}
+	})
+	return func() {
+		t.Stop()
+		close(done)
+	}
 }
 
 // logTail returns the last error lines of runsc's log, for error messages.
