@@ -36,5 +36,19 @@ plugin "sandbox" {
     # Host directories under which a job's absolute rootfs may live.
     # Default: none (only rootfs paths inside the task directory).
     allow_host_rootfs = ["/var/lib/nomad-sandbox/rootfs"]
+
+    # Processes a task may run at once (RLIMIT_NPROC inside gVisor) when the
+    # job sets no pids_limit, and the most a job may ask for.
+    default_pids_limit = 1024
+    max_pids_limit     = 4096
+
+    # Wall-clock limit for tasks that set no timeout, and the longest a job
+    # may ask for. Default: none. With only max_timeout set, it is the default.
+    default_timeout = "30m"
+    max_timeout     = "2h"
+
+    # Sandboxes this node runs at once; a task beyond it fails at once.
+    # Default 0: no limit.
+    max_sandboxes = 32
   }
 }
