@@ -456,8 +456,12 @@ func TestDriver_MemoryLimitOOM(t *testing.T) {
 	}))
 	defer cleanup()
 	cfg.Resources.LinuxResources.MemoryLimitBytes = 64 << 20
+	ev := e.events(t, cfg.ID)
 	res := e.run(cfg)
 	must.True(t, res.OOMKilled, must.Sprintf("exit %d signal %d", res.ExitCode, res.Signal))
+	must.Error(t, res.Err)
+	ev.waitFor(t, "Limits applied: memory 64 MiB")
+	ev.waitFor(t, "OOM killed: the sandbox reached its memory limit of 64 MiB")
 	must.NonZero(t, res.ExitCode)
 	must.StrNotContains(t, readLog(cfg, "stdout"), "survived")
 	_, err := os.Stat(filepath.Join(runtime.CgroupRoot, "memory", "nomad-sandbox", sandboxID(cfg)))

@@ -60,22 +60,6 @@ func (ev *events) waitFor(t *testing.T, s string) string {
 	return found
 }
 
-func TestDriver_OOMEvent(t *testing.T) {
-	e := newTestEnv(t, nil)
-	cfg, cleanup := e.task(t, "oom-event", readonlyDefault(TaskConfig{
-		Command: "/bin/sh",
-		Args:    []string{"-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=512"},
-	}))
-	defer cleanup()
-	cfg.Resources.LinuxResources.MemoryLimitBytes = 64 << 20
-	ev := e.events(t, cfg.ID)
-	res := e.run(cfg)
-	must.True(t, res.OOMKilled)
-	must.Error(t, res.Err)
-	ev.waitFor(t, "Limits applied: memory 64 MiB")
-	ev.waitFor(t, "OOM killed: the sandbox reached its memory limit of 64 MiB")
-}
-
 func TestDriver_Timeout(t *testing.T) {
 	e := newTestEnv(t, nil)
 	cases := []struct {
