@@ -6,6 +6,10 @@ package driver
 //	go test -run '^$' -bench . -benchtime 10x ./driver
 //
 // Each benchmark prints a one-line "SUMMARY" with its result.
+//
+// BenchmarkStatsSample_Cgroup and BenchmarkStatsSample_RunscEvents compare
+// the two ways the driver can take a stats sample of a running sandbox:
+// reading its host cgroup, or a `runsc events --stats` process per sample.
 
 import (
 	"bufio"
@@ -25,6 +29,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/nomad/structs"
 	nbase "github.com/hashicorp/nomad/plugins/base"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"golang.org/x/sys/unix"
@@ -185,6 +190,15 @@ func (e *benchEnv) cleanup(b *testing.B) {
 			b.Errorf("release runsc root %s: %v", r.Root, err)
 		}
 	}
+	// The host cgroups the driver made for those leftovers (DestroyTask
+	// removes a task's own).
+	if entries, err := os.ReadDir(e.stateDir); err == nil {
+		for _, ent := range entries {
+			if err := benchRemoveCgroup(taskCgroup(ent.Name())); err != nil {
+				b.Error(err)
+			}
+		}
+	}
 }
 
 // taskConfig returns the TaskConfig of a new task named name running args,
@@ -207,6 +221,12 @@ func (e *benchEnv) taskConfig(b *testing.B, name string, args ...string) *driver
 		Env:        map[string]string{"NOMAD_TASK_NAME": name},
 		StdoutPath: filepath.Join(e.dir, "logs", fmt.Sprintf("%s-%d.stdout", name, e.seq)),
 		StderrPath: filepath.Join(e.dir, "logs", fmt.Sprintf("%s-%d.stderr", name, e.seq)),
+		// Nomad always sends the task's resources; the driver writes
+		// the memory limit into the cgroup it creates for the task.
+		Resources: &drivers.Resources{
+			NomadResources: &structs.AllocatedTaskResources{},
+			LinuxResources: &drivers.LinuxResources{CPUShares: 100, MemoryLimitBytes: 256 << 20},
+		},
 	}
 	tc := TaskConfig{Rootfs: e.rootfs, Command: args[0], Args: args[1:], ReadonlyRootfs: true, Tmpfs: []string{"/tmp"}}
 	if err := cfg.EncodeConcreteDriverConfig(&tc); err != nil {
@@ -440,19 +460,23 @@ func BenchmarkStartTask_True(b *testing.B) {
 // benchPhases split one driver cycle by timestamps the benchmark sees
 // without touching the driver: a wrapper standing in for runsc logs when
 // each runsc command begins and ends, and the supervisor's exit status has
-// StartedAt (taken just before `runsc create`) and CompletedAt (sandbox
-// reaped, before the supervisor's `runsc delete`).
+// StartedAt (taken just before the sandbox's first runsc command) and
+// CompletedAt (sandbox reaped, before the supervisor's `runsc delete`).
+// The supervisor starts the sandbox either with `runsc create` and `runsc
+// start`, or with a single `runsc run --detach` (detached: create holds
+// that command, gap and start are 0).
 type benchPhases struct {
 	ok       bool
 	lost     bool          // the exit status was lost: result is meaningless
+	detached bool          // started by `runsc run --detach`
 	prep     time.Duration // StartTask called -> `runsc create` began (the sum of the next three)
 	plugin   time.Duration // StartTask called -> supervisor wrapper runs: decode, checks, task files, bundle, spec, fork/exec (and bash start)
 	supInit  time.Duration // -> supervisor about to run `runsc create`: exec, Go init, spec, pid file, socket, pipes
 	execCrt  time.Duration // -> `runsc create` began: exec of the runsc wrapper (bash)
-	create   time.Duration // `runsc create`
+	create   time.Duration // `runsc create` (detached: `runsc run --detach`)
 	gap      time.Duration // create ended -> `runsc start` began
 	start    time.Duration // `runsc start`
-	ready    time.Duration // start ended -> StartTask returned (ready pipe)
+	ready    time.Duration // start (detached: run) ended -> StartTask returned (ready pipe)
 	run      time.Duration // StartTask returned -> sandbox reaped by the supervisor
 	toDelete time.Duration // sandbox reaped -> the supervisor's `runsc delete` began (output relays)
 	delete   time.Duration // the supervisor's `runsc delete --force`
@@ -478,7 +502,8 @@ func BenchmarkStartTask_Phases(b *testing.B) {
 	for b.Loop() {
 		r := e.runTrue(b)
 		if !r.phases.ok {
-			b.Fatalf("could not split the cycle from the wrapper's log %s", e.wrapLog)
+			raw, _ := os.ReadFile(e.wrapLog)
+			b.Fatalf("could not split the cycle from the wrapper's log %s:\n%s", e.wrapLog, raw)
 		}
 		if r.lostExit {
 			lost++
@@ -503,6 +528,32 @@ func BenchmarkStartTask_Phases(b *testing.B) {
 		{"delete", func(p benchPhases) time.Duration { return p.delete }},
 		{"result", func(p benchPhases) time.Duration { return p.result }},
 		{"destroy-runsc", func(p benchPhases) time.Duration { return p.destroyRunsc }},
+	}
+	detached := 0
+	for _, p := range ph {
+		if p.detached {
+			detached++
+		}
+	}
+	if detached == len(ph) {
+		// One `runsc run --detach`: report it under its own name, with
+		// no separate start.
+		var kept []struct {
+			name string
+			f    func(benchPhases) time.Duration
+		}
+		for _, s := range steps {
+			switch s.name {
+			case "create":
+				s.name = "run-detach"
+			case "gap", "start":
+				continue
+			case "prep-exec-create":
+				s.name = "prep-exec-run"
+			}
+			kept = append(kept, s)
+		}
+		steps = kept
 	}
 	var parts []string
 	for _, s := range steps {
@@ -567,8 +618,15 @@ func BenchmarkStartTask_Phases(b *testing.B) {
 	if pluginExec > 0 {
 		pluginNote = fmt.Sprintf("%.1f with bin/plugins/sandbox", pluginExec.Seconds()*1000)
 	}
-	line := fmt.Sprintf("driver phases, median ms of %d (runsc and supervisor behind timestamping bash wrappers): %s | outside the driver: supervisor exec+init %.1f (test binary; %s), WriteBundle %.1f, one runsc command's fixed cost (runsc list) %.1f | DestroyTask ran runsc: %s",
-		len(ph), strings.Join(parts, ", "), supExec.Seconds()*1000, pluginNote, benchMedian(bw).Seconds()*1000, runscExec.Seconds()*1000, strings.Join(dc, ", "))
+	startedBy := "runsc create + start"
+	switch {
+	case detached == len(ph):
+		startedBy = "runsc run --detach"
+	case detached > 0:
+		startedBy = fmt.Sprintf("runsc run --detach in %d cycles (create = run there), create + start in the others", detached)
+	}
+	line := fmt.Sprintf("driver phases, median ms of %d (runsc and supervisor behind timestamping bash wrappers; sandbox started by %s): %s | outside the driver: supervisor exec+init %.1f (test binary; %s), WriteBundle %.1f, one runsc command's fixed cost (runsc list) %.1f | DestroyTask ran runsc: %s",
+		len(ph), startedBy, strings.Join(parts, ", "), supExec.Seconds()*1000, pluginNote, benchMedian(bw).Seconds()*1000, runscExec.Seconds()*1000, strings.Join(dc, ", "))
 	if lost > 0 {
 		line += fmt.Sprintf(" | WARNING: %d cycles lost their exit status (left out of \"result\")", lost)
 	}
@@ -679,7 +737,7 @@ func readBenchCalls(path string) []benchCall {
 func wrapperPhases(path string, t0 time.Time, r benchRun, st *runtime.ExitStatus) benchPhases {
 	var p benchPhases
 	startRet, exitRet := t0.Add(r.start), t0.Add(r.exit)
-	var sup, create, start, del *benchCall
+	var sup, create, start, run, del *benchCall
 	calls := readBenchCalls(path)
 	for i := range calls {
 		c := &calls[i]
@@ -693,9 +751,16 @@ func wrapperPhases(path string, t0 time.Time, r benchRun, st *runtime.ExitStatus
 			create = c
 		case c.verb == "start" && start == nil:
 			start = c
+		case c.verb == "run" && run == nil:
+			run = c
 		case c.verb == "delete" && del == nil:
 			del = c
 		}
+	}
+	if create == nil && start == nil && run != nil {
+		// `runsc run --detach`: one command creates and starts.
+		p.detached = true
+		create, start = run, &benchCall{verb: "start", begin: run.end, end: run.end}
 	}
 	if sup == nil || create == nil || start == nil || del == nil {
 		return p
@@ -788,6 +853,300 @@ func BenchmarkTaskMemory(b *testing.B) {
 		e.seq, plugin, float64(ms.HeapInuse)/(1<<20), idleNote, len(sbRSS))
 	b.Log(summary)
 	fmt.Println("SUMMARY " + summary)
+}
+
+// benchStatsSandboxes is how many running sandboxes the stats benchmarks
+// sample in each round.
+const benchStatsSandboxes = 8
+
+// statsBench is benchStatsSandboxes `sleep 600` tasks started through the
+// driver, kept running for one benchmark and destroyed in its cleanup.
+type statsBench struct {
+	e  *benchEnv
+	hs []*taskHandle
+}
+
+// newStatsBench starts the sandboxes, lets them settle and checks that the
+// driver's cgroup path reads real numbers from each: a sample must come from
+// the cgroup (not runsc's fallback), with CPU time and at least 1 MiB of
+// memory charged. Nothing of it is timed.
+func newStatsBench(b *testing.B) *statsBench {
+	b.Helper()
+	var ids []string
+	// Registered before newBenchEnv's cleanups, so it runs after them and
+	// sees what they left of these sandboxes.
+	b.Cleanup(func() { benchCheckGone(b, ids) })
+	e := newBenchEnv(b, false)
+	s := &statsBench{e: e}
+	for i := 0; i < benchStatsSandboxes; i++ {
+		cfg := e.taskConfig(b, fmt.Sprintf("sleep%d", i), "/bin/sleep", "600")
+		ids = append(ids, sandboxID(cfg))
+		if _, _, err := e.d.StartTask(cfg); err != nil {
+			b.Fatalf("StartTask %s: %v", cfg.ID, err)
+		}
+		e.started[cfg.ID] = true
+		h, ok := e.d.tasks.Get(cfg.ID)
+		if !ok {
+			b.Fatalf("task %s started but not in the driver's store", cfg.ID)
+		}
+		s.hs = append(s.hs, h)
+	}
+	// Let the sandboxes finish starting, so that their own CPU during the
+	// rounds is what answering the samples costs them.
+	time.Sleep(time.Second)
+	ctx := context.Background()
+	for _, h := range s.hs {
+		smp, err := e.d.sample(ctx, h)
+		if err != nil {
+			b.Fatalf("sample %s: %v%s", h.sandboxID, err, benchPostMortem(h.stateDir))
+		}
+		if err := benchCheckCgroupSample(smp); err != nil {
+			b.Fatalf("sandbox %s: %v (cgroup %+v)%s", h.sandboxID, err, h.spec.Cgroup, benchPostMortem(h.stateDir))
+		}
+	}
+	return s
+}
+
+// benchCheckCgroupSample fails a sample that did not come from the cgroup
+// or that reads as if nothing ran in it.
+func benchCheckCgroupSample(s sample) error {
+	switch {
+	case !s.fromCgroup:
+		return errors.New("the sample came from `runsc events`, not from the cgroup")
+	case s.mem < 1<<20:
+		return fmt.Errorf("cgroup memory usage %d bytes: nothing runs in it", s.mem)
+	case s.cpuNs == 0:
+		return errors.New("cgroup CPU time is 0: nothing runs in it")
+	}
+	return nil
+}
+
+// sandboxCPU is the CPU time charged to the sandboxes' cgroups so far.
+func (s *statsBench) sandboxCPU(b *testing.B) time.Duration {
+	b.Helper()
+	var sum time.Duration
+	for _, h := range s.hs {
+		total, _, _, err := h.spec.Cgroup.CPUStats()
+		if err != nil {
+			b.Fatalf("cgroup CPU of %s: %v", h.sandboxID, err)
+		}
+		sum += time.Duration(total)
+	}
+	return sum
+}
+
+// statsCost is what a number of stats samples cost.
+type statsCost struct {
+	samples int
+	wall    time.Duration
+	self    time.Duration // this process (the plugin), user+system
+	kids    time.Duration // the processes it started and reaped (runsc)
+	sandbox time.Duration // charged to the sampled sandboxes' cgroups
+}
+
+// per returns d per sample in nanoseconds.
+func (c statsCost) per(d time.Duration) float64 {
+	if c.samples == 0 {
+		return 0
+	}
+	return float64(d.Nanoseconds()) / float64(c.samples)
+}
+
+// cpu is the CPU the plugin spends: its own and its children's.
+func (c statsCost) cpu() time.Duration { return c.self + c.kids }
+
+func (c statsCost) report(b *testing.B) {
+	b.ReportMetric(c.per(c.wall), "ns/sample")
+	b.ReportMetric(c.per(c.cpu()), "cpu-ns/sample")
+	b.ReportMetric(c.per(c.self), "self-cpu-ns/sample")
+	b.ReportMetric(c.per(c.kids), "child-cpu-ns/sample")
+	b.ReportMetric(c.per(c.sandbox), "sandbox-cpu-ns/sample")
+}
+
+// rounds samples every sandbox once per round while loop says so, and
+// returns the cost. With b.Loop as loop, the rounds are what is timed.
+func (s *statsBench) rounds(b *testing.B, loop func() bool, one func(*taskHandle) error) statsCost {
+	b.Helper()
+	sb0 := s.sandboxCPU(b)
+	self0, kids0 := benchRusage()
+	n := 0
+	t0 := time.Now()
+	for loop() {
+		for _, h := range s.hs {
+			if err := one(h); err != nil {
+				b.Fatalf("sandbox %s: %v", h.sandboxID, err)
+			}
+		}
+		n++
+	}
+	wall := time.Since(t0)
+	self1, kids1 := benchRusage()
+	// b.Loop has stopped the timer when it ends.
+	c := statsCost{samples: n * len(s.hs), wall: wall, self: self1 - self0, kids: kids1 - kids0}
+	c.sandbox = s.sandboxCPU(b) - sb0
+	return c
+}
+
+// cgroupSample is one sample through the driver's own path (Driver.sample),
+// which must read the cgroup and find it in use.
+func (s *statsBench) cgroupSample(h *taskHandle) error {
+	smp, err := s.e.d.sample(context.Background(), h)
+	if err != nil {
+		return err
+	}
+	return benchCheckCgroupSample(smp)
+}
+
+// runscSample is one `runsc events --stats` of the sandbox, as the driver
+// runs it when the cgroup cannot be read.
+func (s *statsBench) runscSample(h *taskHandle) error {
+	st, err := s.e.d.runsc.EventsStats(context.Background(), h.sandboxID)
+	if err != nil {
+		return err
+	}
+	if st.MemoryUsage == 0 || st.Pids == 0 {
+		return fmt.Errorf("runsc events reported %d bytes of memory and %d processes: nothing runs in it", st.MemoryUsage, st.Pids)
+	}
+	return nil
+}
+
+// benchStatsCgroup is BenchmarkStatsSample_Cgroup's result, for the ratio
+// BenchmarkStatsSample_RunscEvents prints.
+var benchStatsCgroup *statsCost
+
+// BenchmarkStatsSample_Cgroup measures what TaskStats costs per sample on
+// its normal path: Driver.sample reading the sandbox's host cgroup (CPU and
+// memory files), no process started. One iteration is one round of samples
+// over benchStatsSandboxes running `sleep 600` sandboxes, so ns/op is a
+// round. Per sandbox-sample:
+//
+//	ns/sample              wall time
+//	cpu-ns/sample          CPU of this process and its reaped children
+//	                       (getrusage SELF + CHILDREN deltas)
+//	self-cpu-ns/sample     this process's part
+//	child-cpu-ns/sample    its children's part (none on this path)
+//	sandbox-cpu-ns/sample  CPU charged to the sandboxes' cgroups during the
+//	                       rounds (answering a sample, plus their idle noise)
+//
+// Every sample is checked to come from the cgroup and to show the sandbox's
+// memory in use, so the benchmark cannot pass by reading nothing.
+func BenchmarkStatsSample_Cgroup(b *testing.B) {
+	s := newStatsBench(b)
+	b.ReportAllocs()
+	c := s.rounds(b, b.Loop, s.cgroupSample)
+	c.report(b)
+	benchStatsCgroup = &c
+	line := fmt.Sprintf("stats via the cgroup (Driver.sample), %d samples over %d running sandboxes: %s | load %s",
+		c.samples, len(s.hs), benchStatsCostText(c), benchLoadavg())
+	b.Log(line)
+	fmt.Println("SUMMARY " + line)
+}
+
+// BenchmarkStatsSample_RunscEvents measures the same rounds with `runsc
+// events --stats` per sandbox (Runsc.EventsStats, the driver's fallback): a
+// runsc process per sample, which also asks the sandbox over its control
+// socket. Metrics as in BenchmarkStatsSample_Cgroup. Its SUMMARY gives the
+// ratio runsc events / cgroup per sample, of wall time and of the plugin's
+// CPU (self + children), against BenchmarkStatsSample_Cgroup's result, or,
+// when that did not run (-bench filter), against 200 untimed cgroup rounds
+// over this benchmark's own sandboxes.
+func BenchmarkStatsSample_RunscEvents(b *testing.B) {
+	s := newStatsBench(b)
+	// Untimed warm-up: the runsc binary into the page cache, and a check
+	// that every sandbox answers.
+	for _, h := range s.hs {
+		if err := s.runscSample(h); err != nil {
+			b.Fatalf("runsc events %s: %v%s", h.sandboxID, err, benchPostMortem(h.stateDir))
+		}
+	}
+	b.ReportAllocs()
+	c := s.rounds(b, b.Loop, s.runscSample)
+	c.report(b)
+
+	ref, refNote := benchStatsCgroup, "BenchmarkStatsSample_Cgroup"
+	if ref == nil {
+		n := 0
+		rc := s.rounds(b, func() bool { n++; return n <= 200 }, s.cgroupSample)
+		ref, refNote = &rc, "200 untimed cgroup rounds over the same sandboxes"
+	}
+	ratio := func(x, y float64) string {
+		if y <= 0 {
+			return "n/a"
+		}
+		return fmt.Sprintf("%.0fx", x/y)
+	}
+	wallRatio := ratio(c.per(c.wall), ref.per(ref.wall))
+	cpuRatio := ratio(c.per(c.cpu()), ref.per(ref.cpu()))
+	if ref.per(ref.wall) > 0 {
+		b.ReportMetric(c.per(c.wall)/ref.per(ref.wall), "wall-ratio")
+	}
+	if ref.per(ref.cpu()) > 0 {
+		b.ReportMetric(c.per(c.cpu())/ref.per(ref.cpu()), "cpu-ratio")
+	}
+	line := fmt.Sprintf("stats per sample, runsc events --stats / cgroup: wall %s, CPU (self+children) %s | runsc events, %d samples over %d running sandboxes: %s | cgroup (%s): %s | load %s",
+		wallRatio, cpuRatio, c.samples, len(s.hs), benchStatsCostText(c), refNote, benchStatsCostText(*ref), benchLoadavg())
+	b.Log(line)
+	fmt.Println("SUMMARY " + line)
+}
+
+func benchStatsCostText(c statsCost) string {
+	us := func(d time.Duration) string { return fmt.Sprintf("%.1f", c.per(d)/1000) }
+	return fmt.Sprintf("µs per sample: wall %s, CPU %s (self %s, children %s), sandbox-side %s",
+		us(c.wall), us(c.cpu()), us(c.self), us(c.kids), us(c.sandbox))
+}
+
+// benchCgroupDirs returns the directories of c that exist: on cgroup v1, in
+// every hierarchy (runsc makes its own in those it uses).
+func benchCgroupDirs(c *runtime.Cgroup) []string {
+	if c.V2 {
+		dir := filepath.Join(c.Root, c.Path)
+		if _, err := os.Stat(dir); err != nil {
+			return nil
+		}
+		return []string{dir}
+	}
+	dirs, _ := filepath.Glob(filepath.Join(c.Root, "*", c.Path))
+	return dirs
+}
+
+// benchRemoveCgroup removes what is left of c, waiting a little for the
+// processes in it to be gone.
+func benchRemoveCgroup(c *runtime.Cgroup) error {
+	if c.Borrowed {
+		return nil
+	}
+	var err error
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err = nil
+		for _, dir := range benchCgroupDirs(c) {
+			if rerr := unix.Rmdir(dir); rerr != nil && !errors.Is(rerr, unix.ENOENT) {
+				err = fmt.Errorf("remove cgroup %s: %w", dir, rerr)
+			}
+		}
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// benchCheckGone fails the benchmark if a process or a host cgroup of one
+// of the sandboxes ids is left after the cleanups, and removes it.
+func benchCheckGone(b *testing.B, ids []string) {
+	for _, id := range ids {
+		for _, p := range benchSandboxProcs(id, 0) {
+			b.Errorf("sandbox %s: process %d (%s) left behind", id, p.pid, p.name)
+			_ = unix.Kill(p.pid, unix.SIGKILL)
+		}
+		c := taskCgroup(id)
+		if dirs := benchCgroupDirs(c); len(dirs) > 0 {
+			b.Errorf("sandbox %s: cgroups left behind: %v", id, dirs)
+			if err := benchRemoveCgroup(c); err != nil {
+				b.Error(err)
+			}
+		}
+	}
 }
 
 // benchPluginBinary returns bin/plugins/sandbox (what `make build` makes
@@ -980,11 +1339,18 @@ func benchPostMortem(dir string) string {
 // benchCPU is the CPU time of this process and of its reaped descendants
 // (wait4 adds a child's own reaped children to it).
 func benchCPU() time.Duration {
-	var self, kids unix.Rusage
-	_ = unix.Getrusage(unix.RUSAGE_SELF, &self)
-	_ = unix.Getrusage(unix.RUSAGE_CHILDREN, &kids)
-	tv := func(t unix.Timeval) time.Duration { return time.Duration(t.Nano()) }
-	return tv(self.Utime) + tv(self.Stime) + tv(kids.Utime) + tv(kids.Stime)
+	self, kids := benchRusage()
+	return self + kids
+}
+
+// benchRusage returns the user+system CPU time of this process
+// (RUSAGE_SELF) and of its reaped descendants (RUSAGE_CHILDREN).
+func benchRusage() (self, kids time.Duration) {
+	var s, k syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &s)
+	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &k)
+	tv := func(t syscall.Timeval) time.Duration { return time.Duration(t.Nano()) }
+	return tv(s.Utime) + tv(s.Stime), tv(k.Utime) + tv(k.Stime)
 }
 
 func benchLoadavg() string {
