@@ -94,6 +94,9 @@ func (e *testEnv) assertNothingLeft() {
 		t.Errorf("task state left behind: %s", en.Name())
 		sup := &runtime.Supervisor{Dir: filepath.Join(e.config.StateDir, en.Name())}
 		sup.Kill()
+		if err := taskCgroup(en.Name()).Destroy(); err != nil {
+			t.Errorf("remove leftover cgroup: %v", err)
+		}
 	}
 	if err := r.ReleaseRoot(); err != nil {
 		t.Errorf("release runsc root: %v", err)
@@ -466,4 +469,15 @@ func TestDriver_MemoryLimitOOM(t *testing.T) {
 	must.StrNotContains(t, readLog(cfg, "stdout"), "survived")
 	_, err := os.Stat(filepath.Join(runtime.CgroupRoot, "memory", "nomad-sandbox", sandboxID(cfg)))
 	must.True(t, os.IsNotExist(err), must.Sprint("the task's cgroup must be removed after its OOM was read"))
+}
+
+// A task config without resources (as some callers send) must still run.
+func TestDriver_NoResources(t *testing.T) {
+	e := newTestEnv(t, nil)
+	cfg, cleanup := e.task(t, "nores", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+	defer cleanup()
+	cfg.Resources = nil
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode)
+	must.NoError(t, res.Err)
 }

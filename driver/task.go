@@ -92,7 +92,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
 	cg := taskCgroup(id)
-	if p := cfg.Resources.LinuxResources; p != nil && p.CpusetCgroupPath != "" {
+	if r := cfg.Resources; r != nil && r.LinuxResources != nil && r.LinuxResources.CpusetCgroupPath != "" {
+		p := r.LinuxResources
 		if borrowed, ok := runtime.BorrowCgroup(p.CpusetCgroupPath); ok {
 			cg = borrowed
 		}
