@@ -61,6 +61,11 @@ type harness struct {
 	logPath   string
 	cgroup    string // the client's cgroup_parent, unique to this run
 
+	// pluginConfig holds the extra lines of the plugin's config block
+	// that the agent runs with (suitePluginConfig unless a test changed
+	// it for a while; see withPluginConfig).
+	pluginConfig []string
+
 	httpPort, rpcPort, serfPort int
 
 	mu        sync.Mutex
@@ -143,6 +148,7 @@ func newHarness() (*harness, error) {
 		return nil, err
 	}
 	h.setPaths(tmp)
+	h.pluginConfig = suitePluginConfig
 	return h, nil
 }
 
@@ -195,6 +201,15 @@ func (h *harness) setup() error {
 
 func (h *harness) addr() string { return fmt.Sprintf("http://127.0.0.1:%d", h.httpPort) }
 
+// suitePluginConfig are the limits the suite's agent runs with: a ceiling on
+// task timeouts (TestTimeout asks for more; every other task gets it as its
+// timeout, far above what a test needs), and a sandbox limit well above the
+// few tasks the tests run at once.
+var suitePluginConfig = []string{
+	`max_timeout   = "10m"`,
+	`max_sandboxes = 16`,
+}
+
 // The agent is a full (not -dev) server and client: a -dev agent keeps its
 // server and client state in memory and destroys every allocation when it
 // stops, so tasks could not outlive an agent restart. The data dir, plugin
@@ -246,16 +261,23 @@ plugin "sandbox" {
     runsc_root        = "{{.RunscRoot}}"
     state_dir         = "{{.StateDir}}"
     allow_host_rootfs = ["{{.RootfsParent}}"]
+{{- range .PluginConfig}}
+    {{.}}
+{{- end}}
   }
 }
 `))
 
 func (h *harness) writeAgentConfig() error {
+	h.mu.Lock()
+	pluginConfig := h.pluginConfig
+	h.mu.Unlock()
 	var b bytes.Buffer
 	err := agentConfig.Execute(&b, map[string]any{
 		"HTTP": h.httpPort, "RPC": h.rpcPort, "Serf": h.serfPort,
 		"Cgroup": h.cgroup, "Runsc": h.runscBin, "RunscRoot": h.runscRoot,
 		"StateDir": h.stateDir, "RootfsParent": h.rootfsDir,
+		"PluginConfig": pluginConfig,
 	})
 	if err != nil {
 		return err
@@ -407,6 +429,39 @@ func (h *harness) restartAgent(sig syscall.Signal) error {
 		return err
 	}
 	return h.waitReady(90 * time.Second)
+}
+
+// withPluginConfig restarts the agent with lines in place of the suite's
+// plugin config lines, for the rest of the test; the test's cleanup, which
+// runs after that of any job the test starts later, restarts it with the
+// suite's lines again. The test must not run in parallel with others.
+func (h *harness) withPluginConfig(t *testing.T, lines ...string) {
+	t.Helper()
+	start := time.Now()
+	if err := h.reconfigure(lines); err != nil {
+		t.Fatalf("restart the agent with plugin config %q: %v", lines, err)
+	}
+	t.Logf("agent restarted with plugin config %q in %s", lines, time.Since(start).Round(time.Millisecond))
+	t.Cleanup(func() {
+		start := time.Now()
+		if err := h.reconfigure(suitePluginConfig); err != nil {
+			t.Errorf("restart the agent with the suite's plugin config again: %v", err)
+			return
+		}
+		t.Logf("agent restarted with the suite's plugin config in %s", time.Since(start).Round(time.Millisecond))
+	})
+}
+
+// reconfigure restarts the agent gracefully with lines in the plugin's
+// config block; the plugin is started anew and reads them.
+func (h *harness) reconfigure(lines []string) error {
+	h.mu.Lock()
+	h.pluginConfig = lines
+	h.mu.Unlock()
+	if err := h.writeAgentConfig(); err != nil {
+		return err
+	}
+	return h.restartAgent(syscall.SIGINT)
 }
 
 func (h *harness) problem(format string, args ...any) {

@@ -62,6 +62,7 @@ type taskEvent struct {
 	DisplayMessage  string
 	Details         map[string]string
 	DriverError     string
+	DriverMessage   string
 	ValidationError string
 	SetupError      string
 	KillError       string
@@ -71,7 +72,7 @@ type taskEvent struct {
 }
 
 func (e *taskEvent) text() string {
-	parts := []string{e.Type, e.Message, e.DisplayMessage, e.DriverError, e.ValidationError, e.SetupError, e.KillError}
+	parts := []string{e.Type, e.Message, e.DisplayMessage, e.DriverMessage, e.DriverError, e.ValidationError, e.SetupError, e.KillError}
 	for k, v := range e.Details {
 		parts = append(parts, k+"="+v)
 	}
@@ -218,6 +219,7 @@ type jobSpec struct {
 	ExtraConfig []string // raw HCL lines added to the task's config block
 	KillSignal  string
 	KillTimeout string
+	MemoryMB    int // resources.memory; 0: 128
 }
 
 var jobTemplate = template.Must(template.New("job").Funcs(template.FuncMap{
@@ -261,7 +263,7 @@ var jobTemplate = template.Must(template.New("job").Funcs(template.FuncMap{
 
       resources {
         cpu    = 100
-        memory = 128
+        memory = {{if .MemoryMB}}{{.MemoryMB}}{{else}}128{{end}}
       }
     }
   }
