@@ -4,6 +4,8 @@ package main
 
 import (
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/plugins"
@@ -17,5 +19,8 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == runtime.SupervisorArg {
 		os.Exit(runtime.SupervisorMain(os.Args[2:]))
 	}
+	// Log rotation tools send SIGHUP; the audit log is opened per record,
+	// so there is nothing to reopen, and the plugin must not die of it.
+	signal.Ignore(syscall.SIGHUP)
 	plugins.Serve(func(log hclog.Logger) interface{} { return driver.NewPlugin(log) })
 }

@@ -53,6 +53,11 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"default_timeout": hclspec.NewAttr("default_timeout", "string", false),
 	"max_timeout":     hclspec.NewAttr("max_timeout", "string", false),
 	"max_sandboxes":   hclspec.NewAttr("max_sandboxes", "number", false),
+	"audit_log":       hclspec.NewAttr("audit_log", "string", false),
+	"deny_env_identity": hclspec.NewDefault(
+		hclspec.NewAttr("deny_env_identity", "bool", false), hclspec.NewLiteral(`false`)),
+	"allow_task_api": hclspec.NewDefault(
+		hclspec.NewAttr("allow_task_api", "bool", false), hclspec.NewLiteral(`false`)),
 })
 
 // taskConfigSpec is the task's `config {}` block.
@@ -95,6 +100,9 @@ type PluginConfig struct {
 	DefaultTimeout      string   `codec:"default_timeout"`
 	MaxTimeout          string   `codec:"max_timeout"`
 	MaxSandboxes        int      `codec:"max_sandboxes"`
+	AuditLog            string   `codec:"audit_log"`
+	DenyEnvIdentity     bool     `codec:"deny_env_identity"`
+	AllowTaskAPI        bool     `codec:"allow_task_api"`
 }
 
 // timeouts returns default_timeout and max_timeout, which Validate checked.
@@ -145,6 +153,9 @@ func (c *PluginConfig) Validate() error {
 	}
 	if max > 0 && def > max {
 		return fmt.Errorf("plugin config: default_timeout %s is above max_timeout %s", def, max)
+	}
+	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
+		return fmt.Errorf("plugin config: audit_log %q must be an absolute path", c.AuditLog)
 	}
 	if c.MaxSandboxes < 0 {
 		return fmt.Errorf("plugin config: max_sandboxes must not be negative (0 means no limit)")

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -43,6 +45,9 @@ type Driver struct {
 
 	versionMu sync.Mutex
 	version   string
+
+	// audit is the audit log (a no-op when audit_log is not set).
+	audit *audit.Log
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -105,7 +110,13 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		}
 		d.supervisorExe = exe
 	}
+	if pc.AuditLog != "" {
+		if err := os.MkdirAll(filepath.Dir(pc.AuditLog), 0o700); err != nil {
+			return fmt.Errorf("plugin config: audit_log: %w", err)
+		}
+	}
 	d.config = &pc
+	d.audit = &audit.Log{Path: pc.AuditLog}
 	d.runsc = &runtime.Runsc{Path: path, Root: pc.RunscRoot, Platform: platform}
 	go d.collectGarbage(d.ctx)
 	return nil

@@ -36,6 +36,10 @@ func (d *Driver) watch(h *taskHandle) {
 		return
 	}
 	cfg := h.taskConfig
+	if st.AuditErr != "" {
+		h.logger.Error("audit record of the task's end not written", "error", st.AuditErr)
+		d.emitEvent(cfg, "Audit record not written: "+st.AuditErr, nil)
+	}
 	if st.TimedOut {
 		ran := st.CompletedAt.Sub(st.StartedAt).Round(100 * time.Millisecond)
 		d.emitEvent(cfg, fmt.Sprintf("Time limit exceeded: the task ran for %s and its timeout is %s; it got SIGTERM, then SIGKILL after %s. Raise the task's timeout (at most the node's max_timeout) if it needs longer.", ran, h.spec.Timeout, timeoutKillGrace), map[string]string{

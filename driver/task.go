@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"golang.org/x/sys/unix"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
@@ -46,23 +47,48 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if _, ok := d.tasks.Get(cfg.ID); ok {
 		return nil, nil, fmt.Errorf("task %q is already started", cfg.ID)
 	}
+	rec := d.auditRecord(cfg)
 	var tc TaskConfig
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
-		return nil, nil, fmt.Errorf("task config: %w", err)
+		return nil, nil, d.refuse(cfg, rec, fmt.Errorf("task config: %w", err))
 	}
 	bc, lim, err := d.bundleConfig(cfg, &tc)
 	if err != nil {
-		d.emitEvent(cfg, "Sandbox refused: "+err.Error(), nil)
-		return nil, nil, err
+		return nil, nil, d.refuse(cfg, rec, err)
 	}
 	release, err := d.admit()
 	if err != nil {
-		d.emitEvent(cfg, "Sandbox refused: "+err.Error(), nil)
-		return nil, nil, err
+		return nil, nil, d.refuse(cfg, rec, err)
 	}
 	defer release()
 
 	id := sandboxID(cfg)
+	auditPolicy(rec, id, bc, lim)
+	rec.RunscVersion, rec.Platform = d.runscVersion(), d.runsc.Platform.String()
+	h, handle, err := d.launch(cfg, id, bc, lim, rec)
+	if err != nil {
+		d.emitEvent(cfg, "Sandbox failed to start: "+err.Error(), nil)
+		rec.Event, rec.Error = audit.EventStartFailed, err.Error()
+		if aerr := d.audit.Write(rec, true); aerr != nil {
+			d.logger.Error("audit record not written", "task_id", cfg.ID, "error", aerr)
+		}
+		return nil, nil, fmt.Errorf("start sandbox: %w", err)
+	}
+	d.tasks.Set(cfg.ID, h)
+	go d.watch(h)
+
+	d.emitEvent(cfg, fmt.Sprintf("Sandbox started: runsc %s, platform %s", rec.RunscVersion, rec.Platform), map[string]string{
+		"sandbox_id":    id,
+		"platform":      rec.Platform,
+		"runsc_version": rec.RunscVersion,
+	})
+	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim), nil)
+	return handle, nil, nil
+}
+
+// launch creates the sandbox's state, cgroup and bundle and starts its
+// supervisor. On failure it removes everything it made.
+func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleConfig, lim taskLimits, rec *audit.Record) (*taskHandle, *drivers.TaskHandle, error) {
 	dir := filepath.Join(d.config.StateDir, id)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create task state: %w", err)
@@ -80,8 +106,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	}
 	bc.ResolvConf = filepath.Join(dir, "resolv.conf")
 	bc.Hosts = filepath.Join(dir, "hosts")
-	var dns []string
-	var search, opts []string
+	var dns, search, opts []string
 	if cfg.DNS != nil {
 		dns, search, opts = cfg.DNS.Servers, cfg.DNS.Searches, cfg.DNS.Options
 	}
@@ -93,8 +118,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	}
 	cg := taskCgroup(id)
 	if r := cfg.Resources; r != nil && r.LinuxResources != nil && r.LinuxResources.CpusetCgroupPath != "" {
-		p := r.LinuxResources
-		if borrowed, ok := runtime.BorrowCgroup(p.CpusetCgroupPath); ok {
+		if borrowed, ok := runtime.BorrowCgroup(r.LinuxResources.CpusetCgroupPath); ok {
 			cg = borrowed
 		}
 	}
@@ -113,6 +137,12 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		// the host directory is never modified.
 		overlay = "root:memory"
 	}
+	hostUDS := "none"
+	if d.config.AllowTaskAPI {
+		// Lets the task connect to Unix sockets in its own mounts:
+		// Nomad's Task API at /secrets/api.sock.
+		hostUDS = "open"
+	}
 	spec := &runtime.SupervisorSpec{
 		ID:    id,
 		Runsc: *d.runsc,
@@ -120,7 +150,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 			Bundle:   bundle,
 			Network:  "none",
 			Overlay:  overlay,
-			HostUDS:  "none",
+			HostUDS:  hostUDS,
 			LogFile:  filepath.Join(dir, "runsc.log"),
 			PanicLog: filepath.Join(dir, "runsc-panic.log"),
 		},
@@ -129,6 +159,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		Cgroup:    cg,
 		Timeout:   lim.timeout,
 		KillGrace: timeoutKillGrace,
+		AuditLog:  d.config.AuditLog,
+		Audit:     rec,
 	}
 	sup := &runtime.Supervisor{Dir: dir, Exe: d.supervisorExe}
 	cu.Add(func() {
@@ -138,29 +170,23 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	ctx, cancel := context.WithTimeout(d.ctx, startTimeout)
 	defer cancel()
 	if err := sup.Start(ctx, spec); err != nil {
-		d.emitEvent(cfg, "Sandbox failed to start: "+err.Error(), nil)
-		return nil, nil, fmt.Errorf("start sandbox: %w", err)
+		return nil, nil, err
+	}
+	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
+	// No unaudited run: if the start cannot be recorded, the sandbox goes.
+	started := *rec
+	started.Event, started.StartedAt = audit.EventStarted, &st.StartedAt
+	if err := d.audit.Write(&started, false); err != nil {
+		return nil, nil, fmt.Errorf("%w: the sandbox was not kept because its start could not be recorded", err)
 	}
 
-	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
 	if err := handle.SetDriverState(&st); err != nil {
 		return nil, nil, fmt.Errorf("encode task state: %w", err)
 	}
-	h := newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
-	d.tasks.Set(cfg.ID, h)
-	go d.watch(h)
 	cu.Release()
-
-	version := d.runscVersion()
-	d.emitEvent(cfg, fmt.Sprintf("Sandbox started: runsc %s, platform %s", version, d.runsc.Platform), map[string]string{
-		"sandbox_id":    id,
-		"platform":      d.runsc.Platform.String(),
-		"runsc_version": version,
-	})
-	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim), nil)
-	return handle, nil, nil
+	return newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id)), handle, nil
 }
 
 // bundleConfig validates the task and turns it into the sandbox's spec
@@ -178,6 +204,13 @@ func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime
 }
 
 func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, error) {
+	if d.config.DenyEnvIdentity {
+		for k := range cfg.Env {
+			if k == "NOMAD_TOKEN" || strings.HasPrefix(k, "NOMAD_TOKEN_") {
+				return nil, fmt.Errorf("the job asks for its workload identity in the environment (identity { env = true }), which this node forbids (the plugin's deny_env_identity): use identity { file = true } and read /secrets/nomad_token")
+			}
+		}
+	}
 	if ni := cfg.NetworkIsolation; ni != nil && ni.Mode != drivers.NetIsolationModeNone {
 		return nil, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
 	}

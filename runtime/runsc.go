@@ -313,8 +313,16 @@ func (r *Runsc) Exists(ctx context.Context, id string) (bool, error) {
 // tearing a root down; a live plugin keeps its root.
 func (r *Runsc) ReleaseRoot() error {
 	nullNS := filepath.Join(r.Root, "null-netns")
-	if err := unix.Unmount(nullNS, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("unmount %s: %w", nullNS, err)
+	// Sandboxes started at the same moment can each mount it, stacking
+	// mounts: unmount until nothing is mounted there.
+	for i := 0; ; i++ {
+		err := unix.Unmount(nullNS, unix.MNT_DETACH)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			break
+		}
+		if err != nil || i == 64 {
+			return fmt.Errorf("unmount %s: %w", nullNS, err)
+		}
 	}
 	_ = os.Remove(nullNS)
 	_ = os.Remove(r.Root)

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 )
 
 // SupervisorArg is the first argument that turns the plugin binary into a
@@ -54,15 +56,21 @@ type SupervisorSpec struct {
 	// KillGrace later, SIGKILL.
 	Timeout   time.Duration `json:"timeout,omitempty"`
 	KillGrace time.Duration `json:"kill_grace,omitempty"`
+	// AuditLog, when set, gets Audit completed with the task's end, written
+	// by the supervisor the moment it sees it (the plugin may be down).
+	AuditLog string        `json:"audit_log,omitempty"`
+	Audit    *audit.Record `json:"audit,omitempty"`
 }
 
 // ExitStatus is the task's end as the supervisor saw it.
 type ExitStatus struct {
-	ExitCode    int       `json:"exit_code"`
-	Signal      int       `json:"signal"`
-	OOMKilled   bool      `json:"oom_killed"`
-	TimedOut    bool      `json:"timed_out,omitempty"`
-	Err         string    `json:"error,omitempty"`
+	ExitCode  int    `json:"exit_code"`
+	Signal    int    `json:"signal"`
+	OOMKilled bool   `json:"oom_killed"`
+	TimedOut  bool   `json:"timed_out,omitempty"`
+	Err       string `json:"error,omitempty"`
+	// AuditErr says why the exit could not be recorded in the audit log.
+	AuditErr    string    `json:"audit_error,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	CompletedAt time.Time `json:"completed_at"`
 }
@@ -376,7 +384,22 @@ func supervise(dir string, ready *os.File) (err error) {
 			fmt.Fprintf(os.Stderr, "%s supervisor: %v\n", time.Now().UTC().Format(time.RFC3339), err)
 		}
 	}
+	if spec.AuditLog != "" && spec.Audit != nil {
+		if err := (&audit.Log{Path: spec.AuditLog}).Write(exitRecord(spec.Audit, &st), true); err != nil {
+			st.AuditErr = err.Error()
+		}
+	}
 	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
+}
+
+func exitRecord(base *audit.Record, st *ExitStatus) *audit.Record {
+	r := *base
+	r.Time = time.Time{}
+	r.Event = audit.EventExited
+	started, completed, code := st.StartedAt, st.CompletedAt, st.ExitCode
+	r.StartedAt, r.CompletedAt, r.ExitCode = &started, &completed, &code
+	r.Signal, r.OOMKilled, r.TimedOut, r.Error = st.Signal, st.OOMKilled, st.TimedOut, st.Err
+	return &r
 }
 
 // runDetached starts the sandbox with `runsc run --detach`: one runsc

@@ -1,0 +1,74 @@
+package audit
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/shoenig/test/must"
+)
+
+func TestLog_ConcurrentWritersNeverInterleave(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := &Log{Path: path}
+	const writers, each = 16, 50
+	// Long lines make a torn or interleaved write visible.
+	cmd := []string{strings.Repeat("x", 8192)}
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				must.NoError(t, l.Write(&Record{Event: EventStarted, Task: "t", AllocID: string(rune('a' + w)), Command: cmd}, i%10 == 0))
+			}
+		}(w)
+	}
+	wg.Wait()
+
+	f, err := os.Open(path)
+	must.NoError(t, err)
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 64*1024)
+	lines := 0
+	for sc.Scan() {
+		var r Record
+		must.NoError(t, json.Unmarshal(sc.Bytes(), &r), must.Sprintf("line %d is not a whole record", lines+1))
+		must.Eq(t, EventStarted, r.Event)
+		must.Eq(t, cmd, r.Command)
+		must.False(t, r.Time.IsZero())
+		lines++
+	}
+	must.NoError(t, sc.Err())
+	must.Eq(t, writers*each, lines)
+	fi, err := os.Stat(path)
+	must.NoError(t, err)
+	must.Eq(t, os.FileMode(0o600), fi.Mode().Perm())
+}
+
+func TestLog_RotationStartsANewFile(t *testing.T) {
+	dir := t.TempDir()
+	l := &Log{Path: filepath.Join(dir, "audit.log")}
+	must.NoError(t, l.Write(&Record{Event: EventStarted}, true))
+	must.NoError(t, os.Rename(l.Path, l.Path+".1"))
+	must.NoError(t, l.Write(&Record{Event: EventExited}, true))
+	old, err := os.ReadFile(l.Path + ".1")
+	must.NoError(t, err)
+	cur, err := os.ReadFile(l.Path)
+	must.NoError(t, err)
+	must.StrContains(t, string(old), EventStarted)
+	must.StrContains(t, string(cur), EventExited)
+	must.StrNotContains(t, string(cur), EventStarted)
+}
+
+func TestLog_UnwritableIsAnError(t *testing.T) {
+	l := &Log{Path: filepath.Join(t.TempDir(), "missing-dir", "audit.log")}
+	err := l.Write(&Record{Event: EventStarted}, false)
+	must.Error(t, err)
+	must.StrContains(t, err.Error(), "audit log ")
+}
