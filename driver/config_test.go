@@ -100,6 +100,9 @@ config {
   default_timeout       = "10m"
   max_timeout           = "1h"
   max_sandboxes         = 8
+  audit_log             = "/var/log/nomad-sandbox/audit.log"
+  deny_env_identity     = true
+  allow_task_api        = true
 }`, &pc)
 	must.NoError(t, pc.Validate())
 	must.Eq(t, "kvm", pc.Platform)
@@ -111,6 +114,9 @@ config {
 	must.Eq(t, "10m", pc.DefaultTimeout)
 	must.Eq(t, "1h", pc.MaxTimeout)
 	must.Eq(t, 8, pc.MaxSandboxes)
+	must.Eq(t, "/var/log/nomad-sandbox/audit.log", pc.AuditLog)
+	must.True(t, pc.DenyEnvIdentity)
+	must.True(t, pc.AllowTaskAPI)
 }
 
 func TestPluginConfig_Validate(t *testing.T) {
@@ -132,6 +138,7 @@ func TestPluginConfig_Validate(t *testing.T) {
 		{"bad timeout", func(c *PluginConfig) { c.MaxTimeout = "forever" }, `max_timeout "forever" is not a positive duration`},
 		{"default above max timeout", func(c *PluginConfig) { c.DefaultTimeout, c.MaxTimeout = "2h", "1h" }, `default_timeout 2h0m0s is above max_timeout 1h0m0s`},
 		{"default above max pids", func(c *PluginConfig) { c.DefaultPidsLimit, c.MaxPidsLimit = 100, 50 }, `default_pids_limit 100 is above max_pids_limit 50`},
+		{"relative audit log", func(c *PluginConfig) { c.AuditLog = "audit.log" }, `audit_log "audit.log" must be an absolute path`},
 		{"negative sandboxes", func(c *PluginConfig) { c.MaxSandboxes = -1 }, `max_sandboxes must not be negative`},
 	}
 	for _, tc := range cases {
