@@ -210,6 +210,22 @@ func (s *Store) readMeta(hex string) (*meta, error) {
 	return &m, nil
 }
 
+// readEntry is readMeta for an entry whose tree is also there.
+func (s *Store) readEntry(hex string) (*meta, error) {
+	m, err := s.readMeta(hex)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Lstat(s.rootfsPath(hex))
+	if err != nil {
+		return nil, fmt.Errorf("cache entry %s: %w", hex, err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("cache entry %s: rootfs is not a directory", hex)
+	}
+	return m, nil
+}
+
 func touch(p string) error {
 	now := time.Now()
 	err := os.Chtimes(p, now, now)
@@ -227,12 +243,13 @@ func (s *Store) lookup(ctx context.Context, hex string) (*meta, error) {
 		return nil, err
 	}
 	defer lk.unlock()
-	m, err := s.readMeta(hex)
+	m, err := s.readEntry(hex)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
+		if !errors.Is(err, fs.ErrNotExist) {
+			// Damaged: pull replaces it.
+			s.log().Warn("damaged image cache entry; pulling it again", "digest", "sha256:"+hex, "error", err)
 		}
-		return nil, err
+		return nil, nil
 	}
 	if err := touch(filepath.Join(s.imageDir(hex), lastUseFile)); err != nil {
 		return nil, fmt.Errorf("record image use: %w", err)
@@ -276,7 +293,7 @@ func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {
 	}
 	defer lk.unlock()
 	final := s.imageDir(hex)
-	if m, err := s.readMeta(hex); err == nil {
+	if m, err := s.readEntry(hex); err == nil {
 		// Another process pulled it while we waited for the lock.
 		if err := touch(filepath.Join(final, lastUseFile)); err != nil {
 			return nil, err
@@ -284,8 +301,8 @@ func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {
 		return &pullResult{meta: m}, nil
 	}
 	if _, err := os.Lstat(final); err == nil {
-		// A directory without readable meta is not a cache entry (it
-		// was damaged by hand): move it aside.
+		// A directory without readable meta or tree is not a cache
+		// entry (it was damaged by hand): move it aside.
 		if err := s.discard(ctx, final, hex); err != nil {
 			return nil, fmt.Errorf("remove damaged cache entry: %w", err)
 		}

@@ -714,3 +714,31 @@ func TestParseReferenceAndPolicy(t *testing.T) {
 		t.Error("isLoopback")
 	}
 }
+
+func TestDamagedCacheEntryIsPulledAgain(t *testing.T) {
+	e := newEnv(t)
+	writeLayout(t, e.taskDir, "local/img", map[string]v1.Image{"": busyboxImage(t)})
+	ctx := ctxT(t)
+	first, err := e.store.Get(ctx, "oci-layout:local/img", nil, Policy{}, e.taskDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := filepath.Dir(first.Rootfs)
+	for _, damage := range []func(){
+		func() { os.WriteFile(filepath.Join(entry, metaFile), []byte("{not json"), 0o600) },
+		func() { os.RemoveAll(first.Rootfs) },
+	} {
+		damage()
+		again, err := e.store.Get(ctx, "oci-layout:local/img", nil, Policy{}, e.taskDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !again.Pulled || again.Rootfs != first.Rootfs {
+			t.Errorf("after damage: %+v", again)
+		}
+		checkBusyboxRootfs(t, again)
+	}
+	if entries, _ := os.ReadDir(e.store.tmpDir()); len(entries) != 0 {
+		t.Errorf("work directories left: %v", entries)
+	}
+}
