@@ -117,6 +117,7 @@ func newBenchEnv(b *testing.B, wrap bool) *benchEnv {
 		StateDir:        e.stateDir,
 		Platform:        "systrap",
 		AllowHostRootfs: []string{images},
+		ImageDir:        filepath.Join(filepath.Dir(e.stateDir), "image-cache"),
 	}
 	var raw []byte
 	if err := nbase.MsgPackEncode(&raw, &pc); err != nil {

@@ -58,11 +58,24 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("deny_env_identity", "bool", false), hclspec.NewLiteral(`false`)),
 	"allow_task_api": hclspec.NewDefault(
 		hclspec.NewAttr("allow_task_api", "bool", false), hclspec.NewLiteral(`false`)),
+	"image_dir": hclspec.NewDefault(
+		hclspec.NewAttr("image_dir", "string", false), hclspec.NewLiteral(`"/var/lib/nomad-sandbox/images"`)),
+	"image_pull_timeout": hclspec.NewDefault(
+		hclspec.NewAttr("image_pull_timeout", "string", false), hclspec.NewLiteral(`"5m"`)),
+	"require_digest": hclspec.NewDefault(
+		hclspec.NewAttr("require_digest", "bool", false), hclspec.NewLiteral(`false`)),
+	"allowed_registries": hclspec.NewDefault(
+		hclspec.NewAttr("allowed_registries", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"auth_config": hclspec.NewAttr("auth_config", "string", false),
+	"image_gc": hclspec.NewBlock("image_gc", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"max_age":     hclspec.NewAttr("max_age", "string", false),
+		"max_size_mb": hclspec.NewAttr("max_size_mb", "number", false),
+	})),
 })
 
 // taskConfigSpec is the task's `config {}` block.
 var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"rootfs":     hclspec.NewAttr("rootfs", "string", true),
+	"rootfs":     hclspec.NewAttr("rootfs", "string", false),
 	"command":    hclspec.NewAttr("command", "string", false),
 	"args":       hclspec.NewAttr("args", "list(string)", false),
 	"entrypoint": hclspec.NewAttr("entrypoint", "list(string)", false),
@@ -74,6 +87,11 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"hostname":   hclspec.NewAttr("hostname", "string", false),
 	"pids_limit": hclspec.NewAttr("pids_limit", "number", false),
 	"timeout":    hclspec.NewAttr("timeout", "string", false),
+	"image":      hclspec.NewAttr("image", "string", false),
+	"auth": hclspec.NewBlock("auth", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"username": hclspec.NewAttr("username", "string", false),
+		"password": hclspec.NewAttr("password", "string", false),
+	})),
 })
 
 var capabilities = &drivers.Capabilities{
@@ -103,7 +121,23 @@ type PluginConfig struct {
 	AuditLog            string   `codec:"audit_log"`
 	DenyEnvIdentity     bool     `codec:"deny_env_identity"`
 	AllowTaskAPI        bool     `codec:"allow_task_api"`
+	ImageDir            string   `codec:"image_dir"`
+	ImagePullTimeout    string   `codec:"image_pull_timeout"`
+	RequireDigest       bool     `codec:"require_digest"`
+	AllowedRegistries   []string `codec:"allowed_registries"`
+	AuthConfig          string   `codec:"auth_config"`
+	ImageGC             ImageGC  `codec:"image_gc"`
 }
+
+// ImageGC is the plugin's image_gc block: unused images older than MaxAge
+// are removed, then the oldest until the cache is under MaxSizeMB.
+type ImageGC struct {
+	MaxAge    string `codec:"max_age"`
+	MaxSizeMB int64  `codec:"max_size_mb"`
+}
+
+// defaultImageMaxAge applies when image_gc sets no max_age.
+const defaultImageMaxAge = 7 * 24 * time.Hour
 
 // timeouts returns default_timeout and max_timeout, which Validate checked.
 func (c *PluginConfig) timeouts() (def, max time.Duration) {
@@ -154,6 +188,21 @@ func (c *PluginConfig) Validate() error {
 	if max > 0 && def > max {
 		return fmt.Errorf("plugin config: default_timeout %s is above max_timeout %s", def, max)
 	}
+	if !filepath.IsAbs(c.ImageDir) {
+		return fmt.Errorf("plugin config: image_dir %q must be an absolute path", c.ImageDir)
+	}
+	if c.AuthConfig != "" && !filepath.IsAbs(c.AuthConfig) {
+		return fmt.Errorf("plugin config: auth_config %q must be an absolute path to a docker config.json", c.AuthConfig)
+	}
+	if _, err := parseTimeout("image_pull_timeout", c.ImagePullTimeout); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	if _, err := parseTimeout("image_gc.max_age", c.ImageGC.MaxAge); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	if c.ImageGC.MaxSizeMB < 0 {
+		return fmt.Errorf("plugin config: image_gc.max_size_mb must not be negative")
+	}
 	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
 		return fmt.Errorf("plugin config: audit_log %q must be an absolute path", c.AuditLog)
 	}
@@ -188,6 +237,14 @@ type TaskConfig struct {
 	Hostname       string   `codec:"hostname"`
 	PidsLimit      int64    `codec:"pids_limit"`
 	Timeout        string   `codec:"timeout"`
+	Image          string   `codec:"image"`
+	Auth           TaskAuth `codec:"auth"`
+}
+
+// TaskAuth is the task's own registry credentials (the auth block).
+type TaskAuth struct {
+	Username string `codec:"username"`
+	Password string `codec:"password"`
 }
 
 // taskLimits are the limits that apply to a task once the plugin's
@@ -207,10 +264,12 @@ func (tc *TaskConfig) Validate(pc *PluginConfig) (taskLimits, error) {
 }
 
 func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
-	if strings.TrimSpace(tc.Rootfs) == "" {
-		return fmt.Errorf("rootfs is required: set it to a directory holding the task's root filesystem")
-	}
-	if tc.Command == "" && len(tc.Entrypoint) == 0 {
+	switch {
+	case tc.Image != "" && tc.Rootfs != "":
+		return fmt.Errorf("image and rootfs are both set: use one of them")
+	case tc.Image == "" && strings.TrimSpace(tc.Rootfs) == "":
+		return fmt.Errorf("rootfs or image is required: set image to an OCI image reference, or rootfs to a directory holding the task's root filesystem")
+	case tc.Image == "" && tc.Command == "" && len(tc.Entrypoint) == 0:
 		return fmt.Errorf("command is required: set command (and args) or entrypoint")
 	}
 	if tc.WorkDir != "" && !filepath.IsAbs(tc.WorkDir) {

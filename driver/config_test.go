@@ -75,14 +75,17 @@ func TestPluginConfig_ParseHCLAndDefaults(t *testing.T) {
 	var pc PluginConfig
 	hclutils.NewConfigParser(configSpec).ParseHCL(t, `config {}`, &pc)
 	must.Eq(t, PluginConfig{
-		RunscPath:        "runsc",
-		RunscRoot:        "/run/nomad-sandbox/runsc",
-		StateDir:         "/run/nomad-sandbox/tasks",
-		Platform:         "systrap",
-		AllowCaps:        []string{},
-		AllowHostRootfs:  []string{},
-		DefaultPidsLimit: 1024,
-		MaxPidsLimit:     4096,
+		RunscPath:         "runsc",
+		RunscRoot:         "/run/nomad-sandbox/runsc",
+		StateDir:          "/run/nomad-sandbox/tasks",
+		Platform:          "systrap",
+		AllowCaps:         []string{},
+		AllowHostRootfs:   []string{},
+		DefaultPidsLimit:  1024,
+		MaxPidsLimit:      4096,
+		ImageDir:          "/var/lib/nomad-sandbox/images",
+		ImagePullTimeout:  "5m",
+		AllowedRegistries: []string{},
 	}, pc)
 	must.NoError(t, pc.Validate())
 
@@ -121,7 +124,7 @@ config {
 
 func TestPluginConfig_Validate(t *testing.T) {
 	good := func() PluginConfig {
-		return PluginConfig{RunscPath: "runsc", RunscRoot: "/run/r", StateDir: "/run/s", Platform: "systrap"}
+		return PluginConfig{RunscPath: "runsc", RunscRoot: "/run/r", StateDir: "/run/s", Platform: "systrap", ImageDir: "/var/lib/i"}
 	}
 	cases := []struct {
 		name   string
@@ -156,7 +159,7 @@ func TestPluginConfig_Validate(t *testing.T) {
 }
 
 func TestTaskConfig_LimitsAgainstCeilings(t *testing.T) {
-	pc := PluginConfig{RunscPath: "runsc", RunscRoot: "/r", StateDir: "/s", Platform: "systrap",
+	pc := PluginConfig{RunscPath: "runsc", RunscRoot: "/r", StateDir: "/s", Platform: "systrap", ImageDir: "/i",
 		DefaultPidsLimit: 100, MaxPidsLimit: 200, DefaultTimeout: "10m", MaxTimeout: "1h"}
 	must.NoError(t, pc.Validate())
 	base := TaskConfig{Rootfs: "local/rootfs", Command: "/bin/true", ReadonlyRootfs: true}

@@ -20,6 +20,7 @@ import (
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -48,6 +49,9 @@ type Driver struct {
 
 	// audit is the audit log (a no-op when audit_log is not set).
 	audit *audit.Log
+
+	// images is the node's image cache.
+	images *image.Store
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -114,6 +118,13 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		if err := os.MkdirAll(filepath.Dir(pc.AuditLog), 0o700); err != nil {
 			return fmt.Errorf("plugin config: audit_log: %w", err)
 		}
+	}
+	d.images = &image.Store{Dir: pc.ImageDir, AuthConfig: pc.AuthConfig, Logger: d.logger.Named("image")}
+	if timeout, _ := parseTimeout("image_pull_timeout", pc.ImagePullTimeout); timeout > 0 {
+		d.images.PullTimeout = timeout
+	}
+	if err := d.images.Open(); err != nil {
+		return fmt.Errorf("plugin config: image_dir: %w", err)
 	}
 	d.config = &pc
 	d.audit = &audit.Log{Path: pc.AuditLog}

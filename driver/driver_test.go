@@ -45,6 +45,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 		StateDir:        filepath.Join(base, "state"),
 		Platform:        "systrap",
 		AllowHostRootfs: []string{rootfsParent},
+		ImageDir:        filepath.Join(base, "image-cache"),
 	}
 	if mutate != nil {
 		mutate(&pc)
@@ -112,7 +113,7 @@ func (e *testEnv) task(t *testing.T, name string, tc TaskConfig) (*drivers.TaskC
 
 func (e *testEnv) taskWithLogs(t *testing.T, name string, tc TaskConfig, withLogs bool) (*drivers.TaskConfig, func()) {
 	t.Helper()
-	if tc.Rootfs == "" {
+	if tc.Rootfs == "" && tc.Image == "" {
 		tc.Rootfs = e.rootfs
 	}
 	if tc.Tmpfs == nil {

@@ -31,6 +31,7 @@ func (d *Driver) collectGarbage(ctx context.Context) {
 			return
 		case <-t.C:
 			d.sweep(ctx, gcMinAge)
+			d.collectImages()
 			t.Reset(gcInterval)
 		}
 	}

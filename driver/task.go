@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
@@ -38,6 +39,9 @@ type taskMeta struct {
 	TaskName  string `json:"task_name"`
 	TaskDir   string `json:"task_dir"`
 	SandboxID string `json:"sandbox_id"`
+	// ImageDigest is the cached image the sandbox's root is, if any; the
+	// image GC keeps it while this state directory exists.
+	ImageDigest string `json:"image_digest,omitempty"`
 }
 
 func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
@@ -52,7 +56,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, d.refuse(cfg, rec, fmt.Errorf("task config: %w", err))
 	}
-	bc, lim, err := d.bundleConfig(cfg, &tc)
+	lim, err := d.checkTask(cfg, &tc)
 	if err != nil {
 		return nil, nil, d.refuse(cfg, rec, err)
 	}
@@ -61,6 +65,18 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, d.refuse(cfg, rec, err)
 	}
 	defer release()
+	var img *image.Image
+	if tc.Image != "" {
+		rec.Image = tc.Image
+		if img, err = d.pullImage(cfg, &tc); err != nil {
+			return nil, nil, d.refuse(cfg, rec, err)
+		}
+		rec.ImageDigest = img.Digest
+	}
+	bc, err := d.bundleFor(cfg, &tc, img, lim)
+	if err != nil {
+		return nil, nil, d.refuse(cfg, rec, err)
+	}
 
 	id := sandboxID(cfg)
 	auditPolicy(rec, id, bc, lim)
@@ -100,7 +116,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	if err := os.Mkdir(bundle, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create bundle: %w", err)
 	}
-	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id}
+	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id, ImageDigest: rec.ImageDigest}
 	if err := writeJSONFile(filepath.Join(dir, metaFile), meta); err != nil {
 		return nil, nil, err
 	}
@@ -189,45 +205,61 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	return newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id)), handle, nil
 }
 
-// bundleConfig validates the task and turns it into the sandbox's spec
-// input. It creates nothing.
-func (d *Driver) bundleConfig(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, taskLimits, error) {
+// checkTask validates the task against the node's ceiling and returns the
+// limits that apply. It is cheap and creates nothing.
+func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits, error) {
 	lim, err := tc.Validate(d.config)
 	if err != nil {
-		return nil, lim, err
+		return lim, err
 	}
-	bc, err := d.bundleFor(cfg, tc)
-	if bc != nil {
-		bc.Resources.PidsLimit = lim.pids
-	}
-	return bc, lim, err
-}
-
-func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.BundleConfig, error) {
 	if d.config.DenyEnvIdentity {
 		for k := range cfg.Env {
 			if k == "NOMAD_TOKEN" || strings.HasPrefix(k, "NOMAD_TOKEN_") {
-				return nil, fmt.Errorf("the job asks for its workload identity in the environment (identity { env = true }), which this node forbids (the plugin's deny_env_identity): use identity { file = true } and read /secrets/nomad_token")
+				return lim, fmt.Errorf("the job asks for its workload identity in the environment (identity { env = true }), which this node forbids (the plugin's deny_env_identity): use identity { file = true } and read /secrets/nomad_token")
 			}
 		}
 	}
 	if ni := cfg.NetworkIsolation; ni != nil && ni.Mode != drivers.NetIsolationModeNone {
-		return nil, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
+		return lim, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
 	}
-	rootfs, err := d.resolveRootfs(cfg, tc.Rootfs)
-	if err != nil {
-		return nil, err
+	for _, m := range cfg.Mounts {
+		if !filepath.IsAbs(m.TaskPath) || reservedMount(filepath.Clean(m.TaskPath)) || filepath.Clean(m.TaskPath) == "/" {
+			return lim, fmt.Errorf("volume_mount destination %q must be an absolute path outside /alloc, /local, /secrets, /proc, /dev and /sys", m.TaskPath)
+		}
 	}
-	user, err := runtime.ResolveUser(rootfs, cfg.User)
+	return lim, nil
+}
+
+// bundleFor turns a checked task, and its image when it has one, into the
+// sandbox's spec input. The image's entrypoint, cmd, env, working directory
+// and user are defaults that the task's own settings override.
+func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.Image, lim taskLimits) (*runtime.BundleConfig, error) {
+	var rootfs string
+	var ic image.Config
+	if img != nil {
+		rootfs, ic = img.Rootfs, img.Config
+	} else {
+		var err error
+		if rootfs, err = d.resolveRootfs(cfg, tc.Rootfs); err != nil {
+			return nil, err
+		}
+	}
+	userName := cfg.User
+	if userName == "" {
+		userName = ic.User
+	}
+	user, err := runtime.ResolveUser(rootfs, userName)
 	if err != nil {
 		return nil, fmt.Errorf("task user: %w", err)
 	}
-	args := append([]string{}, tc.Entrypoint...)
-	if tc.Command != "" {
-		args = append(args, tc.Command)
+	args := taskArgs(tc, ic)
+	if len(args) == 0 {
+		return nil, fmt.Errorf("image %s has no entrypoint or cmd: set command in the task config", tc.Image)
 	}
-	args = append(args, tc.Args...)
 	cwd := tc.WorkDir
+	if cwd == "" {
+		cwd = ic.WorkingDir
+	}
 	if cwd == "" {
 		cwd = "/"
 	}
@@ -237,9 +269,6 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.Bu
 	}
 	var mounts []runtime.HostMount
 	for _, m := range cfg.Mounts {
-		if !filepath.IsAbs(m.TaskPath) || reservedMount(filepath.Clean(m.TaskPath)) || filepath.Clean(m.TaskPath) == "/" {
-			return nil, fmt.Errorf("volume_mount destination %q must be an absolute path outside /alloc, /local, /secrets, /proc, /dev and /sys", m.TaskPath)
-		}
 		mounts = append(mounts, runtime.HostMount{HostPath: m.HostPath, TaskPath: filepath.Clean(m.TaskPath), Readonly: m.Readonly})
 	}
 	td := cfg.TaskDir()
@@ -247,7 +276,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.Bu
 		Rootfs:         rootfs,
 		ReadonlyRootfs: tc.ReadonlyRootfs,
 		Args:           args,
-		Env:            taskEnv(cfg),
+		Env:            taskEnv(cfg, ic.Env),
 		Cwd:            cwd,
 		User:           user,
 		Caps:           tc.CapAdd,
@@ -256,6 +285,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.Bu
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}
+	bc.Resources.PidsLimit = lim.pids
 	if r := cfg.Resources; r != nil && r.LinuxResources != nil {
 		lr := r.LinuxResources
 		bc.Resources.MemoryLimitBytes = lr.MemoryLimitBytes
@@ -274,18 +304,61 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig) (*runtime.Bu
 	return bc, nil
 }
 
-// taskEnv is the task's environment exactly as Nomad computed it (job env,
-// NOMAD_* variables with the sandbox's paths), plus a PATH when none is set.
-// Nothing of the plugin's or the agent's own environment is added.
-func taskEnv(cfg *drivers.TaskConfig) []string {
-	env := cfg.EnvList()
+// taskArgs is the process's argv: the entrypoint (the task's, else the
+// image's) followed by the command (the task's command and args, else its
+// args, else the image's cmd unless the task replaced the entrypoint, as a
+// container runtime does).
+func taskArgs(tc *TaskConfig, ic image.Config) []string {
+	ep := tc.Entrypoint
+	if len(ep) == 0 {
+		ep = ic.Entrypoint
+	}
+	var cmd []string
+	switch {
+	case tc.Command != "":
+		cmd = append([]string{tc.Command}, tc.Args...)
+	case len(tc.Args) > 0:
+		cmd = tc.Args
+	case len(tc.Entrypoint) == 0:
+		cmd = ic.Cmd
+	}
+	return append(append([]string{}, ep...), cmd...)
+}
+
+// taskEnv is the task's environment: the image's variables, then exactly
+// what Nomad computed (job env, NOMAD_* variables with the sandbox's paths)
+// over them, plus a PATH when neither sets one. Nothing of the plugin's or
+// the agent's own environment is added.
+func taskEnv(cfg *drivers.TaskConfig, imageEnv []string) []string {
+	nomad := cfg.EnvList()
 	for k, v := range cfg.DeviceEnv {
-		env = append(env, k+"="+v)
+		nomad = append(nomad, k+"="+v)
 	}
-	if _, ok := cfg.Env["PATH"]; !ok {
-		env = append(env, "PATH="+runtime.DefaultPath)
+	env := mergeEnv(imageEnv, nomad)
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "PATH=") {
+			return env
+		}
 	}
-	return env
+	return append(env, "PATH="+runtime.DefaultPath)
+}
+
+// mergeEnv returns base with over's variables added or replacing.
+func mergeEnv(base, over []string) []string {
+	idx := map[string]int{}
+	out := make([]string, 0, len(base)+len(over))
+	for _, list := range [][]string{base, over} {
+		for _, kv := range list {
+			k, _, _ := strings.Cut(kv, "=")
+			if i, ok := idx[k]; ok {
+				out[i] = kv
+				continue
+			}
+			idx[k] = len(out)
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 // resolveRootfs finds the task's root filesystem on the host. A relative

@@ -1,0 +1,74 @@
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+)
+
+// pullImage resolves the task's image to a read-only unpacked tree in the
+// node's cache, pulling it if needed, and reports it in task events. Time
+// spent here does not count against the task's timeout: the supervisor's
+// clock starts when the sandbox runs.
+func (d *Driver) pullImage(cfg *drivers.TaskConfig, tc *TaskConfig) (*image.Image, error) {
+	timeout, _ := parseTimeout("image_pull_timeout", d.config.ImagePullTimeout)
+	if timeout == 0 {
+		timeout = image.DefaultPullTimeout
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, timeout)
+	defer cancel()
+	var auth *image.Auth
+	if a := tc.Auth; a.Username != "" || a.Password != "" {
+		auth = &image.Auth{Username: a.Username, Password: a.Password}
+	}
+	pol := image.Policy{RequireDigest: d.config.RequireDigest, AllowedRegistries: d.config.AllowedRegistries}
+	d.emitEvent(cfg, "Pulling image "+tc.Image, nil)
+	img, err := d.images.Get(ctx, tc.Image, auth, pol, cfg.TaskDir().Dir)
+	if err != nil {
+		if ctx.Err() == context.DeadlineExceeded {
+			err = fmt.Errorf("image %q: pull did not finish within %s (the plugin's image_pull_timeout): %w", tc.Image, timeout, err)
+		}
+		return nil, err
+	}
+	if img.Pulled {
+		d.emitEvent(cfg, fmt.Sprintf("Pulled image %s in %s", img.Digest, img.PullTime.Round(time.Millisecond)), map[string]string{"image": tc.Image, "digest": img.Digest})
+	} else {
+		d.emitEvent(cfg, "Using cached image "+img.Digest, map[string]string{"image": tc.Image, "digest": img.Digest})
+	}
+	return img, nil
+}
+
+// collectImages removes cached images no state directory refers to, by age
+// and then by size, as the plugin's image_gc says.
+func (d *Driver) collectImages() {
+	inUse := map[string]bool{}
+	entries, _ := os.ReadDir(d.config.StateDir)
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(d.config.StateDir, e.Name(), metaFile))
+		if err != nil {
+			continue
+		}
+		var m taskMeta
+		if json.Unmarshal(b, &m) == nil && m.ImageDigest != "" {
+			inUse[m.ImageDigest] = true
+		}
+	}
+	maxAge, _ := parseTimeout("image_gc.max_age", d.config.ImageGC.MaxAge)
+	if maxAge == 0 {
+		maxAge = defaultImageMaxAge
+	}
+	removed, err := d.images.GC(maxAge, d.config.ImageGC.MaxSizeMB<<20, func(digest string) bool { return inUse[digest] })
+	if err != nil {
+		d.logger.Warn("image garbage collection failed", "error", err)
+	}
+	for _, digest := range removed {
+		d.logger.Info("removed unused image", "digest", digest)
+	}
+}

@@ -1,0 +1,131 @@
+package driver
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/shoenig/test/must"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+)
+
+func imageConfig() v1.Config {
+	return v1.Config{
+		Entrypoint: []string{"/bin/sh", "-c"},
+		Cmd:        []string{`echo "from-image pwd=$(pwd) uid=$(id -u) var=$IMG_VAR task=$NOMAD_TASK_DIR"`},
+		Env:        []string{"IMG_VAR=from-image", "PATH=/bin"},
+		WorkingDir: "/tmp",
+		User:       "app",
+	}
+}
+
+func cachedTrees(t *testing.T, dir string) int {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(dir, "images", "sha256"))
+	if os.IsNotExist(err) {
+		return 0
+	}
+	must.NoError(t, err)
+	return len(entries)
+}
+
+func TestDriver_ImageFromRegistry(t *testing.T) {
+	reg := testutil.StartRegistry(t)
+	byTag, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
+	e := newTestEnv(t, nil)
+
+	// The image's configuration is the default.
+	cfg, cleanup := e.task(t, "image", TaskConfig{Image: byTag, ReadonlyRootfs: true})
+	defer cleanup()
+	ev := e.events(t, cfg.ID)
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode, must.Sprint(readLog(cfg, "stderr")))
+	waitLog(t, cfg, "stdout", has("from-image pwd=/tmp uid=1000 var=from-image task=/local"))
+	ev.waitFor(t, "Pulling image "+byTag)
+	digest := byDigest[strings.Index(byDigest, "@")+1:]
+	ev.waitFor(t, "Pulled image "+digest+" in ")
+	must.Eq(t, 1, cachedTrees(t, e.config.ImageDir))
+	pulls := reg.Manifests.Load()
+
+	// The task's settings win; the second start uses the cache.
+	cfg2, cleanup2 := e.task(t, "override", TaskConfig{
+		Image:          byDigest,
+		ReadonlyRootfs: true,
+		// As with Docker, args replace the image's cmd and keep its
+		// entrypoint (here /bin/sh -c).
+		Args:    []string{`echo "override pwd=$(pwd) var=$IMG_VAR"; touch /probe || echo read-only`},
+		WorkDir: "/local",
+	})
+	defer cleanup2()
+	cfg2.User = "0"
+	ev2 := e.events(t, cfg2.ID)
+	res = e.run(cfg2)
+	must.Eq(t, 0, res.ExitCode)
+	waitLog(t, cfg2, "stdout", has("override pwd=/local var=from-image"))
+	waitLog(t, cfg2, "stdout", has("read-only"))
+	ev2.waitFor(t, "Using cached image "+digest)
+	must.Eq(t, 1, cachedTrees(t, e.config.ImageDir), must.Sprint("one unpacked tree serves every task of the image"))
+	must.LessEq(t, pulls+1, reg.Manifests.Load(), must.Sprint("a cached digest costs at most one manifest check"))
+}
+
+func TestDriver_ImagePolicy(t *testing.T) {
+	reg := testutil.StartRegistry(t)
+	byTag, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
+
+	cases := []struct {
+		name   string
+		mutate func(*PluginConfig)
+		ref    string
+		want   string
+	}{
+		{"digest required", func(pc *PluginConfig) { pc.RequireDigest = true }, byTag, "digest"},
+		{"registry not allowed", func(pc *PluginConfig) { pc.AllowedRegistries = []string{"registry.example.com"} }, byDigest, "allowed_registries"},
+		{"missing image", nil, reg.Host + "/ci/nothing:1.0", "nothing"},
+		{"wrong digest", nil, reg.Host + "/ci/busybox@sha256:" + strings.Repeat("0", 64), "sha256:0000"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTestEnv(t, tc.mutate)
+			cfg, cleanup := e.taskWithLogs(t, "policy", TaskConfig{Image: tc.ref, ReadonlyRootfs: true}, false)
+			defer cleanup()
+			ev := e.events(t, cfg.ID)
+			_, _, err := e.harness.StartTask(cfg)
+			must.Error(t, err)
+			must.StrContains(t, err.Error(), tc.want)
+			ev.waitFor(t, "Sandbox refused: ")
+			must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
+			entries, _ := os.ReadDir(e.config.StateDir)
+			must.SliceEmpty(t, entries)
+		})
+	}
+	t.Run("digest required accepts a digest", func(t *testing.T) {
+		e := newTestEnv(t, func(pc *PluginConfig) { pc.RequireDigest = true; pc.AllowedRegistries = []string{reg.Host} })
+		cfg, cleanup := e.task(t, "pinned", TaskConfig{Image: byDigest, ReadonlyRootfs: true})
+		defer cleanup()
+		must.Eq(t, 0, e.run(cfg).ExitCode)
+	})
+}
+
+func TestTaskArgs(t *testing.T) {
+	ic := image.Config{Entrypoint: []string{"/bin/sh", "-c"}, Cmd: []string{"default-cmd"}}
+	cases := []struct {
+		name string
+		tc   TaskConfig
+		want []string
+	}{
+		{"image defaults", TaskConfig{}, []string{"/bin/sh", "-c", "default-cmd"}},
+		{"args replace cmd", TaskConfig{Args: []string{"a"}}, []string{"/bin/sh", "-c", "a"}},
+		{"command replaces cmd", TaskConfig{Command: "/bin/echo", Args: []string{"x"}}, []string{"/bin/sh", "-c", "/bin/echo", "x"}},
+		{"entrypoint drops image cmd", TaskConfig{Entrypoint: []string{"/bin/env"}}, []string{"/bin/env"}},
+		{"entrypoint and command", TaskConfig{Entrypoint: []string{"/bin/env"}, Command: "ls"}, []string{"/bin/env", "ls"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			must.Eq(t, c.want, taskArgs(&c.tc, ic))
+		})
+	}
+}
