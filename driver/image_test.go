@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/shoenig/test/must"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
@@ -128,4 +130,20 @@ func TestTaskArgs(t *testing.T) {
 			must.Eq(t, c.want, taskArgs(&c.tc, ic))
 		})
 	}
+}
+
+// An image the job brought itself (an artifact unpacked into local/), for
+// air-gapped CI: no registry involved.
+func TestDriver_ImageFromOCILayout(t *testing.T) {
+	e := newTestEnv(t, nil)
+	cfg, cleanup := e.task(t, "layout", TaskConfig{Image: "oci-layout:local/img", ReadonlyRootfs: true})
+	defer cleanup()
+	p, err := layout.Write(filepath.Join(cfg.TaskDir().LocalDir, "img"), empty.Index)
+	must.NoError(t, err)
+	must.NoError(t, p.AppendImage(testutil.BusyboxImage(t, imageConfig())))
+	ev := e.events(t, cfg.ID)
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode, must.Sprint(readLog(cfg, "stderr")))
+	waitLog(t, cfg, "stdout", has("from-image pwd=/tmp uid=1000"))
+	ev.waitFor(t, "Pulled image sha256:")
 }
