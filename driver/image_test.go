@@ -147,3 +147,48 @@ func TestDriver_ImageFromOCILayout(t *testing.T) {
 	waitLog(t, cfg, "stdout", has("from-image pwd=/tmp uid=1000"))
 	ev.waitFor(t, "Pulled image sha256:")
 }
+
+func TestDriver_ImageTaskAuth(t *testing.T) {
+	reg := testutil.StartRegistry(t)
+	_, byDigest := reg.Push(t, "private/app", "1.0", testutil.BusyboxImage(t, imageConfig()))
+	reg.User, reg.Password = "ci", "s3cret"
+	e := newTestEnv(t, nil)
+
+	bad, cleanupBad := e.taskWithLogs(t, "badauth", TaskConfig{Image: byDigest, ReadonlyRootfs: true, Auth: TaskAuth{Username: "ci", Password: "wrong"}}, false)
+	defer cleanupBad()
+	_, _, err := e.harness.StartTask(bad)
+	must.Error(t, err)
+	must.StrContains(t, err.Error(), "refused the credentials")
+	must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
+
+	good, cleanup := e.task(t, "goodauth", TaskConfig{Image: byDigest, ReadonlyRootfs: true, Auth: TaskAuth{Username: "ci", Password: "s3cret"}})
+	defer cleanup()
+	must.Eq(t, 0, e.run(good).ExitCode)
+}
+
+func TestDriver_ImageGCKeepsImagesInUse(t *testing.T) {
+	reg := testutil.StartRegistry(t)
+	_, used := reg.Push(t, "gc/used", "1", testutil.BusyboxImage(t, imageConfig()))
+	cfgB := imageConfig()
+	cfgB.Env = append(cfgB.Env, "OTHER=1") // a different image
+	_, unused := reg.Push(t, "gc/unused", "1", testutil.BusyboxImage(t, cfgB))
+	e := newTestEnv(t, func(pc *PluginConfig) { pc.ImageGC.MaxAge = "1ns" })
+	e.driver.images.GCGrace = -1
+
+	running, cleanup := e.task(t, "running", TaskConfig{Image: used, ReadonlyRootfs: true, Entrypoint: []string{"/bin/sleep"}, Args: []string{"600"}})
+	defer cleanup()
+	_, _, err := e.harness.StartTask(running)
+	must.NoError(t, err)
+	defer func() { must.NoError(t, e.driver.DestroyTask(running.ID, true)) }()
+
+	done, cleanup2 := e.task(t, "done", TaskConfig{Image: unused, ReadonlyRootfs: true})
+	defer cleanup2()
+	must.Eq(t, 0, e.run(done).ExitCode)
+	must.Eq(t, 2, cachedTrees(t, e.config.ImageDir))
+
+	e.driver.collectImages()
+	must.Eq(t, 1, cachedTrees(t, e.config.ImageDir), must.Sprint("the unused image goes, the running task's stays"))
+	usedDigest := used[strings.Index(used, "@sha256:")+len("@sha256:"):]
+	_, err = os.Stat(filepath.Join(e.config.ImageDir, "images", "sha256", usedDigest))
+	must.NoError(t, err)
+}

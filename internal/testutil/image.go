@@ -29,6 +29,9 @@ type Registry struct {
 	Host string
 	// Manifests counts manifest GETs, to tell a pull from a cache hit.
 	Manifests atomic.Int64
+	// User and Password, when set, are required (HTTP basic auth) for
+	// every request but the test's own pushes.
+	User, Password string
 }
 
 // StartRegistry starts an in-memory registry on loopback, stopped when the
@@ -38,6 +41,13 @@ func StartRegistry(t testing.TB) *Registry {
 	r := &Registry{}
 	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if r.User != "" && req.Method != http.MethodPut && req.Method != http.MethodPost && req.Method != http.MethodPatch {
+			if u, p, ok := req.BasicAuth(); !ok || u != r.User || p != r.Password {
+				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+		}
 		if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/manifests/") {
 			r.Manifests.Add(1)
 		}
