@@ -9,6 +9,7 @@ require (
 	github.com/hashicorp/go-hclog v1.5.0
 	github.com/hashicorp/nomad v1.6.3
 	github.com/klauspost/compress v1.16.5
+	github.com/miekg/dns v1.1.50
 	github.com/opencontainers/runtime-spec v1.1.0-rc.3
 	github.com/shoenig/test v1.7.0
 	golang.org/x/sys v0.15.0
@@ -87,7 +88,6 @@ require (
 	github.com/lufia/plan9stats v0.0.0-20211012122336-39d0f177ccd0 // indirect
 	github.com/mattn/go-colorable v0.1.13 // indirect
 	github.com/mattn/go-isatty v0.0.17 // indirect
-	github.com/miekg/dns v1.1.50 // indirect
 	github.com/mitchellh/cli v1.1.5 // indirect
 	github.com/mitchellh/copystructure v1.2.0 // indirect
 	github.com/mitchellh/go-homedir v1.1.0 // indirect
