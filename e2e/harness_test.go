@@ -203,11 +203,12 @@ func (h *harness) addr() string { return fmt.Sprintf("http://127.0.0.1:%d", h.ht
 
 // suitePluginConfig are the limits the suite's agent runs with: a ceiling on
 // task timeouts (TestTimeout asks for more; every other task gets it as its
-// timeout, far above what a test needs), and a sandbox limit well above the
-// few tasks the tests run at once.
+// timeout, far above what a test needs), and a sandbox limit far above what
+// the tests run at once, parallel subtests included (TestMaxSandboxes sets
+// a low one for itself).
 var suitePluginConfig = []string{
 	`max_timeout   = "10m"`,
-	`max_sandboxes = 16`,
+	`max_sandboxes = 64`,
 }
 
 // The agent is a full (not -dev) server and client: a -dev agent keeps its
