@@ -63,6 +63,9 @@ func ParseEgress(s string) (Entry, error) {
 	if rest == "" {
 		return fail("empty")
 	}
+	if strings.Contains(rest, "://") {
+		return fail("a URL, not an entry; write host:port")
+	}
 	e := Entry{Proto: "tcp"}
 
 	// A protocol suffix is the letters after the last '/'; digits there are
