@@ -192,7 +192,7 @@ func ktStartServer(t *testing.T, k int) *ktServer {
 
 	// The host reaches the server's extra address through it.
 	ktMust(t, netlink.RouteAdd(&netlink.Route{LinkIndex: host.Attrs().Index,
-		Dst: ktNet("10.199."+fmt.Sprint(100+k)+".0/24"), Gw: s.addr.AsSlice()}))
+		Dst: ktNet("10.199." + fmt.Sprint(100+k) + ".0/24"), Gw: s.addr.AsSlice()}))
 
 	// Everything the pool sends that is not for the node itself or the pool
 	// goes to the server, never to the uplink.
