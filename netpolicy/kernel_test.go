@@ -503,9 +503,15 @@ func TestKernelDestroy(t *testing.T) {
 	ktRequireRoot(t)
 	m := ktManager(t, "", nil)
 	const id = "alloc-3/task-destroy"
-	_, err := m.Create(context.Background(), id, ktEntries(t, "dyn.test:443", "10.199.3.2"))
+	sb, err := m.Create(context.Background(), id, ktEntries(t, "dyn.test:443", "10.199.3.2"))
 	ktMust(t, err)
+	if got, err := m.Get(id); err != nil || got.Addr != sb.Addr || got.MAC.String() != sb.MAC.String() {
+		t.Errorf("Get = %+v, %v; want %+v", got, err, sb)
+	}
 	ktMust(t, m.Destroy(id))
+	if _, err := m.Get(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after Destroy: %v", err)
+	}
 	ktGone(t, m, id)
 	ktMust(t, m.Destroy(id))
 	if _, err := m.Denials(id); !errors.Is(err, ErrNotFound) {
@@ -581,6 +587,13 @@ func TestKernelReconcile(t *testing.T) {
 	// The restarted manager serves b.
 	if _, err := restarted.Denials("alloc-4/b"); err != nil {
 		t.Errorf("Denials of b after restart: %v", err)
+	}
+	if got, err := restarted.Get("alloc-4/b"); err != nil || got.Addr != b.Addr || got.Gateway != b.Gateway ||
+		got.Netns != b.Netns || got.HostIf != b.HostIf || got.MAC.String() != b.MAC.String() {
+		t.Errorf("Get(b) after restart = %+v, %v; want %+v", got, err, b)
+	}
+	if _, err := restarted.Get("alloc-4/a"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get(a) after Reconcile: %v", err)
 	}
 	ktMust(t, restarted.Reconcile(nil))
 	ktGone(t, restarted, "alloc-4/b")

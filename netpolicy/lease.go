@@ -22,6 +22,7 @@ type lease struct {
 	Hash    string       `json:"hash"`
 	Addr    netip.Prefix `json:"addr"`
 	Gateway netip.Addr   `json:"gateway"`
+	MAC     string       `json:"mac,omitempty"`
 	Allow   []string     `json:"allow"`
 	Created time.Time    `json:"created"`
 }

@@ -105,6 +105,10 @@ func (m *Manager) init() error {
 //
 // IPv6 entries in allow are ignored (logged): IPv6 is dropped. Host name
 // entries allow nothing until the DNS service calls Allow.
+//
+// A namespace serves one sandbox lifetime (runsc takes its eth0 over and
+// strips its address): Destroy it when the sandbox is gone. Create for an id
+// that still has a network returns ErrExists.
 func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sandbox, err error) {
 	if err := m.init(); err != nil {
 		return nil, err
@@ -198,6 +202,10 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 		return nil, fail("veth", err)
 	}
 	sb.MAC = mac
+	l.MAC = mac.String()
+	if err := m.cfg.writeLease(l); err != nil {
+		return nil, fail("lease", err)
+	}
 
 	if err := step("filter"); err != nil {
 		return nil, fail("filter", err)
@@ -225,6 +233,33 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	}
 	m.Logger.Debug("sandbox network created", "id", id, "netns", sb.Netns, "host_if", sb.HostIf,
 		"addr", sb.Addr, "gateway", sb.Gateway, "allow", l.Allow)
+	return sb, nil
+}
+
+// Get returns the network of sandbox id as Create made it, read from its
+// lease: for a plugin that restarted and recovers its tasks (to serve DNS on
+// Gateway for Addr again). ErrNotFound if there is no lease or its host end
+// or namespace is gone.
+func (m *Manager) Get(id string) (*Sandbox, error) {
+	if err := m.init(); err != nil {
+		return nil, err
+	}
+	n := m.cfg.names(id)
+	l, err := m.cfg.readLease(n.hash)
+	if errors.Is(err, fs.ErrNotExist) || (err == nil && l.ID != id) {
+		return nil, fmt.Errorf("sandbox network %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	sb := &Sandbox{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: l.Addr, Gateway: l.Gateway}
+	sb.MAC, _ = net.ParseMAC(l.MAC)
+	if _, err := os.Stat(sb.Netns); err != nil {
+		return nil, fmt.Errorf("sandbox network %s: netns: %w", id, ErrNotFound)
+	}
+	if _, err := netlink.LinkByName(sb.HostIf); err != nil {
+		return nil, fmt.Errorf("sandbox network %s: host end %s: %w", id, sb.HostIf, ErrNotFound)
+	}
 	return sb, nil
 }
 
