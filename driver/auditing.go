@@ -6,6 +6,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -45,6 +46,7 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 		Cpuset:         bc.Resources.CpusetCpus,
 		PidsLimit:      lim.pids,
 		Network:        "none",
+		Egress:         egressStrings(lim.egress),
 		Mounts: []audit.Mount{
 			{Source: bc.Dirs.Alloc, Destination: "/alloc"},
 			{Source: bc.Dirs.Local, Destination: "/local"},
@@ -56,6 +58,9 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 	}
 	if lim.timeout > 0 {
 		p.Timeout = lim.timeout.String()
+	}
+	if len(lim.egress) > 0 {
+		p.Network = "sandbox, default deny"
 	}
 	rec.Policy = p
 }
@@ -70,4 +75,12 @@ func (d *Driver) refuse(cfg *drivers.TaskConfig, rec *audit.Record, err error) e
 		d.emitEvent(cfg, "Audit record not written: "+aerr.Error(), nil)
 	}
 	return err
+}
+
+func egressStrings(es []netpolicy.Entry) []string {
+	var out []string
+	for _, e := range es {
+		out = append(out, e.String())
+	}
+	return out
 }

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -67,6 +69,14 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"allowed_registries": hclspec.NewDefault(
 		hclspec.NewAttr("allowed_registries", "list(string)", false), hclspec.NewLiteral(`[]`)),
 	"auth_config": hclspec.NewAttr("auth_config", "string", false),
+	"allowed_egress": hclspec.NewDefault(
+		hclspec.NewAttr("allowed_egress", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"denied_egress": hclspec.NewDefault(
+		hclspec.NewAttr("denied_egress", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"dns_servers": hclspec.NewDefault(
+		hclspec.NewAttr("dns_servers", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"network_subnet": hclspec.NewDefault(
+		hclspec.NewAttr("network_subnet", "string", false), hclspec.NewLiteral(`"10.89.0.0/16"`)),
 	"image_gc": hclspec.NewBlock("image_gc", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"max_age":     hclspec.NewAttr("max_age", "string", false),
 		"max_size_mb": hclspec.NewAttr("max_size_mb", "number", false),
@@ -88,6 +98,7 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"pids_limit": hclspec.NewAttr("pids_limit", "number", false),
 	"timeout":    hclspec.NewAttr("timeout", "string", false),
 	"image":      hclspec.NewAttr("image", "string", false),
+	"egress":     hclspec.NewAttr("egress", "list(string)", false),
 	"auth": hclspec.NewBlock("auth", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"username": hclspec.NewAttr("username", "string", false),
 		"password": hclspec.NewAttr("password", "string", false),
@@ -127,6 +138,10 @@ type PluginConfig struct {
 	AllowedRegistries   []string `codec:"allowed_registries"`
 	AuthConfig          string   `codec:"auth_config"`
 	ImageGC             ImageGC  `codec:"image_gc"`
+	AllowedEgress       []string `codec:"allowed_egress"`
+	DeniedEgress        []string `codec:"denied_egress"`
+	DNSServers          []string `codec:"dns_servers"`
+	NetworkSubnet       string   `codec:"network_subnet"`
 }
 
 // ImageGC is the plugin's image_gc block: unused images older than MaxAge
@@ -203,6 +218,31 @@ func (c *PluginConfig) Validate() error {
 	if c.ImageGC.MaxSizeMB < 0 {
 		return fmt.Errorf("plugin config: image_gc.max_size_mb must not be negative")
 	}
+	for _, e := range c.AllowedEgress {
+		if _, err := netpolicy.ParseEgress(e); err != nil {
+			return fmt.Errorf("plugin config: allowed_egress: %w", err)
+		}
+	}
+	for _, d := range c.DeniedEgress {
+		if _, err := netip.ParsePrefix(d); err != nil {
+			if _, err := netip.ParseAddr(d); err != nil {
+				return fmt.Errorf("plugin config: denied_egress %q is not an address or CIDR prefix", d)
+			}
+		}
+	}
+	for _, s := range c.DNSServers {
+		if _, err := netip.ParseAddr(s); err != nil {
+			if _, err := netip.ParseAddrPort(s); err != nil {
+				return fmt.Errorf("plugin config: dns_servers %q is not an IP address or IP:port", s)
+			}
+		}
+	}
+	if c.NetworkSubnet == "" {
+		c.NetworkSubnet = netpolicy.DefaultSubnet
+	}
+	if p, err := netip.ParsePrefix(c.NetworkSubnet); err != nil || !p.Addr().Is4() || p.Bits() > 24 {
+		return fmt.Errorf("plugin config: network_subnet %q must be an IPv4 CIDR prefix of /24 or larger, e.g. \"10.89.0.0/16\"", c.NetworkSubnet)
+	}
 	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
 		return fmt.Errorf("plugin config: audit_log %q must be an absolute path", c.AuditLog)
 	}
@@ -239,6 +279,7 @@ type TaskConfig struct {
 	Timeout        string   `codec:"timeout"`
 	Image          string   `codec:"image"`
 	Auth           TaskAuth `codec:"auth"`
+	Egress         []string `codec:"egress"`
 }
 
 // TaskAuth is the task's own registry credentials (the auth block).
@@ -252,6 +293,9 @@ type TaskAuth struct {
 type taskLimits struct {
 	pids    int64
 	timeout time.Duration
+	// egress is the task's allowlist, checked against the node's ceiling;
+	// empty means no network but loopback.
+	egress []netpolicy.Entry
 }
 
 // Validate checks a task's configuration against the plugin's ceiling and

@@ -86,6 +86,10 @@ func TestPluginConfig_ParseHCLAndDefaults(t *testing.T) {
 		ImageDir:          "/var/lib/nomad-sandbox/images",
 		ImagePullTimeout:  "5m",
 		AllowedRegistries: []string{},
+		AllowedEgress:     []string{},
+		DeniedEgress:      []string{},
+		DNSServers:        []string{},
+		NetworkSubnet:     "10.89.0.0/16",
 	}, pc)
 	must.NoError(t, pc.Validate())
 
@@ -141,6 +145,10 @@ func TestPluginConfig_Validate(t *testing.T) {
 		{"bad timeout", func(c *PluginConfig) { c.MaxTimeout = "forever" }, `max_timeout "forever" is not a positive duration`},
 		{"default above max timeout", func(c *PluginConfig) { c.DefaultTimeout, c.MaxTimeout = "2h", "1h" }, `default_timeout 2h0m0s is above max_timeout 1h0m0s`},
 		{"default above max pids", func(c *PluginConfig) { c.DefaultPidsLimit, c.MaxPidsLimit = 100, 50 }, `default_pids_limit 100 is above max_pids_limit 50`},
+		{"bad egress ceiling", func(c *PluginConfig) { c.AllowedEgress = []string{"example.com:99999"} }, `allowed_egress: egress entry "example.com:99999"`},
+		{"bad denied egress", func(c *PluginConfig) { c.DeniedEgress = []string{"nope"} }, `denied_egress "nope" is not an address or CIDR prefix`},
+		{"bad dns server", func(c *PluginConfig) { c.DNSServers = []string{"dns.google"} }, `dns_servers "dns.google" is not an IP address`},
+		{"small subnet", func(c *PluginConfig) { c.NetworkSubnet = "10.89.0.0/28" }, `network_subnet "10.89.0.0/28" must be an IPv4 CIDR prefix of /24 or larger`},
 		{"relative audit log", func(c *PluginConfig) { c.AuditLog = "audit.log" }, `audit_log "audit.log" must be an absolute path`},
 		{"negative sandboxes", func(c *PluginConfig) { c.MaxSandboxes = -1 }, `max_sandboxes must not be negative`},
 	}

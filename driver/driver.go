@@ -6,6 +6,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -52,6 +54,17 @@ type Driver struct {
 
 	// images is the node's image cache.
 	images *image.Store
+
+	// net makes sandboxes' network namespaces and host-side filters;
+	// ceiling is the parsed allowed_egress, netDeny every destination no
+	// sandbox may reach.
+	net     *netpolicy.Manager
+	ceiling []netpolicy.Entry
+	netDeny []netip.Prefix
+	// netPrefix and netTable, when set (tests), name what this driver's
+	// network manager creates, so that drivers side by side in one test
+	// process never reconcile away each other's sandboxes.
+	netPrefix, netTable string
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -125,6 +138,9 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	}
 	if err := d.images.Open(); err != nil {
 		return fmt.Errorf("plugin config: image_dir: %w", err)
+	}
+	if err := d.configureNetwork(&pc); err != nil {
+		return err
 	}
 	d.config = &pc
 	d.audit = &audit.Log{Path: pc.AuditLog}

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,6 +33,15 @@ type testEnv struct {
 	driver   *Driver
 	harness  *dtestutil.DriverHarness
 	supervis string
+	// netPrefix names this env's network namespaces, veths and nft
+	// objects, apart from every other env's.
+	netPrefix string
+}
+
+// netPrefixFor is a short name, unique per test directory, for netpolicy.
+func netPrefixFor(base string) string {
+	sum := sha256.Sum256([]byte(base))
+	return "t" + hex.EncodeToString(sum[:2])
 }
 
 func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
@@ -52,7 +63,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 	}
 	exe, err := os.Executable()
 	must.NoError(t, err)
-	e := &testEnv{t: t, base: base, rootfs: rootfs, config: pc, supervis: exe}
+	e := &testEnv{t: t, base: base, rootfs: rootfs, config: pc, supervis: exe, netPrefix: netPrefixFor(base)}
 	e.driver = e.newDriver()
 	e.harness = dtestutil.NewDriverHarness(t, e.driver)
 	t.Cleanup(func() {
@@ -65,6 +76,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 func (e *testEnv) newDriver() *Driver {
 	d := New(hclog.New(&hclog.LoggerOptions{Name: e.t.Name(), Level: hclog.Debug, Output: testWriter{e.t}}))
 	d.SetSupervisorExe(e.supervis)
+	d.netPrefix, d.netTable = e.netPrefix, "nsbx_test_"+e.netPrefix
 	var raw []byte
 	must.NoError(e.t, base.MsgPackEncode(&raw, &e.config))
 	must.NoError(e.t, d.SetConfig(&base.Config{PluginConfig: raw}))

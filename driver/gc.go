@@ -70,6 +70,16 @@ func (d *Driver) sweep(ctx context.Context, minAge time.Duration) {
 		}
 		d.logger.Info("removed leftover sandbox", "sandbox_id", id)
 	}
+	// Networks of sandboxes whose state directory is gone.
+	present := map[string]bool{}
+	if entries, err := os.ReadDir(d.config.StateDir); err == nil {
+		for _, e := range entries {
+			present[e.Name()] = true
+		}
+	}
+	if err := d.net.Reconcile(present); err != nil {
+		d.logger.Warn("failed to remove leftover sandbox networks", "error", err)
+	}
 	// Sandboxes runsc knows but whose state directory is gone.
 	ids, err := d.runsc.List(ctx)
 	if err != nil {

@@ -29,6 +29,8 @@ type taskHandle struct {
 	// stats from and the time limit.
 	spec   *runtime.SupervisorSpec
 	logger hclog.Logger
+	// net is the sandbox's network when it has an egress allowlist.
+	net *taskNet
 
 	// done is closed when the task has ended and exitResult is set.
 	done chan struct{}

@@ -143,6 +143,23 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	}
 	cu.Add(func() { _ = cg.Destroy() })
 	bc.CgroupsPath = cg.Path
+	network := "none"
+	var tn *taskNet
+	if len(lim.egress) > 0 {
+		var err error
+		if tn, err = d.setupNetwork(cfg, id, dir, lim.egress); err != nil {
+			return nil, nil, err
+		}
+		cu.Add(func() {
+			tn.stop()
+			_ = d.net.Destroy(id)
+		})
+		network, bc.NetnsPath = "sandbox", tn.sb.Netns
+		// The sandbox's only resolver is its own DNS service.
+		if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf([]string{tn.sb.Gateway.String()}, nil, []string{"ndots:1"}), 0o644); err != nil {
+			return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
+		}
+	}
 	if err := runtime.WriteBundle(bundle, bc); err != nil {
 		return nil, nil, err
 	}
@@ -164,7 +181,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		Runsc: *d.runsc,
 		Run: runtime.RunOpts{
 			Bundle:   bundle,
-			Network:  "none",
+			Network:  network,
 			Overlay:  overlay,
 			HostUDS:  hostUDS,
 			LogFile:  filepath.Join(dir, "runsc.log"),
@@ -202,7 +219,9 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		return nil, nil, fmt.Errorf("encode task state: %w", err)
 	}
 	cu.Release()
-	return newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id)), handle, nil
+	h := newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
+	h.net = tn
+	return h, handle, nil
 }
 
 // checkTask validates the task against the node's ceiling and returns the
@@ -210,6 +229,9 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits, error) {
 	lim, err := tc.Validate(d.config)
 	if err != nil {
+		return lim, err
+	}
+	if lim.egress, err = d.checkEgress(tc); err != nil {
 		return lim, err
 	}
 	if d.config.DenyEnvIdentity {
@@ -484,6 +506,20 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		return fmt.Errorf("recover task: %w", err)
 	}
 	h := newTaskHandle(handle.Config, st, sup, spec, d.logger.With("task_id", handle.Config.ID, "sandbox_id", st.SandboxID))
+	if sup.Alive() {
+		// The DNS service and the denial collector lived in the old
+		// plugin process; the namespace and filter are still there.
+		tn, err := d.loadNetwork(st.StateDir, st.SandboxID)
+		if err != nil {
+			return fmt.Errorf("recover task: network: %w", err)
+		}
+		if tn != nil {
+			if err := d.startNetwork(handle.Config, tn); err != nil {
+				return fmt.Errorf("recover task: %w", err)
+			}
+			h.net = tn
+		}
+	}
 	d.tasks.Set(handle.Config.ID, h)
 	go d.watch(h)
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "sandbox_id", st.SandboxID)
@@ -560,6 +596,7 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 			h.logger.Warn("failed to stop task on destroy", "error", err)
 		}
 	}
+	h.net.stop()
 	if err := d.removeSandbox(h.sandboxID, h.sup); err != nil {
 		return err
 	}
@@ -583,6 +620,9 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	}
 	if err := taskCgroup(id).Destroy(); err != nil {
 		return err
+	}
+	if err := d.net.Destroy(id); err != nil {
+		return fmt.Errorf("remove sandbox network: %w", err)
 	}
 	if err := os.RemoveAll(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)

@@ -54,6 +54,10 @@ type BundleConfig struct {
 	Mounts         []HostMount
 	Resources      Resources
 	CgroupsPath    string
+	// NetnsPath, when set, is the network namespace the sandbox runs in
+	// (runsc --network=sandbox takes over its interface); empty means a
+	// namespace of its own with loopback only.
+	NetnsPath string
 	// ResolvConf and Hosts are host files bound read-only at /etc/resolv.conf
 	// and /etc/hosts.
 	ResolvConf string
@@ -93,7 +97,7 @@ func (c *BundleConfig) Spec() *specs.Spec {
 				{Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace},
 				{Type: specs.MountNamespace},
-				{Type: specs.NetworkNamespace},
+				{Type: specs.NetworkNamespace, Path: c.NetnsPath},
 			},
 			CgroupsPath: c.CgroupsPath,
 			Resources:   c.resources(),

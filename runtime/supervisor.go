@@ -385,15 +385,32 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}
 	if spec.AuditLog != "" && spec.Audit != nil {
-		if err := (&audit.Log{Path: spec.AuditLog}).Write(exitRecord(spec.Audit, &st), true); err != nil {
+		if err := (&audit.Log{Path: spec.AuditLog}).Write(exitRecord(dir, spec.Audit, &st), true); err != nil {
 			st.AuditErr = err.Error()
 		}
 	}
 	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
 }
 
-func exitRecord(base *audit.Record, st *ExitStatus) *audit.Record {
+// networkFile is where the driver keeps a sandbox's denied destinations and
+// refused DNS names; the exit record carries them.
+const networkFile = "network.json"
+
+func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	r := *base
+	if b, err := os.ReadFile(filepath.Join(dir, networkFile)); err == nil {
+		var n struct {
+			Denials    map[string]uint64 `json:"egress_denials"`
+			RefusedDNS map[string]int    `json:"refused_dns"`
+		}
+		if json.Unmarshal(b, &n) == nil {
+			r.EgressDenials = make(map[string]int, len(n.Denials))
+			for k, v := range n.Denials {
+				r.EgressDenials[k] = int(v)
+			}
+			r.RefusedDNS = n.RefusedDNS
+		}
+	}
 	r.Time = time.Time{}
 	r.Event = audit.EventExited
 	started, completed, code := st.StartedAt, st.CompletedAt, st.ExitCode

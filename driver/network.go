@@ -1,0 +1,368 @@
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
+)
+
+const (
+	// netFile keeps, next to the bundle, what the plugin needs to take the
+	// sandbox's network back after a restart, and the denial counts the
+	// supervisor puts into the audit record.
+	netFile = "network.json"
+	// denialPoll is how often denied connections are collected; events
+	// about them come at most once per denialEventGap.
+	denialPoll     = 5 * time.Second
+	denialEventGap = 30 * time.Second
+)
+
+// netRecord is network.json.
+type netRecord struct {
+	Egress     []string          `json:"egress"`
+	Netns      string            `json:"netns"`
+	Addr       string            `json:"addr"`
+	Gateway    string            `json:"gateway"`
+	Denials    map[string]uint64 `json:"egress_denials,omitempty"`
+	RefusedDNS map[string]int    `json:"refused_dns,omitempty"`
+}
+
+// taskNet is a running sandbox's network: its namespace and filter, its DNS
+// service, and what was denied.
+type taskNet struct {
+	id      string
+	sb      *netpolicy.Sandbox
+	entries []netpolicy.Entry
+	dir     string
+
+	stopDNS func() error
+	cancel  context.CancelFunc
+
+	mu      sync.Mutex
+	refused map[string]int
+	denials map[string]uint64
+}
+
+// configureNetwork prepares the network policy from the plugin config: the
+// ceiling, the always-denied destinations (the defaults, the node's own
+// addresses and denied_egress) and the upstream DNS servers.
+func (d *Driver) configureNetwork(pc *PluginConfig) error {
+	subnet, _ := netip.ParsePrefix(pc.NetworkSubnet)
+	deny := netpolicy.DefaultDeny()
+	if node, err := netpolicy.NodeAddrs(); err == nil {
+		deny = append(deny, node...)
+	}
+	for _, s := range pc.DeniedEgress {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, _ := netip.ParseAddr(s)
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		deny = append(deny, p)
+	}
+	d.netDeny = append(append([]netip.Prefix{}, deny...), subnet)
+	d.ceiling = nil
+	for _, s := range pc.AllowedEgress {
+		e, _ := netpolicy.ParseEgress(s)
+		d.ceiling = append(d.ceiling, e)
+	}
+	if len(pc.DNSServers) == 0 {
+		pc.DNSServers = hostNameservers()
+	}
+	d.net = &netpolicy.Manager{
+		Config: netpolicy.Config{
+			Subnet:     subnet,
+			Deny:       deny,
+			StateDir:   filepath.Join(filepath.Dir(pc.StateDir), "netpolicy"),
+			Masquerade: true,
+			Prefix:     d.netPrefix,
+			Table:      d.netTable,
+		},
+		Logger: d.logger.Named("netpolicy"),
+	}
+	return nil
+}
+
+// hostNameservers are the node's own resolvers, the default upstreams.
+func hostNameservers() []string {
+	b, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "nameserver" {
+			if _, err := netip.ParseAddr(f[1]); err == nil {
+				out = append(out, f[1])
+			}
+		}
+	}
+	return out
+}
+
+// checkEgress parses the task's egress entries and checks each against the
+// node's ceiling (allowed_egress).
+func (d *Driver) checkEgress(tc *TaskConfig) ([]netpolicy.Entry, error) {
+	if len(tc.Egress) == 0 {
+		return nil, nil
+	}
+	var out []netpolicy.Entry
+	for _, s := range tc.Egress {
+		e, err := netpolicy.ParseEgress(s)
+		if err != nil {
+			return nil, err
+		}
+		if !covered(e, d.ceiling) {
+			if len(d.ceiling) == 0 {
+				return nil, fmt.Errorf("egress %q: this node allows no egress: the operator must list permitted destinations in the plugin's allowed_egress", s)
+			}
+			return nil, fmt.Errorf("egress %q is outside what this node permits (the plugin's allowed_egress): ask for a destination within %s", s, strings.Join(d.config.AllowedEgress, ", "))
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// covered reports whether entry e is within one of the ceiling entries.
+func covered(e netpolicy.Entry, ceiling []netpolicy.Entry) bool {
+	for _, c := range ceiling {
+		if proto(c) != proto(e) || !portsWithin(e, c) {
+			continue
+		}
+		switch {
+		case e.Prefix.IsValid() && c.Prefix.IsValid():
+			if c.Prefix.Bits() <= e.Prefix.Bits() && c.Prefix.Contains(e.Prefix.Addr()) {
+				return true
+			}
+		case e.Host != "" && c.Host != "":
+			if !c.Wildcard && !e.Wildcard && c.Host == e.Host {
+				return true
+			}
+			if c.Wildcard && (e.Host == c.Host && e.Wildcard || c.MatchesHost(e.Host)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func proto(e netpolicy.Entry) string {
+	if e.Proto == "" {
+		return "tcp"
+	}
+	return e.Proto
+}
+
+func portsWithin(e, c netpolicy.Entry) bool {
+	if c.PortLo == 0 && c.PortHi == 0 {
+		return true
+	}
+	if e.PortLo == 0 && e.PortHi == 0 {
+		return false
+	}
+	return e.PortLo >= c.PortLo && e.PortHi <= c.PortHi
+}
+
+// setupNetwork creates the sandbox's namespace and filter and starts its DNS
+// service, all before the sandbox exists; on any failure it undoes it all
+// and the task does not start (fail closed).
+func (d *Driver) setupNetwork(cfg *drivers.TaskConfig, id, dir string, entries []netpolicy.Entry) (*taskNet, error) {
+	ctx, cancel := context.WithTimeout(d.ctx, time.Minute)
+	defer cancel()
+	sb, err := d.net.Create(ctx, id, entries)
+	if err != nil {
+		return nil, fmt.Errorf("network: %w", err)
+	}
+	tn := &taskNet{id: id, sb: sb, entries: entries, dir: dir}
+	if err := d.startNetwork(cfg, tn); err != nil {
+		_ = d.net.Destroy(id)
+		return nil, err
+	}
+	return tn, nil
+}
+
+// startNetwork starts what lives in the plugin process for a sandbox's
+// network: its DNS service and the denial collector. A restarted plugin
+// calls it again for the sandboxes it recovers.
+func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
+	var hosts []netpolicy.Entry
+	for _, e := range tn.entries {
+		if e.Host != "" {
+			hosts = append(hosts, e)
+		}
+	}
+	tn.refused = map[string]int{}
+	srv := &netpolicy.DNSServer{Upstreams: d.config.DNSServers, Logger: d.logger.Named("dns")}
+	stop, err := srv.Serve(d.ctx, netip.AddrPortFrom(tn.sb.Gateway, 53), netpolicy.DNSPolicy{
+		// The rule handed back to Allow is the name itself: every host
+		// entry matching it (several ports, say) is opened.
+		Allowed: func(name string) (netpolicy.DNSRule, bool) {
+			for _, e := range hosts {
+				if e.MatchesHost(name) {
+					return name, true
+				}
+			}
+			return nil, false
+		},
+		Denied: d.deniedAddr,
+		Allow: func(addr netip.Addr, rule netpolicy.DNSRule, ttl time.Duration) error {
+			name, _ := rule.(string)
+			return d.net.AllowName(tn.id, name, addr, ttl)
+		},
+		Refused: func(name string) {
+			tn.mu.Lock()
+			tn.refused[name]++
+			tn.mu.Unlock()
+		},
+		Client: tn.sb.Addr.Addr(),
+	})
+	if err != nil {
+		return fmt.Errorf("network: DNS service on %s: %w", tn.sb.Gateway, err)
+	}
+	tn.stopDNS = stop
+	if err := tn.save(); err != nil {
+		_ = stop()
+		return err
+	}
+	ctx, cancel := context.WithCancel(d.ctx)
+	tn.cancel = cancel
+	go d.collectDenials(ctx, cfg, tn)
+	return nil
+}
+
+func (d *Driver) deniedAddr(a netip.Addr) bool {
+	for _, p := range d.netDeny {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// collectDenials turns what the filter and the DNS service refused into
+// task events (at most one per denialEventGap) and into network.json, which
+// the supervisor copies into the audit record when the task ends.
+func (d *Driver) collectDenials(ctx context.Context, cfg *drivers.TaskConfig, tn *taskNet) {
+	t := time.NewTicker(denialPoll)
+	defer t.Stop()
+	reported := map[string]uint64{}
+	reportedDNS := map[string]int{}
+	var last time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		counts, err := d.net.Denials(tn.id)
+		if err != nil {
+			continue
+		}
+		tn.mu.Lock()
+		tn.denials = counts
+		refused := make(map[string]int, len(tn.refused))
+		for k, v := range tn.refused {
+			refused[k] = v
+		}
+		tn.mu.Unlock()
+		_ = tn.save()
+		if time.Since(last) < denialEventGap {
+			continue
+		}
+		var news []string
+		for dst, n := range counts {
+			if n > reported[dst] {
+				news = append(news, fmt.Sprintf("%s (%d)", dst, n))
+				reported[dst] = n
+			}
+		}
+		for name, n := range refused {
+			if n > reportedDNS[name] {
+				news = append(news, fmt.Sprintf("DNS %s (%d)", name, n))
+				reportedDNS[name] = n
+			}
+		}
+		if len(news) == 0 {
+			continue
+		}
+		sort.Strings(news)
+		if len(news) > 10 {
+			news = append(news[:10], fmt.Sprintf("and %d more", len(news)-10))
+		}
+		d.emitEvent(cfg, "Egress denied: "+strings.Join(news, ", ")+". Add a destination to the task's egress (within the node's allowed_egress) if the task needs it.", nil)
+		last = time.Now()
+	}
+}
+
+func (tn *taskNet) save() error {
+	tn.mu.Lock()
+	rec := netRecord{Netns: tn.sb.Netns, Addr: tn.sb.Addr.String(), Gateway: tn.sb.Gateway.String(), Denials: tn.denials, RefusedDNS: tn.refused}
+	tn.mu.Unlock()
+	for _, e := range tn.entries {
+		rec.Egress = append(rec.Egress, e.String())
+	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(tn.dir, netFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	return os.Rename(tmp, filepath.Join(tn.dir, netFile))
+}
+
+// stop ends the plugin-side parts; the namespace and filter stay until the
+// sandbox is removed.
+func (tn *taskNet) stop() {
+	if tn == nil {
+		return
+	}
+	if tn.cancel != nil {
+		tn.cancel()
+	}
+	if tn.stopDNS != nil {
+		_ = tn.stopDNS()
+	}
+}
+
+// loadNetwork reads network.json of a recovered sandbox; nil when the
+// sandbox has no network.
+func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
+	b, err := os.ReadFile(filepath.Join(dir, netFile))
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var rec netRecord
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return nil, err
+	}
+	sb, err := d.net.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	tn := &taskNet{id: id, dir: dir, sb: sb, denials: rec.Denials}
+	for _, s := range rec.Egress {
+		e, err := netpolicy.ParseEgress(s)
+		if err != nil {
+			return nil, err
+		}
+		tn.entries = append(tn.entries, e)
+	}
+	return tn, nil
+}
