@@ -42,7 +42,7 @@ func (d *Driver) watch(h *taskHandle) {
 	}
 	if st.TimedOut {
 		ran := st.CompletedAt.Sub(st.StartedAt).Round(100 * time.Millisecond)
-		d.emitEvent(cfg, fmt.Sprintf("Time limit exceeded: the task ran for %s and its timeout is %s; it got SIGTERM, then SIGKILL after %s. Raise the task's timeout (at most the node's max_timeout) if it needs longer.", ran, h.spec.Timeout, timeoutKillGrace), map[string]string{
+		d.emitEvent(cfg, fmt.Sprintf("Time limit exceeded: ran %s, timeout is %s; stopped with SIGTERM (SIGKILL %s later if needed). Raise the task's timeout, up to the node's max_timeout.", ran, h.spec.Timeout, timeoutKillGrace), map[string]string{
 			"timeout": h.spec.Timeout.String(),
 		})
 	}
@@ -56,7 +56,7 @@ func (d *Driver) watch(h *taskHandle) {
 }
 
 // limitsSummary is the "Limits applied" event's text.
-func limitsSummary(r runtime.Resources, lim taskLimits) string {
+func limitsSummary(r runtime.Resources, lim taskLimits, pinned bool) string {
 	var parts []string
 	if r.MemoryLimitBytes > 0 {
 		parts = append(parts, fmt.Sprintf("memory %d MiB", r.MemoryLimitBytes>>20))
@@ -66,8 +66,8 @@ func limitsSummary(r runtime.Resources, lim taskLimits) string {
 	if r.CPUShares > 0 {
 		parts = append(parts, fmt.Sprintf("cpu shares %d", r.CPUShares))
 	}
-	if r.CpusetCpus != "" {
-		parts = append(parts, "cpuset "+r.CpusetCpus)
+	if pinned && r.CpusetCpus != "" {
+		parts = append(parts, "reserved cores "+r.CpusetCpus)
 	}
 	if lim.pids > 0 {
 		parts = append(parts, fmt.Sprintf("pids %d", lim.pids))

@@ -98,7 +98,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		"platform":      rec.Platform,
 		"runsc_version": rec.RunscVersion,
 	})
-	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim), nil)
+	pinned := cfg.Resources != nil && cfg.Resources.LinuxResources != nil && cfg.Resources.LinuxResources.CpusetCpus != ""
+	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim, pinned), nil)
 	return handle, nil, nil
 }
 
@@ -402,6 +403,9 @@ func (d *Driver) resolveRootfs(cfg *drivers.TaskConfig, rootfs string) (string, 
 		p = filepath.Join(taskDir, rootfs)
 	}
 	real, err := filepath.EvalSymlinks(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("rootfs %q: no such file or directory on this node: fix the path, or fetch the root filesystem into the task directory first (an artifact unpacked into local/)", rootfs)
+	}
 	if err != nil {
 		return "", fmt.Errorf("rootfs %q: %w", rootfs, err)
 	}

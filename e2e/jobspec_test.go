@@ -259,9 +259,7 @@ const exampleRootfsParent = "/var/lib/nomad-sandbox/rootfs"
 // knownBadExamples are examples that fail the checks for a reason that is
 // reported and not yet fixed: their failure is logged, not fatal. Remove an
 // entry once its example is fixed.
-var knownBadExamples = map[string]string{
-	"example-jobs/ci-identity.nomad.hcl": `its script writes "$${#payload}", which the jobspec parser turns into "${#payload}" and the client then fails to interpolate ("$$${#payload}" or $#-free shell would work)`,
-}
+var knownBadExamples = map[string]string{}
 
 // Every example jobspec parses in strict mode as the Terraform provider
 // parses it, and every sandbox task's config is one the client renders and

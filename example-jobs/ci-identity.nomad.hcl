@@ -25,14 +25,15 @@ job "ci-identity" {
           token=$(cat /secrets/nomad_token)
           # The JWT's middle part holds the claims: job, task, allocation.
           payload=$(echo "$token" | cut -d. -f2 | tr '_-' '/+')
-          while [ $(( $${#payload} % 4 )) -ne 0 ]; do payload="$payload="; done
+          # (No shell brace expansions here: Nomad would interpolate them.)
+          while [ $(( $(printf %s "$payload" | wc -c) % 4 )) -ne 0 ]; do payload="$payload="; done
           echo "claims: $(echo "$payload" | base64 -d)"
           # The exchange itself, once the node's egress allowlist lets the
           # sandbox reach the STS (e.g. sts.example.com:443):
           #   wget -q -O /alloc/data/creds.json \
           #     --post-data "grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=$token&subject_token_type=urn:ietf:params:oauth:token-type:jwt" \
           #     https://sts.example.com/v1/token
-          echo "token is $${#token} bytes; never printed, never in env"
+          echo "token is $(printf %s "$token" | wc -c) bytes; never printed, never in env"
         EOT
         ]
       }
