@@ -22,5 +22,9 @@ func main() {
 	// Log rotation tools send SIGHUP; the audit log is opened per record,
 	// so there is nothing to reopen, and the plugin must not die of it.
 	signal.Ignore(syscall.SIGHUP)
+	// An agent killed without a clean shutdown leaves this process writing
+	// its log into a pipe no one reads; a new agent reattaches to it, and
+	// the first log line would kill it with SIGPIPE.
+	signal.Ignore(syscall.SIGPIPE)
 	plugins.Serve(func(log hclog.Logger) interface{} { return driver.NewPlugin(log) })
 }

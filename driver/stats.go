@@ -131,7 +131,9 @@ func (d *Driver) usage(prev, cur sample) *cstructs.TaskResourceUsage {
 	cpu := &cstructs.CpuStats{
 		Percent:    percent,
 		TotalTicks: d.cpu.ticks(percent),
-		Measured:   []string{"Percent", "Total Ticks"},
+		// Total Ticks is filled but not listed: Nomad's CLI prints one
+		// column per listed name and has no column for it.
+		Measured: []string{"Percent"},
 	}
 	mem := &cstructs.MemoryStats{Usage: cur.mem, Measured: []string{"Usage"}}
 	if cur.fromCgroup {

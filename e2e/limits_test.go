@@ -387,7 +387,7 @@ func TestStats(t *testing.T) {
 // measured CPU stats, which the 1.6 CLI has no column value for, so its
 // CPU Stats table is shifted (User Mode's value shows under "Total Ticks").
 // Set it to true once the driver no longer does.
-const strictStatsTables = false
+const strictStatsTables = true
 
 // statsTable returns the header and value cells of the table titled title
 // in `nomad alloc status -stats` output (columns are two or more spaces
