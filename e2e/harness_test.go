@@ -209,6 +209,10 @@ func (h *harness) addr() string { return fmt.Sprintf("http://127.0.0.1:%d", h.ht
 var suitePluginConfig = []string{
 	`max_timeout   = "10m"`,
 	`max_sandboxes = 64`,
+	// The examples' package-mirror allowlist; the sandboxes' DNS service
+	// forwards to a discard port on loopback, so no query leaves the node.
+	`allowed_egress = ["deb.debian.org:443"]`,
+	`dns_servers    = ["127.0.0.1:9"]`,
 }
 
 // The agent is a full (not -dev) server and client: a -dev agent keeps its

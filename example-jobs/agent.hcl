@@ -47,6 +47,11 @@ plugin "sandbox" {
     default_timeout = "30m"
     max_timeout     = "2h"
 
+    # Destinations jobs may list in egress (the ceiling); empty: no egress.
+    # The sandboxes' DNS service forwards to dns_servers (default: this
+    # node's resolv.conf).
+    allowed_egress = ["deb.debian.org:443", "*.pypi.org:443"]
+
     # Sandboxes this node runs at once; a task beyond it fails at once.
     # Default 0: no limit.
     max_sandboxes = 32

@@ -50,10 +50,10 @@ job "ci-dispatch" {
       config {
         rootfs  = "/var/lib/nomad-sandbox/rootfs/busybox"
         command = "/bin/sh"
-        # The sandbox has loopback only: there is no egress yet, so the
-        # sources and tools must come with the rootfs, an artifact or the
-        # payload. The package-mirror (and git server) allowlist comes with
-        # the driver's network policy.
+        # Default-deny egress: the package mirror is the only destination
+        # (through the sandbox's own DNS service; the node's
+        # allowed_egress must permit it). Sources come with the payload,
+        # an artifact or the rootfs.
         #
         # Shell variables are written $var, without braces: "$${" in a
         # jobspec stands for "${", which the client then reads as an
@@ -80,6 +80,7 @@ job "ci-dispatch" {
         # more than its plugin's max_timeout (exit 125 from sandbox-dispatch,
         # with the event naming the ceiling).
         timeout = "10m"
+        egress  = ["deb.debian.org:443"]
       }
 
       resources {

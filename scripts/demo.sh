@@ -110,6 +110,7 @@ plugin "sandbox" {
     runsc_root        = "$runsc_root"
     state_dir         = "$work/tasks"
     allow_host_rootfs = ["$rootfs_parent"]
+    allowed_egress    = ["deb.debian.org:443"]
   }
 }
 EOF
