@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -113,6 +114,13 @@ func (e *testEnv) assertNothingLeft() {
 	}
 	if err := r.ReleaseRoot(); err != nil {
 		t.Errorf("release runsc root: %v", err)
+	}
+	// With no sandbox left, the network manager drops its nft tables.
+	if err := e.driver.net.Reconcile(map[string]bool{}); err != nil {
+		t.Errorf("reconcile networks: %v", err)
+	}
+	if out, err := exec.Command("nft", "list", "tables").CombinedOutput(); err == nil && strings.Contains(string(out), e.netPrefix) {
+		t.Errorf("nft tables left behind: %s", out)
 	}
 }
 
