@@ -1,0 +1,846 @@
+package driver
+
+// Egress allowlists seen from inside real sandboxes. Each test makes a test
+// host (internal/testutil.NetHost): a server in a namespace of its own, with
+// the sandbox pool routed to it by a policy rule, so that a broken filter
+// lets traffic reach the test server (and the test notices) but never the
+// uplink. Positive controls from a client namespace routed like the pool
+// show that every service the sandbox must not reach does answer.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	goruntime "runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
+)
+
+const (
+	egTCP1, egTCP2, egHTTP = 8080, 8081, 80
+	egUDP                  = 5353
+	// egDeadline bounds every wait on the collector (it polls every
+	// denialPoll) and on the task.
+	egDeadline = 20 * time.Second
+)
+
+// egressEnv is a test env whose sandbox pool is routed to a test host, with
+// a DNS server acting as upstream and an audit log.
+type egressEnv struct {
+	*testEnv
+	host  *testutil.NetHost
+	dns   *testutil.DNSUpstream
+	audit string
+}
+
+// newEgressEnv makes the test host, then the DNS upstream (records may use
+// the host's addresses), then the driver with ceiling as allowed_egress.
+func newEgressEnv(t *testing.T, extraPorts []uint16, ceiling []string, records func(*testutil.NetHost) map[string]netip.Addr) *egressEnv {
+	t.Helper()
+	testutil.RequireRoot(t)
+	ee := &egressEnv{}
+	ports := []uint16{egTCP1, egTCP2, egHTTP}
+	for _, p := range extraPorts {
+		if !slices.Contains(ports, p) {
+			ports = append(ports, p)
+		}
+	}
+	ee.host = testutil.StartNetHost(t, ports, egUDP)
+	var recs map[string]netip.Addr
+	if records != nil {
+		recs = records(ee.host)
+	}
+	ee.dns = testutil.StartDNSUpstream(t, recs)
+	ee.audit = filepath.Join(t.TempDir(), "audit.log")
+	ee.testEnv = newTestEnv(t, func(pc *PluginConfig) {
+		pc.AllowedEgress = ceiling
+		pc.DNSServers = []string{ee.dns.Addr}
+		pc.NetworkSubnet = ee.host.Pool.String()
+		pc.AuditLog = ee.audit
+	})
+	t.Logf("test host %d: pool %s, server %s (extra %s, other %s), client %s, DNS upstream %s",
+		ee.host.K, ee.host.Pool, ee.host.Addr, ee.host.Extra, ee.host.Other, ee.host.ClientAddr, ee.dns.Addr)
+	return ee
+}
+
+// fromPool keeps the hits of sandbox traffic: whatever did not come from
+// the control client (the sandbox's arrives masqueraded to the host end of
+// the server's link, but a hit from anywhere else counts too).
+func (ee *egressEnv) fromPool(proto string, dst netip.AddrPort) func(testutil.Hit) bool {
+	return func(h testutil.Hit) bool {
+		return h.Proto == proto && h.Remote != ee.host.ClientAddr && (!dst.IsValid() || h.Local == dst)
+	}
+}
+
+// release lets a task that waits for /alloc/data/<name> go on; for
+// deferred cleanups, where a failure must not stop the cleanup.
+func release(cfg *drivers.TaskConfig, names ...string) {
+	for _, n := range names {
+		_ = os.WriteFile(filepath.Join(cfg.TaskDir().SharedAllocDir, "data", n), nil, 0o644)
+	}
+}
+
+// probe is one command run inside the sandbox, bounded by a timeout.
+type probe struct{ name, cmd string }
+
+// probeScript runs the probes concurrently (each within 4 s) once the file
+// gate (if any) exists, prints one line "[name] rc=N output" each, then
+// "probes-done", and waits for /alloc/data/finish before it exits 0.
+func probeScript(gate string, probes []probe) string {
+	var b strings.Builder
+	b.WriteString("echo ready\n")
+	if gate != "" {
+		fmt.Fprintf(&b, "while [ ! -e /alloc/data/%s ]; do sleep 0.05; done\n", gate)
+	}
+	for i, p := range probes {
+		fmt.Fprintf(&b, "( out=$(timeout 4 sh -c %s 2>&1); echo \"[%s] rc=$? $(echo \"$out\" | tr '\\n' ' ')\" ) > /tmp/probe-%03d &\n", shQuote(p.cmd), p.name, i)
+	}
+	b.WriteString("wait\ncat /tmp/probe-*\necho probes-done\n")
+	b.WriteString("while [ ! -e /alloc/data/finish ]; do sleep 0.05; done\necho finished\n")
+	return b.String()
+}
+
+func shQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+var probeLine = regexp.MustCompile(`(?m)^\[([^\]]+)\] rc=(\d+) ?(.*)$`)
+
+type probeResult struct {
+	rc  string
+	out string
+}
+
+func (r probeResult) ok() bool { return r.rc == "0" }
+
+func parseProbes(t *testing.T, out string, probes []probe) map[string]probeResult {
+	t.Helper()
+	res := map[string]probeResult{}
+	for _, m := range probeLine.FindAllStringSubmatch(out, -1) {
+		res[m[1]] = probeResult{rc: m[2], out: m[3]}
+	}
+	for _, p := range probes {
+		if _, ok := res[p.name]; !ok {
+			t.Fatalf("no result for probe %s in:\n%s", p.name, out)
+		}
+	}
+	return res
+}
+
+// wgetCmd fetches http://host:port/ with busybox wget (its -T option
+// crashes busybox 1.35, so the probe's timeout bounds it).
+func wgetCmd(host string, port int) string {
+	return fmt.Sprintf("wget -q -O - http://%s:%d/", host, port)
+}
+
+// The busybox of the test rootfs has no UDP client (nc has no -u) and its
+// ping needs a raw socket, which gVisor does not give a task. A task can
+// still send UDP and ICMP echo (through an unprivileged ICMP socket, which
+// gVisor supports): egressProbeSrc is such a task, built static.
+const egressProbeSrc = `package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) != 3 {
+		fmt.Println("usage: egress-probe udp IP:PORT | ping IP")
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "udp":
+		err = udp(os.Args[2])
+	case "ping":
+		err = ping(os.Args[2])
+	default:
+		err = fmt.Errorf("unknown probe %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+}
+
+func udp(dst string) error {
+	c, err := net.Dial("udp4", dst)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("probe")); err != nil {
+		return err
+	}
+	buf := make([]byte, 1500)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("reply: %s\n", buf[:n])
+	return nil
+}
+
+func ping(dst string) error {
+	ip := net.ParseIP(dst).To4()
+	if ip == nil {
+		return fmt.Errorf("not an IPv4 address: %s", dst)
+	}
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, syscall.IPPROTO_ICMP)
+	if err != nil {
+		return fmt.Errorf("ICMP socket: %w", err)
+	}
+	defer syscall.Close(fd)
+	tv := syscall.Timeval{Sec: 2}
+	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
+		return err
+	}
+	msg := []byte{8, 0, 0, 0, 0, 1, 0, 1, 'p', 'r', 'o', 'b', 'e'}
+	binary.BigEndian.PutUint16(msg[2:], checksum(msg))
+	to := &syscall.SockaddrInet4{}
+	copy(to.Addr[:], ip)
+	if err := syscall.Sendto(fd, msg, 0, to); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := syscall.Recvfrom(fd, buf, 0)
+		if err != nil {
+			return fmt.Errorf("no reply: %w", err)
+		}
+		if f, ok := from.(*syscall.SockaddrInet4); ok && n >= 8 && buf[0] == 0 && net.IP(f.Addr[:]).Equal(ip) {
+			fmt.Printf("reply from %s\n", dst)
+			return nil
+		}
+	}
+}
+
+func checksum(b []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
+}
+`
+
+var (
+	egressProbeOnce sync.Once
+	egressProbeBin  []byte
+	egressProbeErr  error
+)
+
+// installEgressProbe builds egressProbeSrc (static, once per test binary)
+// and puts it in the task's local dir: /local/egress-probe in the sandbox.
+func installEgressProbe(t *testing.T, cfg *drivers.TaskConfig) {
+	t.Helper()
+	egressProbeOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "egress-probe-")
+		if err != nil {
+			egressProbeErr = err
+			return
+		}
+		defer os.RemoveAll(dir)
+		if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module egressprobe\n\ngo 1.21\n"), 0o644); err != nil {
+			egressProbeErr = err
+			return
+		}
+		if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(egressProbeSrc), 0o644); err != nil {
+			egressProbeErr = err
+			return
+		}
+		goBin, err := exec.LookPath("go")
+		if err != nil {
+			goBin = filepath.Join(goruntime.GOROOT(), "bin", "go")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, goBin, "build", "-o", "egress-probe", ".")
+		cmd.Dir = dir
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			egressProbeErr = fmt.Errorf("build the egress probe: %v: %s", err, out)
+			return
+		}
+		egressProbeBin, egressProbeErr = os.ReadFile(filepath.Join(dir, "egress-probe"))
+	})
+	must.NoError(t, egressProbeErr)
+	must.NoError(t, os.WriteFile(filepath.Join(cfg.TaskDir().LocalDir, "egress-probe"), egressProbeBin, 0o755))
+}
+
+func udpCmd(a netip.Addr, port int) string {
+	return fmt.Sprintf("/local/egress-probe udp %s:%d", a, port)
+}
+
+func pingCmd(a netip.Addr) string { return "/local/egress-probe ping " + a.String() }
+
+// waitEvent waits up to d for a task event containing s.
+func waitEvent(t *testing.T, ev *events, s string, d time.Duration) string {
+	t.Helper()
+	var found string
+	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
+		ev.mu.Lock()
+		defer ev.mu.Unlock()
+		for _, m := range ev.msgs {
+			if strings.Contains(m, s) {
+				found = m
+				return true
+			}
+		}
+		return false
+	}), wait.Timeout(d), wait.Gap(50*time.Millisecond)).Run()
+	if err != nil {
+		ev.mu.Lock()
+		defer ev.mu.Unlock()
+		t.Fatalf("no event containing %q within %s; events: %q", s, d, ev.msgs)
+	}
+	return found
+}
+
+// waitNetRecord waits until the sandbox's network.json (refreshed by the
+// collector every denialPoll) lists every denial and refused name wanted.
+func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) netRecord {
+	t.Helper()
+	path := filepath.Join(ee.config.StateDir, sandboxID(cfg), netFile)
+	var rec netRecord
+	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return false
+		}
+		rec = netRecord{}
+		if json.Unmarshal(b, &rec) != nil {
+			return false
+		}
+		for _, k := range denials {
+			if rec.Denials[k] == 0 {
+				return false
+			}
+		}
+		for _, k := range refused {
+			if rec.RefusedDNS[k] == 0 {
+				return false
+			}
+		}
+		return true
+	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)).Run()
+	if err != nil {
+		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", netFile, denials, refused, rec)
+	}
+	return rec
+}
+
+// touch creates name in the task's shared alloc data dir (/alloc/data).
+func touch(t *testing.T, cfg *drivers.TaskConfig, name string) {
+	t.Helper()
+	must.NoError(t, os.WriteFile(filepath.Join(cfg.TaskDir().SharedAllocDir, "data", name), nil, 0o644))
+}
+
+// finish lets the task end, waits for its exit (0), destroys it and
+// returns its audit exit record; then checks that nothing of the sandbox's
+// network is left on the host.
+func (ee *egressEnv) finish(t *testing.T, cfg *drivers.TaskConfig) audit.Record {
+	t.Helper()
+	touch(t, cfg, "finish")
+	res := ee.wait(cfg.ID, egDeadline)
+	must.Eq(t, 0, res.ExitCode, must.Sprint(readLog(cfg, "stderr")))
+	waitLog(t, cfg, "stdout", has("finished"))
+	must.NoError(t, ee.harness.DestroyTask(cfg.ID, true))
+	ee.assertNoNetworkLeft(t)
+	var exit *audit.Record
+	for _, r := range readAudit(t, ee.audit)[cfg.ID] {
+		if r.Event == audit.EventExited {
+			r := r
+			exit = &r
+		}
+	}
+	must.NotNil(t, exit, must.Sprint("no exit record in the audit log"))
+	must.NotNil(t, exit.Policy)
+	must.StrContains(t, exit.Policy.Network, "sandbox")
+	return *exit
+}
+
+// assertNoNetworkLeft checks `ip netns`, `ip link` and `nft list ruleset`
+// for anything of the env's prefix, the node-wide tables excepted (they
+// stay while the plugin runs; the env's cleanup removes them and checks).
+func (ee *egressEnv) assertNoNetworkLeft(t *testing.T) {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	must.NoError(t, err)
+	for _, l := range strings.Split(string(out), "\n") {
+		must.False(t, strings.HasPrefix(l, ee.netPrefix+"-"), must.Sprintf("ip netns: %s left", l))
+	}
+	out, err = exec.Command("ip", "-o", "link").CombinedOutput()
+	must.NoError(t, err)
+	for _, l := range strings.Split(string(out), "\n") {
+		// "3: name@peer: <...>"
+		if f := strings.Fields(l); len(f) > 1 {
+			must.False(t, strings.HasPrefix(f[1], ee.netPrefix), must.Sprintf("ip link: %s left", l))
+		}
+	}
+	tableHeader := regexp.MustCompile(`^table (ip|netdev) ` + regexp.QuoteMeta(ee.driver.netTable) + ` \{$`)
+	var left []string
+	for _, l := range nftLinesOf(t, ee.netPrefix) {
+		if !tableHeader.MatchString(l) {
+			left = append(left, l)
+		}
+	}
+	must.SliceEmpty(t, left, must.Sprint("nftables objects of the sandbox left"))
+	leases, _ := os.ReadDir(filepath.Join(ee.base, "netpolicy", "leases"))
+	must.SliceEmpty(t, leases)
+}
+
+// nftLinesOf returns the lines of `nft list ruleset` that mention prefix.
+func nftLinesOf(t *testing.T, prefix string) []string {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "ruleset").CombinedOutput()
+	must.NoError(t, err, must.Sprint(string(out)))
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, prefix) {
+			lines = append(lines, strings.TrimSpace(l))
+		}
+	}
+	return lines
+}
+
+// nodeAddr is an IPv4 address of the node outside the test ranges and
+// loopback, or invalid if there is none.
+func nodeAddr(t *testing.T) netip.Addr {
+	t.Helper()
+	ps, err := netpolicy.NodeAddrs()
+	must.NoError(t, err)
+	for _, p := range ps {
+		a := p.Addr()
+		if a.Is4() && !a.IsLoopback() && !a.IsLinkLocalUnicast() && !netip.MustParsePrefix("10.187.0.0/16").Contains(a) &&
+			!netip.MustParsePrefix("10.188.0.0/14").Contains(a) {
+			return a
+		}
+	}
+	return netip.Addr{}
+}
+
+// tcpListener serves a greeting on addr (port 0: any) and records where
+// each connection came from.
+type tcpListener struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	peers []netip.Addr
+}
+
+func listenTCP(t *testing.T, addr netip.AddrPort) *tcpListener {
+	t.Helper()
+	ln, err := net.Listen("tcp4", addr.String())
+	must.NoError(t, err)
+	l := &tcpListener{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+			l.mu.Lock()
+			l.peers = append(l.peers, ap.Addr())
+			l.mu.Unlock()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			fmt.Fprintf(c, "HTTP/1.0 200 OK\r\n\r\nhello from %s\n", ln.Addr())
+			c.Close()
+		}
+	}()
+	return l
+}
+
+func (l *tcpListener) addr() netip.AddrPort { return netip.MustParseAddrPort(l.ln.Addr().String()) }
+
+func (l *tcpListener) from(p netip.Prefix) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, a := range l.peers {
+		if p.Contains(a) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestDriver_EgressAllowlist: an allowlisted address and port (TCP and UDP)
+// answers from inside the sandbox; another port of the same host, another
+// host, UDP to another host and ICMP do not, the server never sees them, and
+// the denials show up in Manager.Denials, a task event, network.json and the
+// audit exit record. Nothing of the network outlives the task.
+func TestDriver_EgressAllowlist(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "0.0.0.0/0/udp"}, nil)
+	h := ee.host
+	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
+	otherPort := netip.AddrPortFrom(h.Addr, egTCP2)
+	otherHost := netip.AddrPortFrom(h.Other, egTCP1)
+	udpAllowed := netip.AddrPortFrom(h.Addr, egUDP)
+	udpDenied := netip.AddrPortFrom(h.Other, egUDP)
+
+	// Controls: everything the sandbox must not reach answers a client
+	// routed as the pool is.
+	for _, a := range []netip.AddrPort{otherPort, otherHost} {
+		body, err := h.ClientGet(a)
+		must.NoError(t, err, must.Sprintf("control: %s", a))
+		must.StrContains(t, body, "hello from "+a.String())
+	}
+	r, err := h.ClientUDP(udpDenied)
+	must.NoError(t, err, must.Sprint("control: UDP"))
+	must.StrContains(t, r, "echo from")
+	must.NoError(t, h.ClientPing(h.Other), must.Sprint("control: ping"))
+	must.NoError(t, h.ClientPing(h.Addr), must.Sprint("control: ping"))
+
+	probes := []probe{
+		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
+		{"other-port", wgetCmd(h.Addr.String(), egTCP2)},
+		{"other-host", wgetCmd(h.Other.String(), egTCP1)},
+		{"udp-allowed", udpCmd(h.Addr, egUDP)},
+		{"udp-denied", udpCmd(h.Other, egUDP)},
+		{"ping-loopback", pingCmd(netip.MustParseAddr("127.0.0.1"))},
+		{"ping-other", pingCmd(h.Other)},
+		{"ping-allowed-host", pingCmd(h.Addr)},
+	}
+	cfg, cleanup := ee.task(t, "egress-allow", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", probeScript("", probes)},
+		Egress:  []string{allowed.String(), udpAllowed.String() + "/udp"},
+		Timeout: "60s",
+	}))
+	defer cleanup()
+	installEgressProbe(t, cfg)
+	ev := ee.events(t, cfg.ID)
+	_, _, err = ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
+	}()
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox:\n%s", out)
+	res := parseProbes(t, out, probes)
+
+	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
+	must.StrContains(t, res["allowed"].out, "hello from "+allowed.String()+" to "+h.HostAddr.String())
+	must.True(t, res["udp-allowed"].ok() && strings.Contains(res["udp-allowed"].out, "reply: echo from "+udpAllowed.String()),
+		must.Sprintf("allowlisted UDP %s: %+v", udpAllowed, res["udp-allowed"]))
+	must.True(t, res["ping-loopback"].ok(), must.Sprintf("ping works inside the sandbox: %+v", res["ping-loopback"]))
+	for _, n := range []string{"other-port", "other-host", "ping-other", "ping-allowed-host"} {
+		must.False(t, res[n].ok(), must.Sprintf("%s reached: %+v", n, res[n]))
+	}
+	must.StrNotContains(t, res["udp-denied"].out, "echo from", must.Sprintf("UDP %s answered", udpDenied))
+	must.StrNotContains(t, res["other-port"].out+res["other-host"].out, "hello")
+
+	// What reached the server from the sandbox.
+	must.Positive(t, len(h.Hits(ee.fromPool("tcp", allowed))))
+	must.Positive(t, len(h.Hits(ee.fromPool("udp", udpAllowed))))
+	for _, d := range []netip.AddrPort{otherPort, otherHost} {
+		must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", d)), must.Sprintf("the server saw a connection to %s", d))
+	}
+	must.SliceEmpty(t, h.Hits(ee.fromPool("udp", udpDenied)), must.Sprintf("the server saw a datagram to %s", udpDenied))
+
+	wantDenials := []string{
+		otherPort.String() + "/tcp", otherHost.String() + "/tcp", udpDenied.String() + "/udp",
+		h.Other.String() + "/icmp", h.Addr.String() + "/icmp",
+	}
+	denials, err := ee.driver.net.Denials(sandboxID(cfg))
+	must.NoError(t, err)
+	t.Logf("denials: %v", denials)
+	for _, k := range wantDenials {
+		must.Positive(t, denials[k], must.Sprintf("denial %s missing from %v", k, denials))
+	}
+	for k := range denials {
+		must.False(t, strings.HasPrefix(k, allowed.String()+"/") || strings.HasPrefix(k, udpAllowed.String()+"/"),
+			must.Sprintf("allowed traffic counted as denied: %v", denials))
+	}
+
+	msg := waitEvent(t, ev, "Egress denied", egDeadline)
+	t.Logf("event: %s", msg)
+	must.True(t, strings.Contains(msg, otherPort.String()) || strings.Contains(msg, otherHost.String()) || strings.Contains(msg, h.Other.String()),
+		must.Sprint("the event names a denied destination"))
+	must.StrContains(t, msg, "egress")
+
+	ee.waitNetRecord(t, cfg, wantDenials, nil)
+	exit := ee.finish(t, cfg)
+	t.Logf("audit exit record: denials %v, refused DNS %v", exit.EgressDenials, exit.RefusedDNS)
+	for _, k := range wantDenials {
+		must.Positive(t, exit.EgressDenials[k], must.Sprintf("audit record lacks denial %s: %v", k, exit.EgressDenials))
+	}
+	must.SliceContainsAll(t, []string{allowed.String(), udpAllowed.String() + "/udp"}, exit.Policy.Egress)
+}
+
+// TestDriver_EgressNames: a host name in the allowlist is resolved through
+// the sandbox's DNS service by the upstream and connects, on its port only;
+// a name outside the allowlist is REFUSED and never reaches the upstream;
+// allowlisted names whose upstream answer is loopback, the metadata address
+// or the node's own address resolve to nothing reachable.
+func TestDriver_EgressNames(t *testing.T) {
+	node := nodeAddr(t)
+	// A service on the node's own address, so that reaching it would show.
+	var nodeLn *tcpListener
+	port := egTCP1
+	if node.IsValid() {
+		nodeLn = listenTCP(t, netip.AddrPortFrom(node, 0))
+		port = int(nodeLn.addr().Port())
+	}
+	ee := newEgressEnv(t, []uint16{uint16(port)}, []string{"*.allowed.test:8081", fmt.Sprintf("*.rebind.test:%d", port)},
+		func(h *testutil.NetHost) map[string]netip.Addr {
+			m := map[string]netip.Addr{
+				"api.allowed.test":  h.Extra,
+				"secret.exfil.test": h.Addr, // would connect if it were resolved
+				"lo.rebind.test":    netip.MustParseAddr("127.0.0.1"),
+				"meta.rebind.test":  h.Metadata,
+			}
+			if node.IsValid() {
+				m["node.rebind.test"] = node
+			}
+			return m
+		})
+	h := ee.host
+	meta := netip.AddrPortFrom(h.Metadata, uint16(port))
+	body, err := h.ClientGet(meta)
+	must.NoError(t, err, must.Sprint("control: metadata address"))
+	must.StrContains(t, body, "hello from "+meta.String())
+	if nodeLn != nil {
+		body, err := h.ClientGet(nodeLn.addr())
+		must.NoError(t, err, must.Sprint("control: node address"))
+		must.StrContains(t, body, "hello from")
+	} else {
+		t.Log("no node address outside the test ranges: node.rebind.test not checked")
+	}
+
+	probes := []probe{
+		{"lookup-allowed", "nslookup api.allowed.test"},
+		{"get-allowed", wgetCmd("api.allowed.test", egTCP2)},
+		{"get-allowed-other-port", wgetCmd("api.allowed.test", egTCP1)},
+		{"lookup-refused", "nslookup secret.exfil.test"},
+		{"get-refused", wgetCmd("secret.exfil.test", egTCP1)},
+		{"lookup-meta", "nslookup meta.rebind.test"},
+		{"get-meta", wgetCmd("meta.rebind.test", port)},
+		{"get-lo", wgetCmd("lo.rebind.test", port)},
+	}
+	rebound := []string{"meta.rebind.test", "lo.rebind.test"}
+	if nodeLn != nil {
+		probes = append(probes, probe{"get-node", wgetCmd("node.rebind.test", port)})
+		rebound = append(rebound, "node.rebind.test")
+	}
+	cfg, cleanup := ee.task(t, "egress-names", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", probeScript("", probes)},
+		Egress:  []string{"api.allowed.test:8081", fmt.Sprintf("*.rebind.test:%d", port)},
+		Timeout: "60s",
+	}))
+	defer cleanup()
+	ev := ee.events(t, cfg.ID)
+	_, _, err = ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
+	}()
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox:\n%s", out)
+	res := parseProbes(t, out, probes)
+
+	extra := netip.AddrPortFrom(h.Extra, egTCP2)
+	must.StrContains(t, res["lookup-allowed"].out, "Address: "+h.Extra.String())
+	must.True(t, res["get-allowed"].ok(), must.Sprintf("allowlisted name: %+v", res["get-allowed"]))
+	must.StrContains(t, res["get-allowed"].out, "hello from "+extra.String())
+	must.Positive(t, len(h.Hits(ee.fromPool("tcp", extra))))
+	must.Positive(t, ee.dns.Queries("api.allowed.test"), must.Sprint("the upstream answered the allowlisted name"))
+	must.False(t, res["get-allowed-other-port"].ok(), must.Sprintf("the name's address on another port: %+v", res["get-allowed-other-port"]))
+
+	must.StrContains(t, res["lookup-refused"].out, "REFUSED")
+	must.False(t, res["get-refused"].ok())
+	must.Eq(t, 0, ee.dns.Queries("secret.exfil.test"), must.Sprint("a name outside the allowlist reached the upstream"))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPortFrom(h.Addr, egTCP1))))
+
+	must.StrNotContains(t, res["lookup-meta"].out, "Address: "+h.Metadata.String())
+	for _, n := range []string{"get-meta", "get-lo", "get-node"} {
+		if r, ok := res[n]; ok {
+			must.False(t, r.ok(), must.Sprintf("%s reached: %+v", n, r))
+			must.StrNotContains(t, r.out, "hello")
+		}
+	}
+	must.Positive(t, ee.dns.Queries("meta.rebind.test"), must.Sprint("the upstream was asked: the answer is what is refused"))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", meta)))
+	if nodeLn != nil {
+		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
+	}
+
+	msg := waitEvent(t, ev, "Egress denied", egDeadline)
+	t.Logf("event: %s", msg)
+	// The first event lists what was refused by its time: the names (DNS
+	// refusals come first, no timeout) or the address on the wrong port.
+	must.True(t, strings.Contains(msg, "DNS secret.exfil.test") || strings.Contains(msg, h.Extra.String()+":"), must.Sprint(msg))
+	ee.waitNetRecord(t, cfg, nil, append([]string{"secret.exfil.test"}, rebound...))
+	exit := ee.finish(t, cfg)
+	t.Logf("audit exit record: denials %v, refused DNS %v", exit.EgressDenials, exit.RefusedDNS)
+	for _, n := range append([]string{"secret.exfil.test"}, rebound...) {
+		must.Positive(t, exit.RefusedDNS[n], must.Sprintf("audit record lacks refused name %s: %v", n, exit.RefusedDNS))
+	}
+	// The extra address was granted for 8081 only.
+	must.Positive(t, exit.EgressDenials[netip.AddrPortFrom(h.Extra, egTCP1).String()+"/tcp"], must.Sprint(exit.EgressDenials))
+}
+
+// TestDriver_EgressDenyListWins: the metadata address, the node's own
+// address and a service on the sandbox's gateway other than DNS stay
+// unreachable although the task lists them in its egress, within the
+// ceiling; an ordinary allowlisted address answers in the same sandbox.
+func TestDriver_EgressDenyListWins(t *testing.T) {
+	node := nodeAddr(t)
+	var nodeLn *tcpListener
+	if node.IsValid() {
+		nodeLn = listenTCP(t, netip.AddrPortFrom(node, 0))
+	}
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0"}, nil)
+	h := ee.host
+	// The gateway listener reuses the node listener's port (free on every
+	// address, since nothing listens on it on all of them) or takes one.
+	gwPort := uint16(0)
+	if nodeLn != nil {
+		gwPort = nodeLn.addr().Port()
+	} else {
+		probeLn, err := net.Listen("tcp4", "127.0.0.1:0")
+		must.NoError(t, err)
+		gwPort = netip.MustParseAddrPort(probeLn.Addr().String()).Port()
+		probeLn.Close()
+	}
+	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
+	metaHTTP := netip.AddrPortFrom(h.Metadata, egHTTP)
+	metaAlt := netip.AddrPortFrom(h.Metadata, egTCP1)
+	egress := []string{allowed.String(), metaHTTP.String(), metaAlt.String(),
+		fmt.Sprintf("%s:%d", h.Pool, gwPort)}
+	if nodeLn != nil {
+		egress = append(egress, nodeLn.addr().String())
+	} else {
+		t.Log("no node address outside the test ranges: not checked")
+	}
+	for _, a := range []netip.AddrPort{metaHTTP, metaAlt} {
+		body, err := h.ClientGet(a)
+		must.NoError(t, err, must.Sprintf("control: %s", a))
+		must.StrContains(t, body, "hello from "+a.String())
+	}
+	if nodeLn != nil {
+		_, err := h.ClientGet(nodeLn.addr())
+		must.NoError(t, err, must.Sprint("control: node address"))
+	}
+
+	// The gateway is known once the sandbox's network exists: the task
+	// waits for the test's listener there before it probes.
+	probes := []probe{
+		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
+		{"metadata-80", wgetCmd(h.Metadata.String(), egHTTP)},
+		{"metadata-8080", wgetCmd(h.Metadata.String(), egTCP1)},
+		// The gateway is the sandbox's nameserver.
+		{"gateway", wgetCmd("$(awk '/^nameserver/ {print $2; exit}' /etc/resolv.conf)", int(gwPort))},
+	}
+	if nodeLn != nil {
+		probes = append(probes, probe{"node", wgetCmd(node.String(), int(nodeLn.addr().Port()))})
+	}
+	cfg, cleanup := ee.task(t, "egress-deny", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", probeScript("go", probes)},
+		Egress:  egress,
+		Timeout: "60s",
+	}))
+	defer cleanup()
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "go", "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
+	}()
+	waitLog(t, cfg, "stdout", has("ready"))
+	sb, err := ee.driver.net.Get(sandboxID(cfg))
+	must.NoError(t, err)
+	gw := listenTCP(t, netip.AddrPortFrom(sb.Gateway, gwPort))
+	body, err := h.ClientGet(gw.addr())
+	must.NoError(t, err, must.Sprint("control: gateway listener"))
+	must.StrContains(t, body, "hello from")
+	touch(t, cfg, "go")
+
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox (gateway %s):\n%s", sb.Gateway, out)
+	res := parseProbes(t, out, probes)
+	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
+	must.StrContains(t, res["allowed"].out, "hello from "+allowed.String())
+	for _, p := range probes[1:] {
+		must.False(t, res[p.name].ok(), must.Sprintf("%s reached: %+v", p.name, res[p.name]))
+		must.StrNotContains(t, res[p.name].out, "hello")
+	}
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", metaHTTP)))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", metaAlt)))
+	must.Eq(t, 0, gw.from(h.Pool), must.Sprint("a sandbox reached its gateway beyond DNS"))
+	wantDenials := []string{metaHTTP.String() + "/tcp", metaAlt.String() + "/tcp", netip.AddrPortFrom(sb.Gateway, gwPort).String() + "/tcp"}
+	if nodeLn != nil {
+		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
+		wantDenials = append(wantDenials, nodeLn.addr().String()+"/tcp")
+	}
+	denials, err := ee.driver.net.Denials(sandboxID(cfg))
+	must.NoError(t, err)
+	t.Logf("denials: %v", denials)
+	for _, k := range wantDenials {
+		must.Positive(t, denials[k], must.Sprintf("denial %s missing from %v", k, denials))
+	}
+	ee.finish(t, cfg)
+}
+
+// TestDriver_EgressNoneLoopbackOnly: a task without egress, on a node that
+// permits egress, gets no network but loopback and no namespace of the
+// driver's.
+func TestDriver_EgressNoneLoopbackOnly(t *testing.T) {
+	e := newTestEnv(t, func(pc *PluginConfig) {
+		pc.AllowedEgress = []string{"0.0.0.0/0"}
+		pc.DNSServers = []string{"127.0.0.1:1"} // never asked
+	})
+	script := `echo "links: $(ip -o link | awk -F': ' '{print $2}' | tr '\n' ' ')"; ip -o -4 addr; echo ready; while [ ! -e /alloc/data/finish ]; do sleep 0.05; done`
+	cfg, cleanup := e.task(t, "egress-none", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, Timeout: "60s"}))
+	defer cleanup()
+	_, _, err := e.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "finish")
+		_ = e.harness.DestroyTask(cfg.ID, true)
+	}()
+	out := waitLog(t, cfg, "stdout", has("ready"))
+	t.Logf("inside the sandbox:\n%s", out)
+	must.StrContains(t, out, "links: lo ")
+	must.StrNotContains(t, out, "eth0")
+	must.StrNotContains(t, out, "10.89.")
+	_, err = e.driver.net.Get(sandboxID(cfg))
+	must.True(t, errors.Is(err, netpolicy.ErrNotFound), must.Sprintf("a task without egress got a network: %v", err))
+	ns, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	must.NoError(t, err)
+	must.StrNotContains(t, "\n"+string(ns), "\n"+e.netPrefix+"-")
+	touch(t, cfg, "finish")
+	res := e.wait(cfg.ID, egDeadline)
+	must.Eq(t, 0, res.ExitCode)
+}
