@@ -19,15 +19,17 @@ func (d *Driver) auditRecord(cfg *drivers.TaskConfig) *audit.Record {
 		parent = cfg.Env["NOMAD_JOB_PARENT_ID"]
 	}
 	return &audit.Record{
-		Namespace: cfg.Namespace,
-		Job:       cfg.JobID,
-		ParentJob: parent,
-		AllocID:   cfg.AllocID,
-		Task:      cfg.Name,
-		TaskID:    cfg.ID,
-		Node:      cfg.NodeName,
-		NodeID:    cfg.NodeID,
-		User:      cfg.User,
+		RunscVersion: d.runscVersion(),
+		Platform:     d.runsc.Platform.String(),
+		Namespace:    cfg.Namespace,
+		Job:          cfg.JobID,
+		ParentJob:    parent,
+		AllocID:      cfg.AllocID,
+		Task:         cfg.Name,
+		TaskID:       cfg.ID,
+		Node:         cfg.NodeName,
+		NodeID:       cfg.NodeID,
+		User:         cfg.User,
 	}
 }
 
@@ -36,7 +38,15 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 	rec.SandboxID = id
 	rec.Rootfs = bc.Rootfs
 	rec.Command = bc.Args
-	rec.User = fmt.Sprintf("%s (uid %d, gid %d)", rec.User, bc.User.UID, bc.User.GID)
+	name := rec.User
+	switch {
+	case name != "":
+	case bc.User.UID == 0:
+		name = "root"
+	default:
+		name = fmt.Sprintf("uid %d", bc.User.UID)
+	}
+	rec.User = fmt.Sprintf("%s (uid %d, gid %d)", name, bc.User.UID, bc.User.GID)
 	p := &audit.Policy{
 		Capabilities:   append([]string{}, bc.Caps...),
 		ReadonlyRootfs: bc.ReadonlyRootfs,

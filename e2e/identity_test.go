@@ -909,17 +909,17 @@ const (
 	// task's sandbox_exited line can come first in the file (seen: a
 	// task that ended at .809 had its exit written at .833 and its start
 	// at .837, with started_at .837).
-	strictAuditStart = false
+	strictAuditStart = true
 	// strictAuditRefused: a sandbox_refused line names only who and
 	// where (namespace, job, allocation, task, node) and the error: no
 	// runsc version, platform, rootfs or command, although README's
 	// "Audit log" says every line names them (driver.refuse writes the
 	// record that auditRecord started, before auditPolicy fills it).
-	strictAuditRefused = false
+	strictAuditRefused = true
 	// strictAuditUser: a task without a `user` is recorded as
 	// " (uid 0, gid 0)": auditPolicy formats cfg.User, which is empty,
 	// instead of the resolved user's name.
-	strictAuditUser = false
+	strictAuditUser = true
 )
 
 func sorted(l []string) []string {

@@ -329,6 +329,18 @@ func supervise(dir string, ready *os.File) (err error) {
 
 	runsc := spec.Runsc
 	started := time.Now().UTC()
+	// No unaudited run: the start is on record before the task's first
+	// instruction, or the task does not start.
+	if spec.AuditLog != "" && spec.Audit != nil {
+		r := *spec.Audit
+		r.Event, r.StartedAt = audit.EventStarted, &started
+		if err := (&audit.Log{Path: spec.AuditLog}).Write(&r, true); err != nil {
+			outW.Close()
+			errW.Close()
+			waitRelays(outDone, errDone)
+			return fmt.Errorf("%w: the sandbox was not started because its start could not be recorded", err)
+		}
+	}
 	pid, err := runDetached(dir, &runsc, &spec, outW, errW)
 	outW.Close()
 	errW.Close()
