@@ -206,17 +206,8 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 	tn.refused = map[string]int{}
 	srv := &netpolicy.DNSServer{Upstreams: d.config.DNSServers, Logger: d.logger.Named("dns")}
 	stop, err := srv.Serve(d.ctx, netip.AddrPortFrom(tn.sb.Gateway, 53), netpolicy.DNSPolicy{
-		// The rule handed back to Allow is the name itself: every host
-		// entry matching it (several ports, say) is opened.
-		Allowed: func(name string) (netpolicy.DNSRule, bool) {
-			for _, e := range hosts {
-				if e.MatchesHost(name) {
-					return name, true
-				}
-			}
-			return nil, false
-		},
-		Denied: d.deniedAddr,
+		Allowed: netpolicy.DNSAllowlist(hosts),
+		Denied:  d.deniedAddr,
 		Allow: func(addr netip.Addr, rule netpolicy.DNSRule, ttl time.Duration) error {
 			name, _ := rule.(string)
 			return d.net.AllowName(tn.id, name, addr, ttl)

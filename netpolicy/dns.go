@@ -661,36 +661,15 @@ func dnsValidHostName(name string) bool {
 	return true
 }
 
-// DNSNameMatch reports whether a host name matches an allowlist host
-// pattern: "github.com" matches that name only, "*.pypi.org" matches names
-// under pypi.org at any depth ("files.pypi.org", "a.b.pypi.org") but neither
-// "pypi.org" itself nor "pypi.org.evil.com" nor "xpypi.org". Comparison
-// ignores case and a trailing dot. A pattern with '*' anywhere but as the
-// whole first label, or a bare "*", matches nothing.
-func DNSNameMatch(pattern, name string) bool {
-	pattern, name = dnsCanonicalName(pattern), dnsCanonicalName(name)
-	if name == "" || pattern == "" {
-		return false
-	}
-	if suffix, ok := strings.CutPrefix(pattern, "*."); ok {
-		if suffix == "" || strings.Contains(suffix, "*") {
-			return false
-		}
-		return len(name) > len(suffix)+1 && strings.HasSuffix(name, "."+suffix)
-	}
-	if strings.Contains(pattern, "*") {
-		return false
-	}
-	return name == pattern
-}
-
-// DNSAllowlist builds a DNSPolicy.Allowed from allowlist entries: the first
-// entry whose MatchesHost accepts the name is the rule.
-func DNSAllowlist[E interface{ MatchesHost(string) bool }](entries []E) func(string) (DNSRule, bool) {
+// DNSAllowlist builds a DNSPolicy.Allowed from the host entries of an
+// allowlist. The rule it hands back is the name itself, so that Allow can
+// open the answer for every entry the name matches (the same name may be
+// listed with several ports): Manager.AllowName does that.
+func DNSAllowlist(entries []Entry) func(string) (DNSRule, bool) {
 	return func(name string) (DNSRule, bool) {
 		for _, e := range entries {
 			if e.MatchesHost(name) {
-				return e, true
+				return name, true
 			}
 		}
 		return nil, false

@@ -155,18 +155,6 @@ func (o RunOpts) Args(id string) (global, verb []string) {
 	return global, verb
 }
 
-// RunCommand returns `runsc run` for id, unstarted, so that the caller can
-// attach stdio and be the sandbox's parent.
-func (r *Runsc) RunCommand(id string, o RunOpts) *exec.Cmd {
-	global, verb := o.Args(id)
-	argv := append(r.globalArgs(), global...)
-	argv = append(argv, "run")
-	argv = append(argv, verb...)
-	cmd := exec.Command(r.Path, argv...)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
-	return cmd
-}
-
 // KillOpts are the options of `runsc kill`.
 type KillOpts struct {
 	// All signals every process in the container, not just its init.
