@@ -302,28 +302,6 @@ func udpCmd(a netip.Addr, port int) string {
 
 func pingCmd(a netip.Addr) string { return "/local/egress-probe ping " + a.String() }
 
-// waitEvent waits up to d for a task event containing s.
-func waitEvent(t *testing.T, ev *events, s string, d time.Duration) string {
-	t.Helper()
-	var found string
-	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
-		ev.mu.Lock()
-		defer ev.mu.Unlock()
-		for _, m := range ev.msgs {
-			if strings.Contains(m, s) {
-				found = m
-				return true
-			}
-		}
-		return false
-	}), wait.Timeout(d), wait.Gap(50*time.Millisecond)).Run()
-	if err != nil {
-		ev.mu.Lock()
-		defer ev.mu.Unlock()
-		t.Fatalf("no event containing %q within %s; events: %q", s, d, ev.msgs)
-	}
-	return found
-}
 
 // waitNetRecord waits until the sandbox's network.json (refreshed by the
 // collector every denialPoll) lists every denial and refused name wanted.
@@ -583,7 +561,7 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 			must.Sprintf("allowed traffic counted as denied: %v", denials))
 	}
 
-	msg := waitEvent(t, ev, "Egress denied", egDeadline)
+	msg := ev.waitWithin(t, "Egress denied", egDeadline)
 	t.Logf("event: %s", msg)
 	must.True(t, strings.Contains(msg, otherPort.String()) || strings.Contains(msg, otherHost.String()) || strings.Contains(msg, h.Other.String()),
 		must.Sprint("the event names a denied destination"))
@@ -696,7 +674,7 @@ func TestDriver_EgressNames(t *testing.T) {
 		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
 	}
 
-	msg := waitEvent(t, ev, "Egress denied", egDeadline)
+	msg := ev.waitWithin(t, "Egress denied", egDeadline)
 	t.Logf("event: %s", msg)
 	// The first event lists what was refused by its time: the names (DNS
 	// refusals come first, no timeout) or the address on the wrong port.

@@ -40,6 +40,12 @@ func (e *testEnv) events(t *testing.T, taskID string) *events {
 // waitFor waits for an event containing s and returns its message.
 func (ev *events) waitFor(t *testing.T, s string) string {
 	t.Helper()
+	return ev.waitWithin(t, s, 10*time.Second)
+}
+
+// waitWithin waits up to d for an event containing s.
+func (ev *events) waitWithin(t *testing.T, s string, d time.Duration) string {
+	t.Helper()
 	var found string
 	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
 		ev.mu.Lock()
@@ -51,11 +57,11 @@ func (ev *events) waitFor(t *testing.T, s string) string {
 			}
 		}
 		return false
-	}), wait.Timeout(10*time.Second), wait.Gap(10*time.Millisecond)).Run()
+	}), wait.Timeout(d), wait.Gap(10*time.Millisecond)).Run()
 	if err != nil {
 		ev.mu.Lock()
 		defer ev.mu.Unlock()
-		t.Fatalf("no event containing %q; events: %q", s, ev.msgs)
+		t.Fatalf("no event containing %q within %s; events: %q", s, d, ev.msgs)
 	}
 	return found
 }
