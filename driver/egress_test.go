@@ -302,7 +302,6 @@ func udpCmd(a netip.Addr, port int) string {
 
 func pingCmd(a netip.Addr) string { return "/local/egress-probe ping " + a.String() }
 
-
 // waitNetRecord waits until the sandbox's network.json (refreshed by the
 // collector every denialPoll) lists every denial and refused name wanted.
 func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) netRecord {
