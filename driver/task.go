@@ -84,7 +84,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 
 	id := sandboxID(cfg)
 	auditPolicy(rec, id, bc, lim)
-	rec.RunscVersion, rec.Platform = d.runscVersion(), d.runsc.Platform.String()
 	h, handle, err := d.launch(cfg, id, bc, lim, rec)
 	if err != nil {
 		d.emitEvent(cfg, "Sandbox failed to start: "+err.Error(), nil)
