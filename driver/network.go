@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 const (
@@ -299,20 +300,20 @@ func (d *Driver) collectDenials(ctx context.Context, cfg *drivers.TaskConfig, tn
 
 func (tn *taskNet) save() error {
 	tn.mu.Lock()
-	rec := netRecord{Netns: tn.sb.Netns, Addr: tn.sb.Addr.String(), Gateway: tn.sb.Gateway.String(), Denials: tn.denials, RefusedDNS: tn.refused}
+	// The DNS service adds to refused while we write: write a copy.
+	refused := make(map[string]int, len(tn.refused))
+	for k, v := range tn.refused {
+		refused[k] = v
+	}
+	rec := netRecord{Netns: tn.sb.Netns, Addr: tn.sb.Addr.String(), Gateway: tn.sb.Gateway.String(), Denials: tn.denials, RefusedDNS: refused}
 	tn.mu.Unlock()
 	for _, e := range tn.entries {
 		rec.Egress = append(rec.Egress, e.String())
 	}
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Join(tn.dir, netFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := runtime.WriteJSON(filepath.Join(tn.dir, netFile), rec, 0o600); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(tn.dir, netFile))
+	return nil
 }
 
 // stop ends the plugin-side parts; the namespace and filter stay until the

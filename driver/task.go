@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -121,7 +120,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		return nil, nil, fmt.Errorf("create bundle: %w", err)
 	}
 	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id, ImageDigest: rec.ImageDigest}
-	if err := writeJSONFile(filepath.Join(dir, metaFile), meta); err != nil {
+	if err := runtime.WriteJSON(filepath.Join(dir, metaFile), meta, 0o600); err != nil {
 		return nil, nil, err
 	}
 	bc.ResolvConf = filepath.Join(dir, "resolv.conf")
@@ -462,17 +461,6 @@ func defaultHostname(task string) string {
 		return "sandbox"
 	}
 	return h
-}
-
-func writeJSONFile(path string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {

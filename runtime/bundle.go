@@ -180,8 +180,10 @@ func WriteBundle(dir string, c *BundleConfig) error {
 	return writeJSON(filepath.Join(dir, "config.json"), c.Spec(), 0o600)
 }
 
-// writeJSON writes v to path atomically: a reader sees the old file or the
+// WriteJSON writes v to path atomically: a reader sees the old file or the
 // whole new one, never a torn write, even if the writer is killed.
+func WriteJSON(path string, v any, mode os.FileMode) error { return writeJSON(path, v, mode) }
+
 func writeJSON(path string, v any, mode os.FileMode) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
