@@ -25,6 +25,8 @@ type lease struct {
 	MAC     string       `json:"mac,omitempty"`
 	Allow   []string     `json:"allow"`
 	Created time.Time    `json:"created"`
+	// Attached is set for a sandbox in a namespace made by someone else.
+	Attached *attachment `json:"attached,omitempty"`
 }
 
 func (c *Config) leaseDir() string { return filepath.Join(c.StateDir, "leases") }

@@ -55,6 +55,9 @@ type Sandbox struct {
 	// MAC is the sandbox end's hardware address, the only one the filter
 	// accepts.
 	MAC net.HardwareAddr
+	// Attached is set for a namespace made by someone else (Attach): then
+	// Netns and HostIf are theirs, and Gateway is shared with others.
+	Attached bool
 }
 
 // Counters are packet counts of one sandbox's filter.
@@ -116,16 +119,8 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	if id == "" {
 		return nil, errors.New("create sandbox network: empty id")
 	}
-	for _, e := range allow {
-		if e.Host == "" && !e.Prefix.IsValid() {
-			return nil, fmt.Errorf("create sandbox network: invalid allowlist entry %+v", e)
-		}
-		if p := e.proto(); p != "tcp" && p != "udp" {
-			return nil, fmt.Errorf("create sandbox network: entry %s: protocol %q", e, e.Proto)
-		}
-		if lo, hi := e.ports(); lo > hi {
-			return nil, fmt.Errorf("create sandbox network: entry %s: reversed port range", e)
-		}
+	if err := checkEntries(allow); err != nil {
+		return nil, fmt.Errorf("create sandbox network: %w", err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -162,7 +157,7 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	}
 	defer func() {
 		if err != nil {
-			if derr := m.destroy(n); derr != nil {
+			if derr := m.destroy(n, nil); derr != nil {
 				m.Logger.Error("sandbox network: undo of a failed create left something behind", "id", id, "error", derr)
 			}
 		}
@@ -236,6 +231,22 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	return sb, nil
 }
 
+// checkEntries refuses allowlist entries that were not made by ParseEgress.
+func checkEntries(allow []Entry) error {
+	for _, e := range allow {
+		if e.Host == "" && !e.Prefix.IsValid() {
+			return fmt.Errorf("invalid allowlist entry %+v", e)
+		}
+		if p := e.proto(); p != "tcp" && p != "udp" {
+			return fmt.Errorf("entry %s: protocol %q", e, e.Proto)
+		}
+		if lo, hi := e.ports(); lo > hi {
+			return fmt.Errorf("entry %s: reversed port range", e)
+		}
+	}
+	return nil
+}
+
 // Get returns the network of sandbox id as Create made it, read from its
 // lease: for a plugin that restarted and recovers its tasks (to serve DNS on
 // Gateway for Addr again). ErrNotFound if there is no lease or its host end
@@ -253,6 +264,9 @@ func (m *Manager) Get(id string) (*Sandbox, error) {
 		return nil, err
 	}
 	sb := &Sandbox{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: l.Addr, Gateway: l.Gateway}
+	if a := l.Attached; a != nil {
+		sb.Netns, sb.HostIf, sb.Attached = a.Netns, a.HostIf, true
+	}
 	sb.MAC, _ = net.ParseMAC(l.MAC)
 	if _, err := os.Stat(sb.Netns); err != nil {
 		return nil, fmt.Errorf("sandbox network %s: netns: %w", id, ErrNotFound)
@@ -334,8 +348,27 @@ func (m *Manager) setupLinks(sb *Sandbox) (net.HardwareAddr, error) {
 // installFilter adds the sandbox's chains, sets and counters, and the
 // masquerade if configured, in one atomic batch.
 func (m *Manager) installFilter(sb *Sandbox, n names, allow []Entry) error {
+	spec := m.filterSpecFor(sb, n, allow)
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	if m.cfg.Masquerade {
+		m.queueMasquerade(c)
+	}
+	if err := m.queueFilter(c, spec); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	return nil
+}
+
+// filterSpecFor is the filter of sandbox sb for allow.
+func (m *Manager) filterSpecFor(sb *Sandbox, n names, allow []Entry) *filterSpec {
 	spec := &filterSpec{
-		n: n, mac: sb.MAC, addr: sb.Addr.Addr(), gateway: sb.Gateway,
+		n: n, device: sb.HostIf, mac: sb.MAC, addr: sb.Addr.Addr(), gateway: sb.Gateway,
 		block: m.blockRanges(),
 		idle:  m.cfg.FlowIdle,
 	}
@@ -365,29 +398,18 @@ func (m *Manager) installFilter(sb *Sandbox, n names, allow []Entry) error {
 		return a.hi < b.hi
 	})
 	spec.allow = allowElems(static)
-
-	c, err := nftables.New()
-	if err != nil {
-		return err
-	}
-	if m.cfg.Masquerade {
-		m.queueMasquerade(c)
-	}
-	if err := m.queueFilter(c, spec); err != nil {
-		return err
-	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: %w", err)
-	}
-	return nil
+	return spec
 }
 
 // blockRanges is everything denied as a destination: the defaults, the
 // configured Deny and the pool.
 func (m *Manager) blockRanges() []addrRange {
+	return mergeRanges(m.blockPrefixes())
+}
+
+func (m *Manager) blockPrefixes() []netip.Prefix {
 	ps := append(DefaultDeny(), m.cfg.Deny...)
-	ps = append(ps, m.cfg.Subnet)
-	return mergeRanges(ps)
+	return append(ps, m.cfg.Subnet)
 }
 
 func (m *Manager) denied(a netip.Addr) bool {
@@ -614,19 +636,27 @@ func (m *Manager) Destroy(id string) error {
 	}
 	defer unlock()
 	n := m.cfg.names(id)
-	if l, err := m.cfg.readLease(n.hash); err == nil && l.ID != id {
+	l, err := m.cfg.readLease(n.hash)
+	if err == nil && l.ID != id {
 		return fmt.Errorf("destroy sandbox network %s: name %s belongs to sandbox %q", id, n.base, l.ID)
 	}
-	if err := m.destroy(n); err != nil {
+	if err := m.destroy(n, l); err != nil {
 		return fmt.Errorf("destroy sandbox network %s: %w", id, err)
 	}
 	return nil
 }
 
 // destroy removes everything named after n; the lease goes last and only if
-// the rest is gone, so that Reconcile tries again after a failure.
-func (m *Manager) destroy(n names) error {
+// the rest is gone, so that Reconcile tries again after a failure. l, the
+// lease if there is one, tells an attached sandbox: its namespace gets its
+// addresses back and stays, as does the veth.
+func (m *Manager) destroy(n names, l *lease) error {
 	var errs []error
+	if l != nil && l.Attached != nil {
+		if err := restoreNetns(l.Attached); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if link, err := netlink.LinkByName(n.base); err == nil {
 		if err := netlink.LinkDel(link); err != nil {
 			errs = append(errs, fmt.Errorf("delete %s: %w", n.base, err))
@@ -754,7 +784,7 @@ func (m *Manager) Reconcile(live map[string]bool) error {
 			continue
 		}
 		m.Logger.Info("sandbox network: removing leftover", "id", found[h], "name", m.cfg.Prefix+h)
-		if err := m.destroy(m.cfg.namesFromHash(h)); err != nil {
+		if err := m.destroy(m.cfg.namesFromHash(h), leases[h]); err != nil {
 			errs = append(errs, err)
 			remaining++
 		}

@@ -138,6 +138,7 @@ func groupOf(e Entry) portGroup {
 // filterSpec is everything the filter of one sandbox is built from.
 type filterSpec struct {
 	n       names
+	device  string // the host end of the veth
 	mac     net.HardwareAddr
 	addr    netip.Addr
 	gateway netip.Addr
@@ -145,6 +146,10 @@ type filterSpec struct {
 	allow   []allowElem
 	groups  []portGroup
 	idle    time.Duration
+	// For attached sandboxes (see attach.go): the only destination MAC of
+	// IPv4 frames, and the served ports whose replies pass.
+	gatewayMAC net.HardwareAddr
+	replies    []Port
 }
 
 func (m *Manager) netdevTable() *nftables.Table {
@@ -236,7 +241,7 @@ func (m *Manager) queueFilter(c *nftables.Conn, s *filterSpec) error {
 	ch := c.AddChain(&nftables.Chain{
 		Table: t, Name: n.base, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookIngress, Priority: nftables.ChainPriorityFilter,
-		Device: n.base, Policy: &policy,
+		Device: s.device, Policy: &policy,
 	})
 	rule := func(ex ...expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ex}) }
 
@@ -268,6 +273,18 @@ func (m *Manager) queueFilter(c *nftables.Conn, s *filterSpec) error {
 	// VLAN-tagged frames read as ether type 8021q here and end in this rule.
 	rule(append(etherIs(expr.CmpOpNeq, unix.ETH_P_IP), counterRef(n.cOther), verdict(expr.VerdictDrop))...)
 	ipRule(ipSrc(r0), neq(r0, addr), counterRef(n.cSpoofed), verdict(expr.VerdictDrop))
+	if len(s.gatewayMAC) == 6 {
+		// On a bridge port: a frame for any other MAC would be switched to
+		// another allocation without passing the host's IP stack.
+		ipRule(append(append([]expr.Any{}, ether...), ld(expr.PayloadBaseLLHeader, 0, 6, r0), neq(r0, []byte(s.gatewayMAC)),
+			counterRef(n.cDenied), gotoChain(n.drop))...)
+	}
+	for _, p := range s.replies {
+		// Replies from a served port; the prerouting chain <b>-replies
+		// drops those conntrack does not know as replies.
+		ipRule(l4proto(r0), eq(r0, []byte{protoNum(p.Proto)}), thSport(r0), eq(r0, be16(p.Port)),
+			verdict(expr.VerdictAccept))
+	}
 	for _, p := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 		ipRule(ipDst(r0), eq(r0, gw), l4proto(r0), eq(r0, []byte{p}), thDport(r0), eq(r0, be16(53)),
 			verdict(expr.VerdictAccept))
@@ -481,6 +498,7 @@ type nftObjects struct {
 	chains   []string // base chains first
 	sets     []string
 	counters []string
+	ipChains []string // in the ip table: attached sandboxes' DNS redirect and replies
 }
 
 func (m *Manager) listOurs(c *nftables.Conn) (map[string]*nftObjects, error) {
@@ -492,6 +510,23 @@ func (m *Manager) listOurs(c *nftables.Conn) (map[string]*nftObjects, error) {
 			out[h] = o
 		}
 		return o
+	}
+	ipt := m.natTable()
+	if _, err := c.ListTableOfFamily(ipt.Name, ipt.Family); err == nil {
+		chains, err := c.ListChainsOfTableFamily(ipt.Family)
+		if err != nil {
+			return nil, fmt.Errorf("nft list chains: %w", err)
+		}
+		for _, ch := range chains {
+			if ch.Table.Name != ipt.Name {
+				continue
+			}
+			if h := m.cfg.hashOf(ch.Name); h != "" {
+				get(h).ipChains = append(get(h).ipChains, ch.Name)
+			}
+		}
+	} else if !isNotExist(err) {
+		return nil, fmt.Errorf("nft list table: %w", err)
 	}
 	t := m.netdevTable()
 	if _, err := c.ListTableOfFamily(t.Name, t.Family); err != nil {
@@ -560,6 +595,10 @@ func (m *Manager) queueDelete(c *nftables.Conn, objs *nftObjects) {
 	}
 	for _, name := range objs.counters {
 		c.DeleteObject(&nftables.NamedObj{Table: t, Name: name, Type: nftables.ObjTypeCounter})
+	}
+	for _, ch := range objs.ipChains {
+		c.FlushChain(&nftables.Chain{Table: m.natTable(), Name: ch})
+		c.DelChain(&nftables.Chain{Table: m.natTable(), Name: ch})
 	}
 }
 

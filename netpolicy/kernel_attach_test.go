@@ -1,0 +1,402 @@
+package netpolicy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// An allocation network as Nomad's CNI bridge makes it: a bridge on the
+// host with the gateway address, and per allocation a namespace whose eth0
+// is a veth with its host end on the bridge.
+const ktBridge = ktSrvPrefix + "br"
+
+var ktBridgeNet = netip.MustParsePrefix("10.197.0.0/24")
+
+type ktAlloc struct {
+	netns  string
+	hostIf string
+	addr   netip.Addr
+	mac    net.HardwareAddr
+}
+
+// ktStartBridge makes the bridge, routes what the allocations send through
+// it to the test server (srv must exist: its table holds the route) and returns the
+// gateway address.
+func ktStartBridge(t *testing.T) netip.Addr {
+	t.Helper()
+	gw := netip.MustParseAddr("10.197.0.1")
+	ktMust(t, netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: ktBridge}}))
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName(ktBridge); err == nil {
+			if err := netlink.LinkDel(l); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+	br, err := netlink.LinkByName(ktBridge)
+	ktMust(t, err)
+	ktMust(t, netlink.AddrAdd(br, ktAddr(gw, 24)))
+	ktMust(t, netlink.LinkSetUp(br))
+	rule := netlink.NewRule()
+	rule.IifName = ktBridge
+	rule.Table = ktRouteTable
+	rule.Priority = ktRulePrio + 1
+	ktMust(t, netlink.RuleAdd(rule))
+	t.Cleanup(func() {
+		if err := netlink.RuleDel(rule); err != nil {
+			t.Errorf("cleanup: rule: %v", err)
+		}
+	})
+	return gw
+}
+
+// ktAddAlloc makes allocation k's namespace on the bridge: 10.197.0.(1+k).
+func ktAddAlloc(t *testing.T, k int) *ktAlloc {
+	t.Helper()
+	a := &ktAlloc{
+		netns:  filepath.Join(DefaultNetnsDir, fmt.Sprintf("%s-a%d", ktSrvPrefix, k)),
+		hostIf: fmt.Sprintf("%sa%d", ktSrvPrefix, k),
+		addr:   netip.AddrFrom4([4]byte{10, 197, 0, byte(1 + k)}),
+	}
+	ktMust(t, createNetns(a.netns, nil))
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName(a.hostIf); err == nil {
+			if err := netlink.LinkDel(l); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		if err := deleteNetns(a.netns); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	nsh, err := netns.GetFromPath(a.netns)
+	ktMust(t, err)
+	defer nsh.Close()
+	ktMust(t, netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a.hostIf}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(nsh))}))
+	host, err := netlink.LinkByName(a.hostIf)
+	ktMust(t, err)
+	br, err := netlink.LinkByName(ktBridge)
+	ktMust(t, err)
+	ktMust(t, netlink.LinkSetMaster(host, br))
+	ktMust(t, netlink.LinkSetUp(host))
+	h, err := netlink.NewHandleAt(nsh)
+	ktMust(t, err)
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	ktMust(t, err)
+	ktMust(t, h.LinkSetUp(lo))
+	eth, err := h.LinkByName("eth0")
+	ktMust(t, err)
+	a.mac = eth.Attrs().HardwareAddr
+	ktMust(t, h.AddrAdd(eth, ktAddr(a.addr, 24)))
+	ktMust(t, h.LinkSetUp(eth))
+	ktMust(t, h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: netip.MustParseAddr("10.197.0.1").AsSlice()}))
+	return a
+}
+
+// ktListen starts a greeting TCP server on port in namespace ns ("" for the
+// root namespace).
+func ktListen(t *testing.T, ns string, addr netip.AddrPort) netip.AddrPort {
+	t.Helper()
+	var ln net.Listener
+	ktMust(t, ktIn(ns, func() error {
+		var err error
+		ln, err = net.Listen("tcp4", addr.String())
+		return err
+	}))
+	t.Cleanup(func() { ln.Close() })
+	go ktServeTCP(ln)
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// ktNetnsState is eth0's IPv4 addresses and default gateway in ns.
+func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
+	t.Helper()
+	nsh, err := netns.GetFromPath(ns)
+	ktMust(t, err)
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	ktMust(t, err)
+	defer h.Close()
+	eth, err := h.LinkByName("eth0")
+	ktMust(t, err)
+	as, err := h.AddrList(eth, netlink.FAMILY_V4)
+	ktMust(t, err)
+	for _, a := range as {
+		addrs = append(addrs, a.IPNet.String())
+	}
+	rs, err := h.RouteList(eth, netlink.FAMILY_V4)
+	ktMust(t, err)
+	for _, r := range rs {
+		if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.Gw != nil {
+			gw = r.Gw.String()
+		}
+	}
+	return addrs, gw
+}
+
+// ktStrip does to eth0 what runsc does when it takes the namespace over.
+func ktStrip(t *testing.T, ns string) {
+	t.Helper()
+	nsh, err := netns.GetFromPath(ns)
+	ktMust(t, err)
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	ktMust(t, err)
+	defer h.Close()
+	eth, err := h.LinkByName("eth0")
+	ktMust(t, err)
+	as, err := h.AddrList(eth, netlink.FAMILY_V4)
+	ktMust(t, err)
+	for _, a := range as {
+		ktMust(t, h.AddrDel(eth, &a))
+	}
+}
+
+// ktObjectsGone checks that nothing of id is left in nftables nor in the
+// leases.
+func ktObjectsGone(t *testing.T, m *Manager, id string) {
+	t.Helper()
+	n := m.cfg.names(id)
+	c, err := nftables.New()
+	ktMust(t, err)
+	objs, err := m.listOurs(c)
+	ktMust(t, err)
+	if o := objs[n.hash]; o != nil {
+		t.Errorf("nftables objects still there: %+v", *o)
+	}
+	if _, err := os.Stat(m.cfg.leasePath(n.hash)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lease %s still there (%v)", n.hash, err)
+	}
+}
+
+// TestKernelAttach puts the filter on an allocation network like Nomad's
+// bridge mode makes, and checks what it lets through from a namespace
+// whose plain Linux stack stands in for the sandbox's.
+func TestKernelAttach(t *testing.T) {
+	ktRequireRoot(t)
+	srv := ktStartServer(t, 4)
+	gw := ktStartBridge(t)
+	a1 := ktAddAlloc(t, 1)
+	a2 := ktAddAlloc(t, 2)
+	m := ktManager(t, "", nil)
+	const id = "alloc-a1/task-web"
+	srv1 := netip.AddrPortFrom(srv.addr, ktTCP1)
+	srv2 := netip.AddrPortFrom(srv.addr, ktTCP2)
+
+	// Controls before any filter: everything answers.
+	web := ktListen(t, a1.netns, netip.MustParseAddrPort("0.0.0.0:8080"))
+	lateral := ktListen(t, a2.netns, netip.AddrPortFrom(a2.addr, 8080))
+	gwSvc := ktListen(t, "", netip.AddrPortFrom(gw, 0))
+	for _, dst := range []netip.AddrPort{srv1, srv2, lateral, gwSvc} {
+		if _, err := ktTCPWorks(a1.netns, dst); err != nil {
+			t.Fatalf("control: %s from the allocation before Attach: %v", dst, err)
+		}
+	}
+	if _, err := ktTCPWorks("", netip.AddrPortFrom(a1.addr, web.Port())); err != nil {
+		t.Fatalf("control: inbound before Attach: %v", err)
+	}
+
+	sb, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, srv1.String()),
+		AttachOptions{Replies: []Port{{"tcp", 8080}, {"tcp", 8090}}})
+	ktMust(t, err)
+	t.Cleanup(func() {
+		if err := m.Destroy(id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if !sb.Attached || sb.Netns != a1.netns || sb.HostIf != a1.hostIf || sb.Addr != netip.PrefixFrom(a1.addr, 24) ||
+		sb.Gateway != gw || sb.MAC.String() != a1.mac.String() {
+		t.Fatalf("Attach = %+v", sb)
+	}
+	if got, err := m.Get(id); err != nil || got.Netns != a1.netns || got.HostIf != a1.hostIf || !got.Attached {
+		t.Errorf("Get = %+v, %v", got, err)
+	}
+	if _, err := m.Attach(context.Background(), id, a1.netns, nil, AttachOptions{}); !errors.Is(err, ErrExists) {
+		t.Errorf("Attach again: %v, want ErrExists", err)
+	}
+	if _, err := m.Attach(context.Background(), "alloc-a1/task-other", a1.netns, nil, AttachOptions{}); !errors.Is(err, ErrNetnsInUse) {
+		t.Errorf("a second sandbox in the namespace: %v, want ErrNetnsInUse", err)
+	}
+
+	t.Run("allowlisted destination connects, others do not", func(t *testing.T) {
+		if _, err := ktTCPWorks(a1.netns, srv1); err != nil {
+			t.Errorf("%s: %v", srv1, err)
+		}
+		for _, dst := range []netip.AddrPort{srv2, lateral, gwSvc} {
+			if _, err := ktTCPWorks(a1.netns, dst); err == nil {
+				t.Errorf("%s reachable", dst)
+			}
+		}
+		den, err := m.Denials(id)
+		ktMust(t, err)
+		for _, dst := range []netip.AddrPort{srv2, lateral, gwSvc} {
+			if den[dst.String()+"/tcp"] == 0 {
+				t.Errorf("no denial recorded for %s: %v", dst, den)
+			}
+		}
+	})
+
+	t.Run("inbound to a served port works", func(t *testing.T) {
+		g, err := ktTCPWorks("", netip.AddrPortFrom(a1.addr, web.Port()))
+		if err != nil {
+			t.Fatalf("inbound: %v", err)
+		}
+		t.Logf("greeting: %s", g)
+	})
+
+	t.Run("a served port is no way out", func(t *testing.T) {
+		// Sent from a served port, so past the netdev filter; not a reply,
+		// so dropped after conntrack.
+		for _, dst := range []netip.AddrPort{srv2, gwSvc} {
+			var err error
+			ktMust(t, ktIn(a1.netns, func() error {
+				d := net.Dialer{Timeout: ktTimeout, LocalAddr: &net.TCPAddr{Port: 8090}}
+				var c net.Conn
+				c, err = d.Dial("tcp4", dst.String())
+				if err == nil {
+					c.Close()
+				}
+				return nil
+			}))
+			if err == nil {
+				t.Errorf("%s reachable from served port 8090", dst)
+			}
+		}
+	})
+
+	t.Run("frames for another MAC are dropped", func(t *testing.T) {
+		// Point the gateway at the other allocation's MAC: the frames for
+		// the allowed server would be switched to it.
+		nsh, err := netns.GetFromPath(a1.netns)
+		ktMust(t, err)
+		defer nsh.Close()
+		h, err := netlink.NewHandleAt(nsh)
+		ktMust(t, err)
+		defer h.Close()
+		eth, err := h.LinkByName("eth0")
+		ktMust(t, err)
+		neigh := &netlink.Neigh{LinkIndex: eth.Attrs().Index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
+			IP: gw.AsSlice(), HardwareAddr: a2.mac}
+		ktMust(t, h.NeighSet(neigh))
+		before := ktCounters(t, m, id)
+		_, err = ktTCPWorks(a1.netns, srv1)
+		ktMust(t, h.NeighDel(neigh))
+		if err == nil {
+			t.Errorf("%s reachable through frames for %s", srv1, a2.mac)
+		}
+		if after := ktCounters(t, m, id); after.Denied <= before.Denied {
+			t.Errorf("denied counter %d -> %d", before.Denied, after.Denied)
+		}
+		if _, err := ktTCPWorks(a1.netns, srv1); err != nil {
+			t.Errorf("%s with the gateway's MAC back: %v", srv1, err)
+		}
+	})
+
+	t.Run("DNS goes to the redirect target", func(t *testing.T) {
+		pc, err := net.ListenPacket("udp4", netip.AddrPortFrom(gw, 0).String())
+		ktMust(t, err)
+		defer pc.Close()
+		go ktServeUDP(pc)
+		to := netip.MustParseAddrPort(pc.LocalAddr().String())
+		if _, err := ktUDPEcho(a1.netns, to); err == nil {
+			t.Errorf("the DNS service's own port %s is reachable directly", to)
+		}
+		ktMust(t, m.RedirectDNS(id, to))
+		ktMust(t, m.RedirectDNS(id, to)) // replaces, does not add
+		if _, err := ktUDPEcho(a1.netns, netip.AddrPortFrom(gw, 53)); err != nil {
+			t.Errorf("DNS to %s:53: %v", gw, err)
+		}
+	})
+
+	t.Run("destroy leaves the namespace as it was", func(t *testing.T) {
+		wantAddrs, wantGw := []string{a1.addr.String() + "/24"}, gw.String()
+		ktStrip(t, a1.netns)
+		ktMust(t, m.Destroy(id))
+		ktObjectsGone(t, m, id)
+		addrs, g := ktNetnsState(t, a1.netns)
+		if fmt.Sprint(addrs) != fmt.Sprint(wantAddrs) || g != wantGw {
+			t.Errorf("after Destroy: addresses %v, gateway %q; want %v, %q", addrs, g, wantAddrs, wantGw)
+		}
+		if _, err := netlink.LinkByName(a1.hostIf); err != nil {
+			t.Errorf("the allocation's veth went: %v", err)
+		}
+		if _, err := os.Stat(a1.netns); err != nil {
+			t.Errorf("the allocation's namespace went: %v", err)
+		}
+		// Unfiltered again, as Nomad made it.
+		if _, err := ktTCPWorks(a1.netns, srv2); err != nil {
+			t.Errorf("after Destroy: %s: %v", srv2, err)
+		}
+		// And ready for the task's next run.
+		_, err := m.Attach(context.Background(), id, a1.netns, nil, AttachOptions{})
+		ktMust(t, err)
+		ktMust(t, m.Destroy(id))
+		ktObjectsGone(t, m, id)
+	})
+}
+
+// TestKernelAttachRefuses checks namespaces Attach cannot use.
+func TestKernelAttachRefuses(t *testing.T) {
+	ktRequireRoot(t)
+	m := ktManager(t, "", nil)
+	empty := filepath.Join(DefaultNetnsDir, ktSrvPrefix+"-empty")
+	ktMust(t, createNetns(empty, nil))
+	t.Cleanup(func() {
+		if err := deleteNetns(empty); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if _, err := m.Attach(context.Background(), "x/none", empty, nil, AttachOptions{}); !errors.Is(err, ErrNoInterface) {
+		t.Errorf("namespace with loopback only: %v, want ErrNoInterface", err)
+	}
+	if _, err := m.Attach(context.Background(), "x/bad", empty, nil, AttachOptions{Replies: []Port{{"sctp", 80}}}); err == nil {
+		t.Errorf("reply port sctp/80 accepted")
+	}
+	if _, err := m.Attach(context.Background(), "x/missing", empty+"-missing", nil, AttachOptions{}); err == nil {
+		t.Errorf("missing namespace accepted")
+	}
+	ktObjectsGone(t, m, "x/none")
+}
+
+// TestKernelAttachReconcile: a plugin died with an attached sandbox whose
+// runsc had stripped the namespace; a new manager gives the addresses back
+// and removes the filter, and leaves the allocation's network alone.
+func TestKernelAttachReconcile(t *testing.T) {
+	ktRequireRoot(t)
+	srv := ktStartServer(t, 5)
+	gw := ktStartBridge(t)
+	a1 := ktAddAlloc(t, 1)
+	state := t.TempDir()
+	m := ktManager(t, state, nil)
+	const id = "alloc-r1/task"
+	_, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, netip.AddrPortFrom(srv.addr, ktTCP1).String()), AttachOptions{})
+	ktMust(t, err)
+	ktMust(t, m.RedirectDNS(id, netip.AddrPortFrom(gw, 5353)))
+	ktStrip(t, a1.netns)
+
+	m2 := ktManager(t, state, nil)
+	ktMust(t, m2.Reconcile(map[string]bool{}))
+	ktObjectsGone(t, m2, id)
+	addrs, g := ktNetnsState(t, a1.netns)
+	if len(addrs) != 1 || addrs[0] != a1.addr.String()+"/24" || g != gw.String() {
+		t.Errorf("after Reconcile: %v via %q", addrs, g)
+	}
+	if _, err := netlink.LinkByName(a1.hostIf); err != nil {
+		t.Errorf("the allocation's veth went: %v", err)
+	}
+	if _, err := ktTCPWorks(a1.netns, netip.AddrPortFrom(srv.addr, ktTCP2)); err != nil {
+		t.Errorf("after Reconcile the namespace is not as Nomad made it: %v", err)
+	}
+}
