@@ -69,7 +69,12 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 	if lim.timeout > 0 {
 		p.Timeout = lim.timeout.String()
 	}
-	if len(lim.egress) > 0 {
+	switch {
+	case lim.net == netGroup:
+		p.Network = "sandbox in the group network, default deny"
+	case lim.net == netHost:
+		p.Network = "host (allow_host_network)"
+	case len(lim.egress) > 0:
 		p.Network = "sandbox, default deny"
 	}
 	rec.Policy = p

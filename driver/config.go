@@ -75,6 +75,8 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("denied_egress", "list(string)", false), hclspec.NewLiteral(`[]`)),
 	"dns_servers": hclspec.NewDefault(
 		hclspec.NewAttr("dns_servers", "list(string)", false), hclspec.NewLiteral(`[]`)),
+	"allow_host_network": hclspec.NewDefault(
+		hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral(`false`)),
 	"network_subnet": hclspec.NewDefault(
 		hclspec.NewAttr("network_subnet", "string", false), hclspec.NewLiteral(`"10.89.0.0/16"`)),
 	"image_gc": hclspec.NewBlock("image_gc", false, hclspec.NewObject(map[string]*hclspec.Spec{
@@ -109,10 +111,13 @@ var capabilities = &drivers.Capabilities{
 	SendSignals: true,
 	Exec:        true,
 	FSIsolation: drivers.FSIsolationImage,
-	// Networking arrives with netpolicy; until then every sandbox has
-	// loopback only, whatever the group asks for.
-	NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeNone},
-	MountConfigs:      drivers.MountConfigSupportAll,
+	// Group: the sandbox joins the allocation's namespace (bridge mode) and
+	// its filter goes on the host end. Host only where allow_host_network
+	// says so (checked at start: Nomad never asks about host mode).
+	NetIsolationModes: []drivers.NetIsolationMode{
+		drivers.NetIsolationModeNone, drivers.NetIsolationModeGroup, drivers.NetIsolationModeHost,
+	},
+	MountConfigs: drivers.MountConfigSupportAll,
 }
 
 // PluginConfig is the decoded plugin configuration.
@@ -142,6 +147,7 @@ type PluginConfig struct {
 	DeniedEgress        []string `codec:"denied_egress"`
 	DNSServers          []string `codec:"dns_servers"`
 	NetworkSubnet       string   `codec:"network_subnet"`
+	AllowHostNetwork    bool     `codec:"allow_host_network"`
 }
 
 // ImageGC is the plugin's image_gc block: unused images older than MaxAge
@@ -294,9 +300,26 @@ type taskLimits struct {
 	pids    int64
 	timeout time.Duration
 	// egress is the task's allowlist, checked against the node's ceiling;
-	// empty means no network but loopback.
+	// empty means no network but loopback (or, in a group network, nothing
+	// but replies to the allocation's ports).
 	egress []netpolicy.Entry
+	// net is where the sandbox's network comes from.
+	net netMode
 }
+
+// netMode is where a sandbox's network comes from.
+type netMode int
+
+const (
+	// netOwn: a namespace of the driver's own when the task has egress,
+	// loopback only otherwise.
+	netOwn netMode = iota
+	// netGroup: the allocation's namespace, made by Nomad (group network
+	// in bridge, cni/* or none mode).
+	netGroup
+	// netHost: the node's network (host mode, allowed by allow_host_network).
+	netHost
+)
 
 // Validate checks a task's configuration against the plugin's ceiling and
 // returns the limits that apply. It runs before anything is created, and

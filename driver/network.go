@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
@@ -176,13 +178,112 @@ func portsWithin(e, c netpolicy.Entry) bool {
 	return e.PortLo >= c.PortLo && e.PortHi <= c.PortHi
 }
 
-// setupNetwork creates the sandbox's namespace and filter and starts its DNS
+// networkMode decides where the sandbox's network comes from. Nomad 1.6
+// tells a driver about a group network in bridge (or cni/*, or none) mode
+// through NetworkIsolation; for host mode it says nothing, so host mode is
+// recognised by what only a network block gives: ports, or a dns block.
+// A host-mode block with neither reads like no block at all, and the
+// sandbox gets loopback only: it never shares the node's network unless
+// allow_host_network says so.
+func (d *Driver) networkMode(cfg *drivers.TaskConfig, egress []netpolicy.Entry) (netMode, error) {
+	ni := cfg.NetworkIsolation
+	if ni != nil {
+		switch ni.Mode {
+		case drivers.NetIsolationModeGroup:
+			if ni.Path == "" {
+				return 0, errors.New("group network: Nomad gave no network namespace path")
+			}
+			return netGroup, nil
+		case drivers.NetIsolationModeTask:
+			return 0, errors.New(`network mode "driver" is not supported: use network { mode = "bridge" } or no network block`)
+		}
+	}
+	ports := hostModePorts(cfg)
+	hostNet := (ni != nil && ni.Mode == drivers.NetIsolationModeHost) || len(ports) > 0 || cfg.DNS != nil
+	if !hostNet {
+		return netOwn, nil
+	}
+	if !d.config.AllowHostNetwork {
+		what := "a dns block"
+		if len(ports) > 0 {
+			what = "ports " + strings.Join(ports, ", ")
+		}
+		return 0, fmt.Errorf(`the group network is in host mode (network { mode = "host" } or a network block without a mode, here with %s), which would share the node's network with the sandbox, and this node forbids it (the plugin's allow_host_network): use network { mode = "bridge" }, where ports and service checks work, or remove the network block`, what)
+	}
+	if len(egress) > 0 {
+		return 0, errors.New(`egress cannot be enforced in host network mode (the sandbox shares the node's network): use network { mode = "bridge" } with egress, or remove egress`)
+	}
+	return netHost, nil
+}
+
+// hostModePorts are the ports of a group or task network in host mode, as
+// "label (port)".
+func hostModePorts(cfg *drivers.TaskConfig) []string {
+	var out []string
+	if r := cfg.Resources; r != nil {
+		if r.Ports != nil {
+			for _, p := range *r.Ports {
+				out = append(out, fmt.Sprintf("%s (%d)", p.Label, p.Value))
+			}
+		}
+		if r.NomadResources != nil {
+			for _, n := range r.NomadResources.Networks {
+				for _, p := range append(append([]structs.Port{}, n.ReservedPorts...), n.DynamicPorts...) {
+					out = append(out, fmt.Sprintf("%s (%d)", p.Label, p.Value))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// servedPorts are the ports the allocation's group network maps into its
+// namespace: where the task listens ("to", or the host port when to is
+// not set), for TCP and UDP alike, as Nomad's port mapping does.
+func servedPorts(cfg *drivers.TaskConfig) []netpolicy.Port {
+	var out []netpolicy.Port
+	seen := map[int]bool{}
+	if cfg.Resources == nil || cfg.Resources.Ports == nil {
+		return nil
+	}
+	for _, p := range *cfg.Resources.Ports {
+		port := p.To
+		if port <= 0 {
+			port = p.Value
+		}
+		if port <= 0 || port > 65535 || seen[port] {
+			continue
+		}
+		seen[port] = true
+		out = append(out, netpolicy.Port{Proto: "tcp", Port: uint16(port)}, netpolicy.Port{Proto: "udp", Port: uint16(port)})
+	}
+	return out
+}
+
+// setupNetwork makes the sandbox's network, its filter and its DNS
 // service, all before the sandbox exists; on any failure it undoes it all
-// and the task does not start (fail closed).
-func (d *Driver) setupNetwork(cfg *drivers.TaskConfig, id, dir string, entries []netpolicy.Entry) (*taskNet, error) {
+// and the task does not start (fail closed). In a group network it joins
+// the allocation's namespace; nil (and no error) is a group network
+// without an interface (mode "none"): loopback only.
+func (d *Driver) setupNetwork(cfg *drivers.TaskConfig, id, dir string, lim taskLimits) (*taskNet, error) {
 	ctx, cancel := context.WithTimeout(d.ctx, time.Minute)
 	defer cancel()
-	sb, err := d.net.Create(ctx, id, entries)
+	entries := lim.egress
+	var sb *netpolicy.Sandbox
+	var err error
+	if lim.net == netGroup {
+		sb, err = d.net.Attach(ctx, id, cfg.NetworkIsolation.Path, entries, netpolicy.AttachOptions{Replies: servedPorts(cfg)})
+		switch {
+		case errors.Is(err, netpolicy.ErrNoInterface) && len(entries) == 0:
+			return nil, nil
+		case errors.Is(err, netpolicy.ErrNoInterface):
+			return nil, errors.New(`egress: the group network has no interface (network mode "none"): use network { mode = "bridge" } for egress`)
+		case errors.Is(err, netpolicy.ErrNetnsInUse):
+			return nil, fmt.Errorf("network: another sandbox task of this allocation runs in the group network; a sandbox takes the namespace's interface over, so a group network serves one sandbox task at a time (prestart tasks that end before the main task starts are fine): %w", err)
+		}
+	} else {
+		sb, err = d.net.Create(ctx, id, entries)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("network: %w", err)
 	}
@@ -206,7 +307,14 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 	}
 	tn.refused = map[string]int{}
 	srv := &netpolicy.DNSServer{Upstreams: d.config.DNSServers, Logger: d.logger.Named("dns")}
-	stop, err := srv.Serve(d.ctx, netip.AddrPortFrom(tn.sb.Gateway, 53), netpolicy.DNSPolicy{
+	listen := netip.AddrPortFrom(tn.sb.Gateway, 53)
+	if tn.sb.Attached {
+		// The gateway is shared with the other allocations on the bridge:
+		// a port of this sandbox's own, which its queries to port 53 are
+		// redirected to.
+		listen = netip.AddrPortFrom(tn.sb.Gateway, 0)
+	}
+	bound, stop, err := srv.Listen(d.ctx, listen, netpolicy.DNSPolicy{
 		Allowed: netpolicy.DNSAllowlist(hosts),
 		Denied:  d.deniedAddr,
 		Allow: func(addr netip.Addr, rule netpolicy.DNSRule, ttl time.Duration) error {
@@ -224,6 +332,12 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 		return fmt.Errorf("network: DNS service on %s: %w", tn.sb.Gateway, err)
 	}
 	tn.stopDNS = stop
+	if tn.sb.Attached {
+		if err := d.net.RedirectDNS(tn.id, bound); err != nil {
+			_ = stop()
+			return fmt.Errorf("network: %w", err)
+		}
+	}
 	if err := tn.save(); err != nil {
 		_ = stop()
 		return err

@@ -148,18 +148,22 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	bc.CgroupsPath = cg.Path
 	network := "none"
 	var tn *taskNet
-	if len(lim.egress) > 0 {
+	if lim.net == netHost {
+		network, bc.HostNetwork = "host", true
+	} else if lim.net == netGroup || len(lim.egress) > 0 {
 		var err error
-		if tn, err = d.setupNetwork(cfg, id, dir, lim.egress); err != nil {
+		if tn, err = d.setupNetwork(cfg, id, dir, lim); err != nil {
 			return nil, nil, err
 		}
+	}
+	if tn != nil {
 		cu.Add(func() {
 			tn.stop()
 			_ = d.net.Destroy(id)
 		})
 		network, bc.NetnsPath = "sandbox", tn.sb.Netns
 		// The sandbox's only resolver is its own DNS service.
-		if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf([]string{tn.sb.Gateway.String()}, nil, []string{"ndots:1"}), 0o644); err != nil {
+		if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf([]string{tn.sb.Gateway.String()}, search, []string{"ndots:1"}), 0o644); err != nil {
 			return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
 		}
 	}
@@ -238,8 +242,8 @@ func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits,
 			}
 		}
 	}
-	if ni := cfg.NetworkIsolation; ni != nil && ni.Mode != drivers.NetIsolationModeNone {
-		return lim, fmt.Errorf("network mode %q is not supported yet: the sandbox has loopback only; remove the group network block", ni.Mode)
+	if lim.net, err = d.networkMode(cfg, lim.egress); err != nil {
+		return lim, err
 	}
 	for _, m := range cfg.Mounts {
 		if !filepath.IsAbs(m.TaskPath) || reservedMount(filepath.Clean(m.TaskPath)) || filepath.Clean(m.TaskPath) == "/" {

@@ -70,6 +70,7 @@ type attachment struct {
 	HostIf     string         `json:"host_if"`
 	Link       string         `json:"link"`
 	Addrs      []netip.Prefix `json:"addrs"`
+	Broadcast  []netip.Addr   `json:"broadcast,omitempty"` // per address, invalid for none
 	Routes     []savedRoute   `json:"routes"`
 	GatewayMAC string         `json:"gateway_mac"`
 	Replies    []string       `json:"replies,omitempty"`
@@ -90,6 +91,7 @@ type nsView struct {
 	link       string
 	mac        net.HardwareAddr
 	addrs      []netip.Prefix
+	broadcast  []netip.Addr
 	routes     []savedRoute
 	gateway    netip.Addr
 	hostIf     string
@@ -155,7 +157,7 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	}
 	addr := v.addrs[0]
 	sb := &Sandbox{ID: id, Netns: netnsPath, HostIf: v.hostIf, Addr: addr, Gateway: v.gateway, MAC: v.mac, Attached: true}
-	att := &attachment{Netns: netnsPath, HostIf: v.hostIf, Link: v.link, Addrs: v.addrs, Routes: v.routes, GatewayMAC: v.gatewayMAC.String()}
+	att := &attachment{Netns: netnsPath, HostIf: v.hostIf, Link: v.link, Addrs: v.addrs, Broadcast: v.broadcast, Routes: v.routes, GatewayMAC: v.gatewayMAC.String()}
 	for _, p := range opt.Replies {
 		att.Replies = append(att.Replies, p.String())
 	}
@@ -326,6 +328,11 @@ func inspectNetns(path string) (*nsView, error) {
 		}
 		bits, _ := a.Mask.Size()
 		v.addrs = append(v.addrs, netip.PrefixFrom(ip, bits))
+		var brd netip.Addr
+		if a.Broadcast != nil {
+			brd, _ = netip.AddrFromSlice(a.Broadcast.To4())
+		}
+		v.broadcast = append(v.broadcast, brd)
 	}
 	if len(v.addrs) != 1 {
 		return nil, fmt.Errorf("interface %s has %d IPv4 addresses, want exactly 1 (an earlier sandbox may have taken it over and not given it back)", v.link, len(v.addrs))
@@ -422,8 +429,11 @@ func restoreNetns(a *attachment) error {
 	if err := h.LinkSetUp(link); err != nil {
 		errs = append(errs, fmt.Errorf("%s up: %w", a.Link, err))
 	}
-	for _, p := range a.Addrs {
+	for i, p := range a.Addrs {
 		na := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}}
+		if i < len(a.Broadcast) && a.Broadcast[i].IsValid() {
+			na.Broadcast = a.Broadcast[i].AsSlice()
+		}
 		if err := h.AddrReplace(link, na); err != nil {
 			errs = append(errs, fmt.Errorf("address %s on %s: %w", p, a.Link, err))
 		}

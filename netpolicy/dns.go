@@ -137,26 +137,33 @@ const (
 // stop closes the listeners, cancels the upstream queries in flight and
 // waits (bounded) for the handlers to return; it can be called more than once.
 func (s *DNSServer) Serve(ctx context.Context, listen netip.AddrPort, p DNSPolicy) (stop func() error, err error) {
+	_, stop, err = s.Listen(ctx, listen, p)
+	return stop, err
+}
+
+// Listen is Serve that also returns the address it listens on: the port
+// picked when listen's is 0.
+func (s *DNSServer) Listen(ctx context.Context, listen netip.AddrPort, p DNSPolicy) (bound netip.AddrPort, stop func() error, err error) {
 	if p.Allowed == nil || p.Allow == nil {
-		return nil, errors.New("dns: policy needs Allowed and Allow")
+		return bound, nil, errors.New("dns: policy needs Allowed and Allow")
 	}
 	if !listen.IsValid() {
-		return nil, errors.New("dns: invalid listen address")
+		return bound, nil, errors.New("dns: invalid listen address")
 	}
 	h, err := s.newHandler(p)
 	if err != nil {
-		return nil, err
+		return bound, nil, err
 	}
 
 	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(listen))
 	if err != nil {
-		return nil, fmt.Errorf("dns: listen udp %s: %w", listen, err)
+		return bound, nil, fmt.Errorf("dns: listen udp %s: %w", listen, err)
 	}
 	tcpAddr := netip.AddrPortFrom(listen.Addr(), pc.LocalAddr().(*net.UDPAddr).AddrPort().Port())
 	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(tcpAddr))
 	if err != nil {
 		pc.Close()
-		return nil, fmt.Errorf("dns: listen tcp %s: %w", tcpAddr, err)
+		return bound, nil, fmt.Errorf("dns: listen tcp %s: %w", tcpAddr, err)
 	}
 
 	hctx, cancel := context.WithCancel(context.Background())
@@ -226,10 +233,10 @@ func (s *DNSServer) Serve(ctx context.Context, listen netip.AddrPort, p DNSPolic
 			running[i] = true
 		case r := <-done:
 			shutdown()
-			return nil, fmt.Errorf("dns: serve %s: %v", listen, r.err)
+			return bound, nil, fmt.Errorf("dns: serve %s: %v", listen, r.err)
 		case <-time.After(5 * time.Second):
 			shutdown()
-			return nil, fmt.Errorf("dns: serve %s: servers did not start", listen)
+			return bound, nil, fmt.Errorf("dns: serve %s: servers did not start", listen)
 		}
 	}
 
@@ -254,7 +261,7 @@ func (s *DNSServer) Serve(ctx context.Context, listen netip.AddrPort, p DNSPolic
 	}()
 
 	h.log.Debug("dns listening", "listen", listen)
-	return shutdown, nil
+	return tcpAddr, shutdown, nil
 }
 
 func (s *DNSServer) timeout() time.Duration {

@@ -58,6 +58,9 @@ type BundleConfig struct {
 	// (runsc --network=sandbox takes over its interface); empty means a
 	// namespace of its own with loopback only.
 	NetnsPath string
+	// HostNetwork leaves the sandbox in the node's network namespace (runsc
+	// --network=host): only where the operator allows host networking.
+	HostNetwork bool
 	// ResolvConf and Hosts are host files bound read-only at /etc/resolv.conf
 	// and /etc/hosts.
 	ResolvConf string
@@ -92,18 +95,25 @@ func (c *BundleConfig) Spec() *specs.Spec {
 		},
 		Mounts: c.mounts(),
 		Linux: &specs.Linux{
-			Namespaces: []specs.LinuxNamespace{
-				{Type: specs.PIDNamespace},
-				{Type: specs.IPCNamespace},
-				{Type: specs.UTSNamespace},
-				{Type: specs.MountNamespace},
-				{Type: specs.NetworkNamespace, Path: c.NetnsPath},
-			},
+			Namespaces:  c.namespaces(),
 			CgroupsPath: c.CgroupsPath,
 			Resources:   c.resources(),
 		},
 	}
 	return s
+}
+
+func (c *BundleConfig) namespaces() []specs.LinuxNamespace {
+	ns := []specs.LinuxNamespace{
+		{Type: specs.PIDNamespace},
+		{Type: specs.IPCNamespace},
+		{Type: specs.UTSNamespace},
+		{Type: specs.MountNamespace},
+	}
+	if !c.HostNetwork {
+		ns = append(ns, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: c.NetnsPath})
+	}
+	return ns
 }
 
 func (c *BundleConfig) resources() *specs.LinuxResources {

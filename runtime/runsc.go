@@ -120,7 +120,7 @@ func (r *Runsc) Version(ctx context.Context) (string, error) {
 // RunOpts are the options of `runsc run`.
 type RunOpts struct {
 	Bundle string
-	// Network is --network: "none" or "sandbox".
+	// Network is --network: "none", "sandbox" or "host".
 	Network string
 	// Overlay is --overlay2, e.g. "none" or "root:memory".
 	Overlay string

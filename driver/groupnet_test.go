@@ -1,0 +1,318 @@
+package driver
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/nomad/nomad/structs"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+)
+
+// allocNet is an allocation network as Nomad's bridge mode makes it (CNI
+// bridge plugin): a bridge with the gateway address, and a namespace whose
+// eth0 is a veth with its host end on the bridge. Its addresses come from
+// the test host's pool, which the host routes to the test server only.
+type allocNet struct {
+	bridge, netns, hostIf string
+	gateway, addr         netip.Addr
+}
+
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+func newAllocNet(t *testing.T, h *testutil.NetHost, withIf bool) *allocNet {
+	t.Helper()
+	p := h.Pool.Addr().As4()
+	an := &allocNet{
+		bridge:  fmt.Sprintf("sbxtb%d", h.K),
+		netns:   fmt.Sprintf("sbxtb-%da", h.K),
+		hostIf:  fmt.Sprintf("sbxtb%da", h.K),
+		gateway: netip.AddrFrom4([4]byte{p[0], p[1], p[2], 1}),
+		addr:    netip.AddrFrom4([4]byte{p[0], p[1], p[2], 10}),
+	}
+	ipCmd(t, "netns", "add", an.netns)
+	t.Cleanup(func() {
+		for _, c := range [][]string{{"link", "del", an.hostIf}, {"link", "del", an.bridge}} {
+			_ = exec.Command("ip", c...).Run()
+		}
+		if out, err := exec.Command("ip", "netns", "del", an.netns).CombinedOutput(); err != nil {
+			t.Errorf("cleanup: ip netns del %s: %v: %s", an.netns, err, out)
+		}
+	})
+	ipCmd(t, "-n", an.netns, "link", "set", "lo", "up")
+	if !withIf {
+		return an
+	}
+	ipCmd(t, "link", "add", an.bridge, "type", "bridge")
+	ipCmd(t, "addr", "add", an.gateway.String()+"/24", "dev", an.bridge)
+	ipCmd(t, "link", "set", an.bridge, "up")
+	ipCmd(t, "link", "add", an.hostIf, "type", "veth", "peer", "name", "eth0", "netns", an.netns)
+	ipCmd(t, "link", "set", an.hostIf, "master", an.bridge, "up")
+	// With a broadcast address, as the CNI bridge plugin sets it.
+	ipCmd(t, "-n", an.netns, "addr", "add", an.addr.String()+"/24", "brd", "+", "dev", "eth0")
+	ipCmd(t, "-n", an.netns, "link", "set", "eth0", "up")
+	ipCmd(t, "-n", an.netns, "route", "add", "default", "via", an.gateway.String())
+	return an
+}
+
+func (an *allocNet) path() string { return filepath.Join("/run/netns", an.netns) }
+
+// eth0 is the namespace's eth0 as `ip -4 -o addr` and `ip route` show it.
+func (an *allocNet) eth0(t *testing.T) string {
+	t.Helper()
+	a, _ := exec.Command("ip", "-n", an.netns, "-4", "-o", "addr", "show", "dev", "eth0").CombinedOutput()
+	r, _ := exec.Command("ip", "-n", an.netns, "-4", "route", "show", "default").CombinedOutput()
+	return string(a) + string(r)
+}
+
+// groupTask makes cfg a task of the allocation: the group network's
+// namespace, and Nomad's mapping of host port 28080 to 8080.
+func groupTask(cfg *drivers.TaskConfig, an *allocNet) {
+	cfg.NetworkIsolation = &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup, Path: an.path(), Labels: map[string]string{}}
+	cfg.Resources.Ports = &structs.AllocatedPorts{{Label: "http", Value: 28080, To: 8080, HostIP: "127.0.0.1"}}
+}
+
+// httpGet fetches / from dst, from the root namespace or (ns set) another.
+func httpGet(ns string, dst netip.AddrPort) (string, error) {
+	var body string
+	get := func() error {
+		c, err := net.DialTimeout("tcp4", dst.String(), 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := fmt.Fprintf(c, "GET /index.html HTTP/1.0\r\n\r\n"); err != nil {
+			return err
+		}
+		b, err := io.ReadAll(c)
+		body = string(b)
+		return err
+	}
+	if ns == "" {
+		return body, get()
+	}
+	return body, testutil.InNetns(ns, get)
+}
+
+// TestDriver_GroupNetwork: a task in a bridge-mode group network joins the
+// allocation's namespace: its served port answers the host (as Nomad's
+// checks do) and a client elsewhere, its egress allowlist holds, a second
+// sandbox cannot share the namespace, and the namespace is given back as
+// it was, so the task's next run works.
+func TestDriver_GroupNetwork(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0"}, nil)
+	h := ee.host
+	an := newAllocNet(t, h, true)
+	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
+	otherPort := netip.AddrPortFrom(h.Addr, egTCP2)
+	before := an.eth0(t)
+	must.StrContains(t, before, an.addr.String()+"/24")
+
+	probes := []probe{
+		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
+		{"other-port", wgetCmd(h.Addr.String(), egTCP2)},
+		{"gateway", wgetCmd(an.gateway.String(), 28080)},
+		{"resolv", "cat /etc/resolv.conf"},
+	}
+	script := "mkdir -p /tmp/www && echo served-from-the-sandbox > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && " + probeScript("", probes)
+	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", script},
+		Egress: []string{allowed.String()}, Timeout: "60s",
+	}))
+	defer cleanup()
+	groupTask(cfg, an)
+	installEgressProbe(t, cfg)
+	ev := ee.events(t, cfg.ID)
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true)
+	}()
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox:\n%s", out)
+	res := parseProbes(t, out, probes)
+	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
+	must.False(t, res["other-port"].ok(), must.Sprintf("%s reached: %+v", otherPort, res["other-port"]))
+	must.False(t, res["gateway"].ok(), must.Sprintf("the bridge gateway reached: %+v", res["gateway"]))
+	must.StrContains(t, res["resolv"].out, "nameserver "+an.gateway.String())
+	must.Positive(t, len(h.Hits(ee.fromPool("tcp", allowed))))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", otherPort)), must.Sprint("the server saw the denied connection"))
+
+	// Inbound: from the host (where Nomad's checks run) and from a client
+	// in another namespace, to the served port.
+	web := netip.AddrPortFrom(an.addr, 8080)
+	var body string
+	must.Wait(t, wait.InitialSuccess(wait.ErrorFunc(func() error {
+		var err error
+		body, err = httpGet("", web)
+		return err
+	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)))
+	must.StrContains(t, body, "served-from-the-sandbox")
+	body, err = httpGet(h.ClientNetns, web)
+	must.NoError(t, err, must.Sprint("from the client namespace"))
+	must.StrContains(t, body, "served-from-the-sandbox")
+
+	msg := ev.waitWithin(t, "Egress denied", egDeadline)
+	must.StrContains(t, msg, otherPort.String())
+
+	// A second sandbox in the same group network is refused, clearly.
+	cfg2, cleanup2 := ee.task(t, "sidecar", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+	defer cleanup2()
+	groupTask(cfg2, an)
+	_, _, err = ee.harness.StartTask(cfg2)
+	must.ErrorContains(t, err, "one sandbox task at a time")
+
+	ee.finish(t, cfg)
+	must.Eq(t, before, an.eth0(t), must.Sprint("the allocation's eth0 after the task"))
+	_, err = os.Stat(an.path())
+	must.NoError(t, err)
+
+	// The task's next run (Nomad restarts it in the same namespace).
+	cfg3, cleanup3 := ee.task(t, "web-again", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", wgetCmd(h.Addr.String(), egTCP1)},
+		Egress: []string{allowed.String()}, Timeout: "60s",
+	}))
+	defer cleanup3()
+	groupTask(cfg3, an)
+	_, _, err = ee.harness.StartTask(cfg3)
+	must.NoError(t, err)
+	r := ee.wait(cfg3.ID, egDeadline)
+	must.Eq(t, 0, r.ExitCode, must.Sprintf("second run: %s %s", readLog(cfg3, "stdout"), readLog(cfg3, "stderr")))
+	must.NoError(t, ee.harness.DestroyTask(cfg3.ID, true))
+	ee.assertNoNetworkLeft(t)
+	must.Eq(t, before, an.eth0(t))
+}
+
+// TestDriver_GroupNetworkNoEgress: in a bridge-mode group without egress
+// the task serves its port and reaches nothing.
+func TestDriver_GroupNetworkNoEgress(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0"}, nil)
+	h := ee.host
+	an := newAllocNet(t, h, true)
+	probes := []probe{{"server", wgetCmd(h.Addr.String(), egTCP1)}, {"gateway", wgetCmd(an.gateway.String(), 28080)}}
+	script := "mkdir -p /tmp/www && echo quiet-sandbox > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && " + probeScript("", probes)
+	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, Timeout: "60s"}))
+	defer cleanup()
+	groupTask(cfg, an)
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true)
+	}()
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	res := parseProbes(t, out, probes)
+	must.False(t, res["server"].ok(), must.Sprintf("reached the server without egress: %+v", res["server"]))
+	must.False(t, res["gateway"].ok(), must.Sprintf("reached the gateway without egress: %+v", res["gateway"]))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPort{})))
+	body, err := httpGet("", netip.AddrPortFrom(an.addr, 8080))
+	must.NoError(t, err)
+	must.StrContains(t, body, "quiet-sandbox")
+	ee.finish(t, cfg)
+}
+
+// TestDriver_GroupNetworkNone: Nomad's mode "none" gives a namespace with
+// loopback only; the sandbox has loopback only, and egress is refused.
+func TestDriver_GroupNetworkNone(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0"}, nil)
+	an := newAllocNet(t, ee.host, false)
+	cfg, cleanup := ee.task(t, "none", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
+		`echo "links: $(ip -o link | awk -F': ' '{print $2}' | tr '\n' ' ')"`}}))
+	defer cleanup()
+	cfg.NetworkIsolation = &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup, Path: an.path()}
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	r := ee.wait(cfg.ID, egDeadline)
+	must.Eq(t, 0, r.ExitCode)
+	out := waitLog(t, cfg, "stdout", has("links:"))
+	must.StrContains(t, out, "links: lo \n")
+	must.NoError(t, ee.harness.DestroyTask(cfg.ID, true))
+
+	cfg2, cleanup2 := ee.task(t, "none-egress", readonlyDefault(TaskConfig{Command: "/bin/true", Egress: []string{"10.0.0.1:443"}}))
+	defer cleanup2()
+	cfg2.NetworkIsolation = &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup, Path: an.path()}
+	_, _, err = ee.harness.StartTask(cfg2)
+	must.ErrorContains(t, err, `network mode "none"`)
+	ee.assertNoNetworkLeft(t)
+}
+
+// TestDriver_HostNetwork: a host-mode network block (seen as ports without
+// a namespace) is refused unless allow_host_network, naming the setting;
+// allowed, the sandbox sees the node's interfaces, and egress is refused.
+func TestDriver_HostNetwork(t *testing.T) {
+	hostPorts := func(cfg *drivers.TaskConfig) {
+		cfg.Resources.Ports = &structs.AllocatedPorts{{Label: "http", Value: 28081, HostIP: "127.0.0.1"}}
+	}
+	links := `echo "links: $(ip -o link | awk -F': ' '{print $2}' | tr '\n' ' ')"`
+
+	t.Run("refused by default", func(t *testing.T) {
+		e := newTestEnv(t, nil)
+		cfg, cleanup := e.task(t, "host", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+		defer cleanup()
+		hostPorts(cfg)
+		_, _, err := e.harness.StartTask(cfg)
+		must.ErrorContains(t, err, "allow_host_network")
+		must.ErrorContains(t, err, "http (28081)")
+		entries, _ := os.ReadDir(e.config.StateDir)
+		must.SliceEmpty(t, entries, must.Sprint("a refused task left state"))
+
+		cfg2, cleanup2 := e.task(t, "host-dns", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+		defer cleanup2()
+		cfg2.DNS = &drivers.DNSConfig{Servers: []string{"192.0.2.53"}}
+		_, _, err = e.harness.StartTask(cfg2)
+		must.ErrorContains(t, err, "allow_host_network")
+	})
+
+	t.Run("allowed by the operator", func(t *testing.T) {
+		e := newTestEnv(t, func(pc *PluginConfig) {
+			pc.AllowHostNetwork = true
+			pc.AllowedEgress = []string{"0.0.0.0/0"}
+		})
+		ifs, err := net.Interfaces()
+		must.NoError(t, err)
+		var hostIf string
+		for _, i := range ifs {
+			if i.Flags&net.FlagLoopback == 0 && i.Flags&net.FlagUp != 0 {
+				hostIf = i.Name
+				break
+			}
+		}
+		if hostIf == "" {
+			t.Skip("the node has no interface but loopback")
+		}
+		cfg, cleanup := e.task(t, "host", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", links}}))
+		defer cleanup()
+		hostPorts(cfg)
+		_, _, err = e.harness.StartTask(cfg)
+		must.NoError(t, err)
+		r := e.wait(cfg.ID, egDeadline)
+		must.Eq(t, 0, r.ExitCode, must.Sprint(readLog(cfg, "stderr")))
+		out := waitLog(t, cfg, "stdout", has("links:"))
+		must.StrContains(t, out, " "+hostIf+" ", must.Sprintf("the node's %s is not visible: %s", hostIf, out))
+		must.NoError(t, e.harness.DestroyTask(cfg.ID, true))
+
+		cfg2, cleanup2 := e.task(t, "host-egress", readonlyDefault(TaskConfig{Command: "/bin/true", Egress: []string{"10.0.0.1:443"}}))
+		defer cleanup2()
+		hostPorts(cfg2)
+		_, _, err = e.harness.StartTask(cfg2)
+		must.ErrorContains(t, err, "egress cannot be enforced in host network mode")
+	})
+}
