@@ -110,6 +110,7 @@ config {
   audit_log             = "/var/log/nomad-sandbox/audit.log"
   deny_env_identity     = true
   allow_task_api        = true
+  allow_host_network    = true
 }`, &pc)
 	must.NoError(t, pc.Validate())
 	must.Eq(t, "kvm", pc.Platform)
@@ -124,6 +125,7 @@ config {
 	must.Eq(t, "/var/log/nomad-sandbox/audit.log", pc.AuditLog)
 	must.True(t, pc.DenyEnvIdentity)
 	must.True(t, pc.AllowTaskAPI)
+	must.True(t, pc.AllowHostNetwork)
 }
 
 func TestPluginConfig_Validate(t *testing.T) {

@@ -8,6 +8,8 @@ plugin_dir = "/opt/nomad/plugins"
 
 client {
   enabled = true
+  # Debian's containernetworking-plugins, for group networks in bridge mode.
+  cni_path = "/usr/lib/cni"
 }
 
 # Nomad 1.10 and later load a plugin from plugin_dir only when a block
@@ -51,6 +53,10 @@ plugin "sandbox" {
     # The sandboxes' DNS service forwards to dns_servers (default: this
     # node's resolv.conf).
     allowed_egress = ["deb.debian.org:443", "*.pypi.org:443"]
+
+    # Group networks in host mode share this node's network with the
+    # sandbox; refused unless true. Default false.
+    allow_host_network = false
 
     # Sandboxes this node runs at once; a task beyond it fails at once.
     # Default 0: no limit.
