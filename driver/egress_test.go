@@ -165,16 +165,18 @@ import (
 )
 
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Println("usage: egress-probe udp IP:PORT | ping IP")
+	if len(os.Args) < 3 {
+		fmt.Println("usage: egress-probe udp IP:PORT | ping IP | spoof SRC IP:PORT")
 		os.Exit(2)
 	}
 	var err error
-	switch os.Args[1] {
-	case "udp":
+	switch {
+	case os.Args[1] == "udp":
 		err = udp(os.Args[2])
-	case "ping":
+	case os.Args[1] == "ping":
 		err = ping(os.Args[2])
+	case os.Args[1] == "spoof" && len(os.Args) == 4:
+		err = spoof(os.Args[2], os.Args[3])
 	default:
 		err = fmt.Errorf("unknown probe %q", os.Args[1])
 	}
@@ -235,6 +237,40 @@ func ping(dst string) error {
 			return nil
 		}
 	}
+}
+
+// spoof sends one UDP datagram from src (any address) to dst through a raw
+// socket that writes the IPv4 header itself (needs CAP_NET_RAW and runsc
+// --net-raw).
+func spoof(src, dst string) error {
+	s := net.ParseIP(src).To4()
+	d, err := net.ResolveUDPAddr("udp4", dst)
+	if s == nil || err != nil {
+		return fmt.Errorf("bad source or destination: %s %s", src, dst)
+	}
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+	if err != nil {
+		return fmt.Errorf("raw socket: %w", err)
+	}
+	defer syscall.Close(fd)
+	payload := []byte("spoofed-from-" + src)
+	pkt := make([]byte, 28+len(payload))
+	pkt[0], pkt[8], pkt[9] = 0x45, 64, syscall.IPPROTO_UDP
+	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+	copy(pkt[12:16], s)
+	copy(pkt[16:20], d.IP.To4())
+	binary.BigEndian.PutUint16(pkt[10:], checksum(pkt[:20]))
+	binary.BigEndian.PutUint16(pkt[20:], 40000)
+	binary.BigEndian.PutUint16(pkt[22:], uint16(d.Port))
+	binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(payload)))
+	copy(pkt[28:], payload)
+	to := &syscall.SockaddrInet4{Port: d.Port}
+	copy(to.Addr[:], d.IP.To4())
+	if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	fmt.Printf("sent from %s\n", src)
+	return nil
 }
 
 func checksum(b []byte) uint16 {

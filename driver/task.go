@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -187,10 +188,12 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		ID:    id,
 		Runsc: *d.runsc,
 		Run: runtime.RunOpts{
-			Bundle:   bundle,
-			Network:  network,
-			Overlay:  overlay,
-			HostUDS:  hostUDS,
+			Bundle:  bundle,
+			Network: network,
+			Overlay: overlay,
+			HostUDS: hostUDS,
+			// cap_add = ["net_raw"], which allow_caps must permit.
+			NetRaw:   slices.Contains(bc.Caps, "CAP_NET_RAW"),
 			LogFile:  filepath.Join(dir, "runsc.log"),
 			PanicLog: filepath.Join(dir, "runsc-panic.log"),
 		},

@@ -126,6 +126,9 @@ type RunOpts struct {
 	Overlay string
 	// HostUDS is --host-uds; empty keeps runsc's default ("none").
 	HostUDS string
+	// NetRaw is --net-raw: raw sockets for a task that holds CAP_NET_RAW
+	// (gVisor gives none without it, whatever the capability set says).
+	NetRaw bool
 	// LogFile receives runsc's own log (--log).
 	LogFile string
 	// PanicLog receives Go runtime messages of the sandbox (--panic-log).
@@ -144,6 +147,9 @@ func (o RunOpts) Args(id string) (global, verb []string) {
 	}
 	if o.HostUDS != "" {
 		global = append(global, "--host-uds", o.HostUDS)
+	}
+	if o.NetRaw {
+		global = append(global, "--net-raw")
 	}
 	if o.LogFile != "" {
 		global = append(global, "--log", o.LogFile, "--log-format", "text")
