@@ -316,3 +316,62 @@ func TestDriver_HostNetwork(t *testing.T) {
 		must.ErrorContains(t, err, "egress cannot be enforced in host network mode")
 	})
 }
+
+// TestDriver_GroupNetworkRecover: the plugin restarts while a bridge-mode
+// task runs. The new plugin serves the task's DNS again (a new port, the
+// redirect moved to it): an allowlisted name resolves and connects, a name
+// outside the allowlist is refused without reaching the upstream, and the
+// namespace is given back when the task ends.
+func TestDriver_GroupNetworkRecover(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"*.allowed.test:8081"}, func(h *testutil.NetHost) map[string]netip.Addr {
+		return map[string]netip.Addr{"api.allowed.test": h.Extra, "secret.exfil.test": h.Addr}
+	})
+	h := ee.host
+	an := newAllocNet(t, h, true)
+	before := an.eth0(t)
+	probes := []probe{
+		{"name-allowed", wgetCmd("api.allowed.test", egTCP2)},
+		{"name-refused", "nslookup secret.exfil.test " + an.gateway.String()},
+	}
+	cfg, cleanup := ee.task(t, "recover", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", probeScript("go", probes)},
+		Egress: []string{"api.allowed.test:8081"}, Timeout: "60s",
+	}))
+	defer cleanup()
+	groupTask(cfg, an)
+	handle, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "go", "finish")
+		_ = ee.driver.DestroyTask(cfg.ID, true)
+	}()
+	waitLog(t, cfg, "stdout", has("ready"))
+
+	ee.driver.Shutdown() // the DNS service of the old plugin goes with it
+	fresh := ee.newDriver()
+	ee.driver = fresh
+	must.NoError(t, fresh.RecoverTask(handle))
+	touch(t, cfg, "go")
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox:\n%s", out)
+	res := parseProbes(t, out, probes)
+	must.True(t, res["name-allowed"].ok(), must.Sprintf("allowlisted name after the restart: %+v", res["name-allowed"]))
+	must.StrContains(t, res["name-allowed"].out, "hello from "+netip.AddrPortFrom(h.Extra, egTCP2).String())
+	must.False(t, res["name-refused"].ok() && strings.Contains(res["name-refused"].out, h.Addr.String()),
+		must.Sprintf("a name outside the allowlist resolved: %+v", res["name-refused"]))
+	must.Eq(t, 0, ee.dns.Queries("secret.exfil.test"))
+	must.Positive(t, ee.dns.Queries("api.allowed.test"))
+
+	touch(t, cfg, "finish")
+	ch, err := fresh.WaitTask(t.Context(), cfg.ID)
+	must.NoError(t, err)
+	select {
+	case r := <-ch:
+		must.Eq(t, 0, r.ExitCode)
+	case <-time.After(egDeadline):
+		t.Fatal("recovered task did not report its exit")
+	}
+	must.NoError(t, fresh.DestroyTask(cfg.ID, true))
+	ee.assertNoNetworkLeft(t)
+	must.Eq(t, before, an.eth0(t))
+}
