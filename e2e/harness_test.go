@@ -60,6 +60,8 @@ type harness struct {
 	cfgPath   string
 	logPath   string
 	cgroup    string // the client's cgroup_parent, unique to this run
+	netID     string // in the names of the suite's bridge and test host
+	bridge    string // the client's bridge_network_name, unique to this run
 
 	// pluginConfig holds the extra lines of the plugin's config block
 	// that the agent runs with (suitePluginConfig unless a test changed
@@ -166,6 +168,8 @@ func (h *harness) setPaths(tmp string) {
 	h.cfgPath = filepath.Join(tmp, "agent.hcl")
 	h.logPath = filepath.Join(tmp, "agent.log")
 	h.cgroup = "/" + filepath.Base(tmp)
+	h.netID = suiteNetID(tmp)
+	h.bridge = "sbxe2e" + h.netID
 }
 
 func (h *harness) setup() error {
@@ -186,6 +190,11 @@ func (h *harness) setup() error {
 		return err
 	}
 	h.httpPort, h.rpcPort, h.serfPort = ports[0], ports[1], ports[2]
+	// Before the agent exists: what teardown removes is what appears
+	// after this.
+	if err := h.prepareNetwork(); err != nil {
+		return err
+	}
 	if err := h.writeAgentConfig(); err != nil {
 		return err
 	}
@@ -244,6 +253,14 @@ client {
   enabled           = true
   network_interface = "lo"
   cgroup_parent     = "{{.Cgroup}}"
+
+  # Group networking (network { mode = "bridge" }): the Debian CNI plugins
+  # and a bridge of the suite's own. Mapped ports are on the address of
+  # network_interface, 127.0.0.1.
+  cni_path              = "{{.CNIPath}}"
+  bridge_network_name   = "{{.Bridge}}"
+  bridge_network_subnet = "{{.BridgeSubnet}}"
+
   options {
     # Cloud fingerprinters probe 169.254.169.254: keep all traffic on loopback.
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
@@ -283,6 +300,7 @@ func (h *harness) writeAgentConfig() error {
 		"Cgroup": h.cgroup, "Runsc": h.runscBin, "RunscRoot": h.runscRoot,
 		"StateDir": h.stateDir, "RootfsParent": h.rootfsDir,
 		"PluginConfig": pluginConfig,
+		"CNIPath":      cniPath, "Bridge": h.bridge, "BridgeSubnet": bridgeSubnet,
 	})
 	if err != nil {
 		return err
@@ -484,12 +502,13 @@ func (h *harness) teardown() (ok bool) {
 		start := time.Now()
 		if !h.agentExited() {
 			h.stopAllJobs()
+			h.recordAllSandboxes()
 			// The driver destroys each task once it has exited; give
 			// it time, then everything must be gone.
 			var left []string
 			deadline := time.Now().Add(60 * time.Second)
 			for {
-				left = h.leftovers("")
+				left = append(h.leftovers(""), h.suiteNetLeftovers()...)
 				if len(left) == 0 || time.Now().After(deadline) {
 					break
 				}
@@ -502,7 +521,7 @@ func (h *harness) teardown() (ok bool) {
 				h.problem("%v", err)
 			}
 		}
-		for _, l := range h.leftovers("") {
+		for _, l := range append(h.leftovers(""), h.suiteNetLeftovers()...) {
 			h.problem("left behind after the agent stopped: %s", l)
 		}
 		for _, p := range procsUsing(h.tmp) {
@@ -738,6 +757,14 @@ func forceClean(h *harness) {
 	for _, cg := range h.sandboxCgroups("") {
 		removeCgroupTree(cg)
 	}
+	h.cleanNetwork(func(kind reportKind, format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		if kind == failed && suite == h {
+			h.problem("%s", msg)
+			return
+		}
+		fmt.Fprintf(os.Stderr, "e2e: network cleanup: %s\n", msg)
+	})
 	unmountUnder(h.tmp)
 	removeCgroups(h.cgroup)
 	if mps := mountsUnder(h.tmp); len(mps) > 0 {

@@ -327,6 +327,7 @@ func jobName(t *testing.T) string {
 type runningJob struct {
 	spec    *jobSpec
 	allocID string
+	purged  bool
 }
 
 // runJob writes the job from the template and submits it with
@@ -378,6 +379,10 @@ func (j *runningJob) allocDir() string {
 }
 
 func (j *runningJob) purge(t *testing.T) {
+	if j.purged {
+		return
+	}
+	j.purged = true
 	if suite.agentExited() {
 		t.Errorf("agent is not running; cannot stop job %s", j.spec.Name)
 		return
@@ -390,7 +395,8 @@ func (j *runningJob) purge(t *testing.T) {
 		return
 	}
 	// Once its allocation has stopped, the driver must have removed the
-	// sandbox, its supervisor and its state.
+	// sandbox, its supervisor and its state, and the sandbox's network
+	// (the driver's and Nomad's group network) must be gone.
 	var left []string
 	err := wait.InitialSuccess(
 		wait.ErrorFunc(func() error {
@@ -404,6 +410,14 @@ func (j *runningJob) purge(t *testing.T) {
 			left = suite.leftovers(j.sandboxPrefix())
 			if len(left) > 0 {
 				return fmt.Errorf("left behind: %v", left)
+			}
+			sandboxes := sandboxIDsOf(a)
+			if err := suite.recordSandboxes(sandboxes); err != nil {
+				return err
+			}
+			left = netLeftovers([]string{j.allocID}, sandboxes)
+			if len(left) > 0 {
+				return fmt.Errorf("network left behind: %v", left)
 			}
 			return nil
 		}),
