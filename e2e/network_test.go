@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -409,9 +410,10 @@ func TestNetworkBridge(t *testing.T) {
 					must.Sprint("the task's resolver is not the DNS service on the bridge gateway"))
 			}
 
-			// Denials as task events, if the driver reports them.
+			// Denials as task events (README: at most one every 30 s, so
+			// the first one may name only some of them).
 			var denials []string
-			err := wait4(12*time.Second, func() error {
+			must.Wait(t, wait4(20*time.Second, func() error {
 				a, err := getAlloc(j.allocID)
 				if err != nil {
 					return err
@@ -420,20 +422,16 @@ func TestNetworkBridge(t *testing.T) {
 					return fmt.Errorf("no Egress denied event")
 				}
 				return nil
-			}).Run()
-			if err != nil {
-				t.Logf("NOTE: no \"Egress denied\" task event within 12s of the denied probes (the driver reports none in bridge mode)")
-			} else {
-				t.Logf("denial events: %q", denials)
-				named := false
-				for _, d := range tc.denied {
-					named = named || strings.Contains(strings.Join(denials, "\n"), d)
-				}
-				must.True(t, named, must.Sprintf("the Egress denied events name none of %v: %q", tc.denied, denials))
-				if tc.allowed != "" {
-					re := regexp.MustCompile(regexp.QuoteMeta(tc.allowed) + `\b`)
-					must.False(t, re.MatchString(strings.Join(denials, "\n")), must.Sprintf("the allowed %s is reported as denied: %q", tc.allowed, denials))
-				}
+			}), must.Sprint("no \"Egress denied\" task event within 20s of the denied probes"))
+			t.Logf("denial events: %q", denials)
+			named := false
+			for _, d := range tc.denied {
+				named = named || strings.Contains(strings.Join(denials, "\n"), d)
+			}
+			must.True(t, named, must.Sprintf("the Egress denied events name none of %v: %q", tc.denied, denials))
+			if tc.allowed != "" {
+				re := regexp.MustCompile(regexp.QuoteMeta(tc.allowed) + `\b`)
+				must.False(t, re.MatchString(strings.Join(denials, "\n")), must.Sprintf("the allowed %s is reported as denied: %q", tc.allowed, denials))
 			}
 
 			// Stop it: the group's network and the sandbox's go with it
@@ -516,31 +514,76 @@ func TestNetworkHostModeAllowed(t *testing.T) {
 	must.StrContains(t, j.logs(t, false), marker)
 }
 
-// A job with no network block and no egress has loopback only.
+// A job with no network block and no egress, or with a group network in
+// mode "none", has loopback only.
 func TestNetworkLoopbackOnly(t *testing.T) {
 	defer catchPanic(t)
-	j := runNetJob(t, &netJob{Type: "batch", Script: "cat /proc/net/dev; echo ---; ip -o link"})
-	a, ts := j.waitDone(t)
-	out := j.logs(t, false)
-	must.Eq(t, "complete", a.ClientStatus, must.Sprintf("task: %s\nstdout:\n%s\nstderr:\n%s", ts, out, j.logs(t, true)))
-	dev, link, ok := strings.Cut(out, "---\n")
-	must.True(t, ok, must.Sprintf("stdout:\n%s", out))
+	for _, tc := range []struct {
+		name    string
+		network []string
+	}{
+		{"no network block", nil},
+		{"mode none", []string{`mode = "none"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer catchPanic(t)
+			t.Parallel()
+			j := runNetJob(t, &netJob{Type: "batch", Network: tc.network, Script: "cat /proc/net/dev; echo ---; ip -o link"})
+			a, ts := j.waitDone(t)
+			out := j.logs(t, false)
+			must.Eq(t, "complete", a.ClientStatus, must.Sprintf("task: %s\nstdout:\n%s\nstderr:\n%s", ts, out, j.logs(t, true)))
+			dev, link, ok := strings.Cut(out, "---\n")
+			must.True(t, ok, must.Sprintf("stdout:\n%s", out))
 
-	var devs []string
-	for _, l := range strings.Split(dev, "\n") {
-		if name, _, ok := strings.Cut(l, ":"); ok && !strings.Contains(name, "|") {
-			devs = append(devs, strings.TrimSpace(name))
-		}
+			var devs []string
+			for _, l := range strings.Split(dev, "\n") {
+				if name, _, ok := strings.Cut(l, ":"); ok && !strings.Contains(name, "|") {
+					devs = append(devs, strings.TrimSpace(name))
+				}
+			}
+			var links []string
+			for _, l := range strings.Split(link, "\n") {
+				if f := strings.Fields(l); len(f) >= 2 {
+					name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+					links = append(links, name)
+				}
+			}
+			sort.Strings(devs)
+			sort.Strings(links)
+			must.Eq(t, []string{"lo"}, devs, must.Sprintf("/proc/net/dev:\n%s", dev))
+			must.Eq(t, []string{"lo"}, links, must.Sprintf("ip -o link:\n%s", link))
+			if tc.network != nil {
+				removeNomadNoneNetns(t, j.allocID)
+			}
+		})
 	}
-	var links []string
-	for _, l := range strings.Split(link, "\n") {
-		if f := strings.Fields(l); len(f) >= 2 {
-			name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
-			links = append(links, name)
+}
+
+// removeNomadNoneNetns deals with a Nomad 1.6.3 leftover: for a group in
+// network mode "none", the client's network hook fails to unmount the
+// allocation's namespace when the allocation ends ("postrun failed: hook
+// \"network\" failed: failed to unmount NS: at /var/run/netns/<alloc>:
+// device or resource busy"; umount without MNT_DETACH, not retried), and the
+// namespace stays. Seen with raw_exec as well as with this driver, so it is
+// Nomad's; the test logs it and removes the namespace, so that the job's
+// leftover check looks at what the driver left.
+func removeNomadNoneNetns(t *testing.T, allocID string) {
+	t.Helper()
+	var failed string
+	err := wait4(30*time.Second, func() error {
+		if !netnsExists(allocID) {
+			return nil
 		}
+		if failed = suite.agentLogLines("failed to unmount NS", allocID); failed != "" {
+			return nil
+		}
+		return fmt.Errorf("namespace %s still there, and Nomad reported no failure to remove it", allocID)
+	}).Run()
+	must.NoError(t, err)
+	if failed == "" {
+		return
 	}
-	sort.Strings(devs)
-	sort.Strings(links)
-	must.Eq(t, []string{"lo"}, devs, must.Sprintf("/proc/net/dev:\n%s", dev))
-	must.Eq(t, []string{"lo"}, links, must.Sprintf("ip -o link:\n%s", link))
+	t.Logf("KNOWN NOMAD ISSUE (not failing the test): the client left the namespace of allocation %s:\n%s", allocID, failed)
+	out, err := exec.Command("ip", "netns", "delete", allocID).CombinedOutput()
+	must.NoError(t, err, must.Sprintf("ip netns delete %s: %s", allocID, out))
 }
