@@ -46,6 +46,8 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 )
 
 const (
@@ -65,12 +67,9 @@ const (
 	netnsDir = "/run/netns"
 
 	// The driver's netpolicy names with the plugin's defaults (the suite
-	// does not change them): a sandbox's namespace is <prefix>-<h>, its
-	// host interface and nft objects start with <prefix><h>, h being the
-	// first 10 hex digits of the SHA-256 of the sandbox ID; its tables
-	// are named driverNetTable.
-	driverNetPrefix = "nsbx"
-	driverNetTable  = "nomad_sandbox"
+	// does not change them).
+	driverNetPrefix = netpolicy.DefaultPrefix
+	driverNetTable  = netpolicy.DefaultTable
 
 	netSnapFile   = "netsnap.json"
 	sandboxesFile = "sandboxes"
@@ -87,9 +86,7 @@ func suiteNetID(tmp string) string {
 // driverNetNames are the namespace and host interface names the driver gives
 // a sandbox's own network.
 func driverNetNames(sandboxID string) (netns, link string) {
-	sum := sha256.Sum256([]byte(sandboxID))
-	h := hex.EncodeToString(sum[:])[:10]
-	return driverNetPrefix + "-" + h, driverNetPrefix + h
+	return netpolicy.Config{}.SandboxNames(sandboxID)
 }
 
 // cniChainHash is the part of the CNI chain names of an allocation:

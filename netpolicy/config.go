@@ -213,3 +213,15 @@ func (c *Config) hashOf(name string) string {
 	}
 	return h
 }
+
+// SandboxNames returns what sandbox id's network is named on the node under
+// c (defaults applied): its namespace (under NetnsDir) and its host
+// interface, which also starts the names of its nftables objects. For
+// tools and tests that look for leftovers.
+func (c Config) SandboxNames(id string) (netns, hostIf string) {
+	if d, err := c.withDefaults(); err == nil {
+		c = d
+	}
+	n := c.names(id)
+	return n.netns, n.base
+}
