@@ -124,12 +124,44 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	otherPort := netip.AddrPortFrom(h.Addr, egTCP2)
 	before := an.eth0(t)
 	must.StrContains(t, before, an.addr.String()+"/24")
-
+	// Services of the node on the bridge's gateway and on its own address
+	// (as a Nomad agent bound to 0.0.0.0 would be): never reachable.
+	gwSvc := listenTCP(t, netip.AddrPortFrom(an.gateway, 0))
 	probes := []probe{
 		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
 		{"other-port", wgetCmd(h.Addr.String(), egTCP2)},
-		{"gateway", wgetCmd(an.gateway.String(), 28080)},
+		{"gateway", wgetCmd(an.gateway.String(), int(gwSvc.addr().Port()))},
 		{"resolv", "cat /etc/resolv.conf"},
+	}
+	var nodeSvc *tcpListener
+	if node := nodeAddr(t); node.IsValid() {
+		nodeSvc = listenTCP(t, netip.AddrPortFrom(node, 0))
+		probes = append(probes, probe{"node", wgetCmd(node.String(), int(nodeSvc.addr().Port()))})
+	}
+	// Controls: from the allocation's namespace, unfiltered before the
+	// task, both answer.
+	any4 := netip.MustParsePrefix("0.0.0.0/0")
+	for _, l := range []*tcpListener{gwSvc, nodeSvc} {
+		if l != nil {
+			var body []byte
+			err := testutil.InNetns(an.path(), func() error {
+				c, err := net.DialTimeout("tcp4", l.addr().String(), 2*time.Second)
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(3 * time.Second))
+				body, err = io.ReadAll(c)
+				return err
+			})
+			must.NoError(t, err, must.Sprintf("control: %s from the allocation's namespace", l.addr()))
+			must.StrContains(t, string(body), "hello from")
+		}
+	}
+	gwBefore := gwSvc.from(any4)
+	nodeBefore := 0
+	if nodeSvc != nil {
+		nodeBefore = nodeSvc.from(any4)
 	}
 	script := "mkdir -p /tmp/www && echo served-from-the-sandbox > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && " + probeScript("", probes)
 	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{
@@ -152,6 +184,11 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
 	must.False(t, res["other-port"].ok(), must.Sprintf("%s reached: %+v", otherPort, res["other-port"]))
 	must.False(t, res["gateway"].ok(), must.Sprintf("the bridge gateway reached: %+v", res["gateway"]))
+	must.Eq(t, gwBefore, gwSvc.from(any4), must.Sprint("the gateway's service saw a connection"))
+	if nodeSvc != nil {
+		must.False(t, res["node"].ok(), must.Sprintf("the node's address reached: %+v", res["node"]))
+		must.Eq(t, nodeBefore, nodeSvc.from(any4), must.Sprint("the node's service saw a connection"))
+	}
 	must.StrContains(t, res["resolv"].out, "nameserver "+an.gateway.String())
 	must.Positive(t, len(h.Hits(ee.fromPool("tcp", allowed))))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", otherPort)), must.Sprint("the server saw the denied connection"))
