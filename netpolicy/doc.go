@@ -1,5 +1,6 @@
 // Package netpolicy gives a sandbox that has an egress allowlist a network
-// of its own, and enforces the allowlist where the sandbox cannot reach.
+// of its own, or joins it to its allocation's, and enforces the allowlist
+// where the sandbox cannot reach.
 //
 // Manager.Create makes a network namespace per sandbox (for
 // `runsc --network=sandbox`, named in the OCI spec's linux.namespaces) with
@@ -18,6 +19,13 @@
 // (Manager.Allow, with a timeout) for host name entries; records everything
 // else (Manager.Denials) and drops it. It is installed in one atomic batch
 // before the host end comes up, and Create undoes all it did on any error.
+//
+// Manager.Attach puts the same filter on a namespace someone else made:
+// Nomad's, for a group network in bridge mode, whose eth0 is a veth with
+// its host end on Nomad's bridge (see attach.go for what differs there:
+// frames only to the gateway's MAC, replies from served ports checked
+// against conntrack, DNS redirected per sandbox with RedirectDNS, the
+// namespace's addresses given back by Destroy).
 //
 // The DNS service (DNSServer) answers on the gateway, resolves only names
 // the allowlist permits, and grants their addresses through Allow before it
