@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -209,7 +210,7 @@ func TestKernelAttach(t *testing.T) {
 	}
 
 	sb, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, srv1.String()),
-		AttachOptions{Replies: []Port{{"tcp", 8080}, {"tcp", 8090}}})
+		AttachOptions{Replies: []Port{{"tcp", 8080}, {"udp", 8080}, {"tcp", 8090}}})
 	ktMust(t, err)
 	t.Cleanup(func() {
 		if err := m.Destroy(id); err != nil {
@@ -254,6 +255,18 @@ func TestKernelAttach(t *testing.T) {
 			t.Fatalf("inbound: %v", err)
 		}
 		t.Logf("greeting: %s", g)
+		// UDP: the echo is the reply of a flow that came from outside.
+		var pc net.PacketConn
+		ktMust(t, ktIn(a1.netns, func() error {
+			var err error
+			pc, err = net.ListenPacket("udp4", ":8080")
+			return err
+		}))
+		defer pc.Close()
+		go ktServeUDP(pc)
+		if _, err := ktUDPEcho("", netip.AddrPortFrom(a1.addr, 8080)); err != nil {
+			t.Errorf("inbound UDP to a served port: %v", err)
+		}
 	})
 
 	t.Run("a served port is no way out", func(t *testing.T) {
@@ -273,6 +286,24 @@ func TestKernelAttach(t *testing.T) {
 			if err == nil {
 				t.Errorf("%s reachable from served port 8090", dst)
 			}
+		}
+		// UDP from a served port to the server's echo, which would answer.
+		var got error
+		ktMust(t, ktIn(a1.netns, func() error {
+			c, err := net.DialUDP("udp4", &net.UDPAddr{Port: 8080}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srv.addr, ktUDP)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(ktTimeout))
+			if _, err := c.Write([]byte("out")); err != nil {
+				return err
+			}
+			_, got = c.Read(make([]byte, 64))
+			return nil
+		}))
+		if got == nil {
+			t.Errorf("UDP from served port 8080 got an answer from %s", srv.addr)
 		}
 	})
 
