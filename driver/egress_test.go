@@ -513,7 +513,7 @@ func (l *tcpListener) from(p netip.Prefix) int {
 // the denials show up in Manager.Denials, a task event, network.json and the
 // audit exit record. Nothing of the network outlives the task.
 func TestDriver_EgressAllowlist(t *testing.T) {
-	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "0.0.0.0/0/udp"}, nil)
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "0.0.0.0/0/udp", "::/0"}, nil)
 	h := ee.host
 	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
 	otherPort := netip.AddrPortFrom(h.Addr, egTCP2)
@@ -546,7 +546,7 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 	}
 	cfg, cleanup := ee.task(t, "egress-allow", readonlyDefault(TaskConfig{
 		Command: "/bin/sh", Args: []string{"-c", probeScript("", probes)},
-		Egress:  []string{allowed.String(), udpAllowed.String() + "/udp"},
+		Egress:  []string{allowed.String(), udpAllowed.String() + "/udp", "[2001:db8::1]:443"},
 		Timeout: "60s",
 	}))
 	defer cleanup()
@@ -554,6 +554,8 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 	ev := ee.events(t, cfg.ID)
 	_, _, err = ee.harness.StartTask(cfg)
 	must.NoError(t, err)
+	// An IPv6 entry allows nothing, and the job is told so.
+	must.StrContains(t, ev.waitWithin(t, "Egress entries without effect", egDeadline), "[2001:db8::1]:443")
 	defer func() {
 		release(cfg, "finish")
 		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
@@ -608,7 +610,7 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 	for _, k := range wantDenials {
 		must.Positive(t, exit.EgressDenials[k], must.Sprintf("audit record lacks denial %s: %v", k, exit.EgressDenials))
 	}
-	must.SliceContainsAll(t, []string{allowed.String(), udpAllowed.String() + "/udp"}, exit.Policy.Egress)
+	must.SliceContainsAll(t, []string{allowed.String(), udpAllowed.String() + "/udp", "[2001:db8::1]:443"}, exit.Policy.Egress)
 }
 
 // TestDriver_EgressNames: a host name in the allowlist is resolved through

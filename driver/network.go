@@ -138,6 +138,18 @@ func (d *Driver) checkEgress(tc *TaskConfig) ([]netpolicy.Entry, error) {
 	return out, nil
 }
 
+// ipv6Entries are the IPv6 entries of an allowlist, which allow nothing:
+// the filter drops all IPv6.
+func ipv6Entries(entries []netpolicy.Entry) []string {
+	var out []string
+	for _, e := range entries {
+		if e.Prefix.IsValid() && e.Prefix.Addr().Is6() {
+			out = append(out, e.String())
+		}
+	}
+	return out
+}
+
 // covered reports whether entry e is within one of the ceiling entries.
 func covered(e netpolicy.Entry, ceiling []netpolicy.Entry) bool {
 	for _, c := range ceiling {

@@ -103,6 +103,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	})
 	pinned := cfg.Resources != nil && cfg.Resources.LinuxResources != nil && cfg.Resources.LinuxResources.CpusetCpus != ""
 	d.emitEvent(cfg, "Limits applied: "+limitsSummary(bc.Resources, lim, pinned), nil)
+	if v6 := ipv6Entries(lim.egress); len(v6) > 0 {
+		d.emitEvent(cfg, "Egress entries without effect: "+strings.Join(v6, ", ")+" (sandboxes have IPv4 only; IPv6 is dropped)", nil)
+	}
 	return handle, nil, nil
 }
 
