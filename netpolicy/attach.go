@@ -120,9 +120,7 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 			return nil, fmt.Errorf("attach sandbox network: reply port %s: want tcp or udp and a port above 0", p)
 		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	unlock, err := m.cfg.lockState()
+	unlock, err := m.lock()
 	if err != nil {
 		return nil, err
 	}

@@ -124,12 +124,7 @@ func ktListen(t *testing.T, ns string, addr netip.AddrPort) netip.AddrPort {
 // ktNetnsState is eth0's IPv4 addresses and default gateway in ns.
 func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
 	t.Helper()
-	nsh, err := netns.GetFromPath(ns)
-	ktMust(t, err)
-	defer nsh.Close()
-	h, err := netlink.NewHandleAt(nsh)
-	ktMust(t, err)
-	defer h.Close()
+	h := ktHandle(t, ns)
 	eth, err := h.LinkByName("eth0")
 	ktMust(t, err)
 	as, err := h.AddrList(eth, netlink.FAMILY_V4)
@@ -147,15 +142,22 @@ func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
 	return addrs, gw
 }
 
-// ktStrip does to eth0 what runsc does when it takes the namespace over.
-func ktStrip(t *testing.T, ns string) {
+// ktHandle is a netlink handle in the namespace at ns, closed with the test.
+func ktHandle(t *testing.T, ns string) *netlink.Handle {
 	t.Helper()
 	nsh, err := netns.GetFromPath(ns)
 	ktMust(t, err)
 	defer nsh.Close()
 	h, err := netlink.NewHandleAt(nsh)
 	ktMust(t, err)
-	defer h.Close()
+	t.Cleanup(h.Close)
+	return h
+}
+
+// ktStrip does to eth0 what runsc does when it takes the namespace over.
+func ktStrip(t *testing.T, ns string) {
+	t.Helper()
+	h := ktHandle(t, ns)
 	eth, err := h.LinkByName("eth0")
 	ktMust(t, err)
 	as, err := h.AddrList(eth, netlink.FAMILY_V4)
@@ -310,12 +312,7 @@ func TestKernelAttach(t *testing.T) {
 	t.Run("frames for another MAC are dropped", func(t *testing.T) {
 		// Point the gateway at the other allocation's MAC: the frames for
 		// the allowed server would be switched to it.
-		nsh, err := netns.GetFromPath(a1.netns)
-		ktMust(t, err)
-		defer nsh.Close()
-		h, err := netlink.NewHandleAt(nsh)
-		ktMust(t, err)
-		defer h.Close()
+		h := ktHandle(t, a1.netns)
 		eth, err := h.LinkByName("eth0")
 		ktMust(t, err)
 		neigh := &netlink.Neigh{LinkIndex: eth.Attrs().Index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,

@@ -99,6 +99,22 @@ func (m *Manager) init() error {
 	return m.initErr
 }
 
+// lock serializes changes to the networks: the manager's mutex for this
+// process, the state directory's lock for the others. The returned function
+// releases both.
+func (m *Manager) lock() (func(), error) {
+	m.mu.Lock()
+	unlock, err := m.cfg.lockState()
+	if err != nil {
+		m.mu.Unlock()
+		return nil, err
+	}
+	return func() {
+		unlock()
+		m.mu.Unlock()
+	}, nil
+}
+
 // Create makes the network of sandbox id: a new network namespace whose eth0
 // (the sandbox end of a veth) is up with an address of its own /30 and a
 // default route via the host end, loopback up, IPv6 disabled; the host end
@@ -122,9 +138,7 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	if err := checkEntries(allow); err != nil {
 		return nil, fmt.Errorf("create sandbox network: %w", err)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	unlock, err := m.cfg.lockState()
+	unlock, err := m.lock()
 	if err != nil {
 		return nil, err
 	}
@@ -628,9 +642,7 @@ func (m *Manager) Destroy(id string) error {
 	if err := m.init(); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	unlock, err := m.cfg.lockState()
+	unlock, err := m.lock()
 	if err != nil {
 		return err
 	}
@@ -712,9 +724,7 @@ func (m *Manager) Reconcile(live map[string]bool) error {
 	if err := m.init(); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	unlock, err := m.cfg.lockState()
+	unlock, err := m.lock()
 	if err != nil {
 		return err
 	}
