@@ -127,16 +127,7 @@ func runIDJob(t *testing.T, spec *idJob) *runningJob {
 	}
 	var b bytes.Buffer
 	must.NoError(t, idJobTemplate.Execute(&b, spec))
-	path := filepath.Join(t.TempDir(), spec.Name+".nomad.hcl")
-	must.NoError(t, os.WriteFile(path, b.Bytes(), 0o600))
-	res := nomadCLI(t, time.Minute, "", "job", "run", "-detach", path)
-	must.Eq(t, 0, res.Code, must.Sprintf("nomad job run failed:\n%s\njob file:\n%s", res, b.String()))
-
-	j := &runningJob{spec: &jobSpec{Name: spec.Name, Type: spec.Type, Task: "main"}}
-	t.Cleanup(func() { j.purge(t) })
-	j.allocID = waitOneAlloc(t, spec.Name)
-	t.Logf("job %s: allocation %s", spec.Name, j.allocID)
-	return j
+	return submitJob(t, &jobSpec{Name: spec.Name, Type: spec.Type, Task: "main"}, b.Bytes())
 }
 
 // waitOneAlloc waits until the job has its one allocation, records it for

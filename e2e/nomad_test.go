@@ -336,33 +336,22 @@ func runJob(t *testing.T, spec *jobSpec) *runningJob {
 	t.Helper()
 	var b bytes.Buffer
 	must.NoError(t, jobTemplate.Execute(&b, spec))
-	path := filepath.Join(t.TempDir(), spec.Name+".nomad.hcl")
-	must.NoError(t, os.WriteFile(path, b.Bytes(), 0o600))
+	return submitJob(t, spec, b.Bytes())
+}
 
+// submitJob runs the job file hcl (spec names it) and waits for its one
+// allocation; the returned job's cleanup purges it and checks that nothing
+// is left.
+func submitJob(t *testing.T, spec *jobSpec, hcl []byte) *runningJob {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), spec.Name+".nomad.hcl")
+	must.NoError(t, os.WriteFile(path, hcl, 0o600))
 	res := nomadCLI(t, time.Minute, "", "job", "run", "-detach", path)
-	must.Eq(t, 0, res.Code, must.Sprintf("nomad job run failed:\n%s\njob file:\n%s", res, b.String()))
+	must.Eq(t, 0, res.Code, must.Sprintf("nomad job run failed:\n%s\njob file:\n%s", res, hcl))
 
 	j := &runningJob{spec: spec}
 	t.Cleanup(func() { j.purge(t) })
-
-	must.Wait(t, wait.InitialSuccess(
-		wait.ErrorFunc(func() error {
-			var allocs []allocation
-			if err := apiGet("/v1/job/"+url.PathEscape(spec.Name)+"/allocations", &allocs); err != nil {
-				return err
-			}
-			if len(allocs) == 0 {
-				return errors.New("no allocation yet")
-			}
-			if len(allocs) > 1 {
-				return fmt.Errorf("%d allocations, want 1", len(allocs))
-			}
-			j.allocID = allocs[0].ID
-			return suite.recordAlloc(j.allocID)
-		}),
-		wait.Timeout(60*time.Second),
-		wait.Gap(200*time.Millisecond),
-	), must.Sprintf("job %s was not placed", spec.Name))
+	j.allocID = waitOneAlloc(t, spec.Name)
 	t.Logf("job %s: allocation %s", spec.Name, j.allocID)
 	return j
 }
