@@ -211,7 +211,7 @@ func TestKernelAttach(t *testing.T) {
 		t.Fatalf("control: inbound before Attach: %v", err)
 	}
 
-	sb, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, srv1.String()),
+	sb, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, srv1.String(), "peer.test:8080"),
 		AttachOptions{Replies: []Port{{"tcp", 8080}, {"udp", 8080}, {"tcp", 8090}}})
 	ktMust(t, err)
 	t.Cleanup(func() {
@@ -228,6 +228,11 @@ func TestKernelAttach(t *testing.T) {
 	}
 	if _, err := m.Attach(context.Background(), id, a1.netns, nil, AttachOptions{}); !errors.Is(err, ErrExists) {
 		t.Errorf("Attach again: %v, want ErrExists", err)
+	}
+	// A name resolving into the bridge's network (another allocation) is
+	// never granted: the DNS service leaves such answers out.
+	if err := m.AllowName(id, "peer.test", a2.addr, time.Minute); !errors.Is(err, ErrDeniedAddr) {
+		t.Errorf("Allow of the other allocation's address: %v", err)
 	}
 	if _, err := m.Attach(context.Background(), "alloc-a1/task-other", a1.netns, nil, AttachOptions{}); !errors.Is(err, ErrNetnsInUse) {
 		t.Errorf("a second sandbox in the namespace: %v, want ErrNetnsInUse", err)

@@ -517,7 +517,10 @@ func (m *Manager) allow(id string, addr netip.Addr, ttl time.Duration, groups fu
 	if err != nil {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, err)
 	}
-	if m.denied(addr) {
+	// An attached sandbox's own network is the bridge's, with the other
+	// allocations on it: never a destination (the filter's block set has
+	// it too).
+	if m.denied(addr) || (l.Attached != nil && l.Addr.Masked().Contains(addr)) {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, ErrDeniedAddr)
 	}
 	c, err := nftables.New()
