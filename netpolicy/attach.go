@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -106,47 +105,23 @@ type nsView struct {
 // is changed; the filter is installed in one batch before Attach returns,
 // and on error nothing of it is left.
 func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entry, opt AttachOptions) (_ *Sandbox, err error) {
-	if err := m.init(); err != nil {
-		return nil, err
-	}
-	if id == "" {
-		return nil, errors.New("attach sandbox network: empty id")
-	}
-	if err := checkEntries(allow); err != nil {
-		return nil, fmt.Errorf("attach sandbox network: %w", err)
-	}
 	for _, p := range opt.Replies {
 		if (p.Proto != "tcp" && p.Proto != "udp") || p.Port == 0 {
 			return nil, fmt.Errorf("attach sandbox network: reply port %s: want tcp or udp and a port above 0", p)
 		}
 	}
-	unlock, err := m.lock()
+	n, leases, unlock, err := m.reserve(ctx, "attach", id, allow)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
 	fail := func(step string, err error) error {
 		return fmt.Errorf("attach sandbox network %s to %s: %s: %w", id, netnsPath, step, err)
 	}
-
-	n := m.cfg.names(id)
-	leases, err := m.cfg.readLeases()
-	if err != nil {
-		return nil, err
-	}
 	for _, l := range leases {
-		if l.ID == id {
-			return nil, fmt.Errorf("attach sandbox network %s: %w", id, ErrExists)
-		}
 		if l.Attached != nil && l.Attached.Netns == netnsPath {
 			return nil, fail("namespace", fmt.Errorf("%w (sandbox %s)", ErrNetnsInUse, l.ID))
 		}
-	}
-	if l, ok := leases[n.hash]; ok {
-		return nil, fmt.Errorf("attach sandbox network %s: name %s is taken by sandbox %q", id, n.base, l.ID)
 	}
 
 	v, err := inspectNetns(netnsPath)
@@ -159,10 +134,8 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	for _, p := range opt.Replies {
 		att.Replies = append(att.Replies, p.String())
 	}
-	l := &lease{ID: id, Hash: n.hash, Addr: addr, Gateway: v.gateway, MAC: v.mac.String(), Created: time.Now().UTC(), Attached: att}
-	for _, e := range allow {
-		l.Allow = append(l.Allow, e.String())
-	}
+	l := newLease(id, n, allow)
+	l.Addr, l.Gateway, l.MAC, l.Attached = addr, v.gateway, v.mac.String(), att
 	if err := m.cfg.writeLease(l); err != nil {
 		return nil, err
 	}

@@ -129,43 +129,17 @@ func (m *Manager) lock() (func(), error) {
 // strips its address): Destroy it when the sandbox is gone. Create for an id
 // that still has a network returns ErrExists.
 func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sandbox, err error) {
-	if err := m.init(); err != nil {
-		return nil, err
-	}
-	if id == "" {
-		return nil, errors.New("create sandbox network: empty id")
-	}
-	if err := checkEntries(allow); err != nil {
-		return nil, fmt.Errorf("create sandbox network: %w", err)
-	}
-	unlock, err := m.lock()
+	n, leases, unlock, err := m.reserve(ctx, "create", id, allow)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-
-	n := m.cfg.names(id)
-	leases, err := m.cfg.readLeases()
-	if err != nil {
-		return nil, err
-	}
-	if l, ok := leases[n.hash]; ok {
-		if l.ID == id {
-			return nil, fmt.Errorf("create sandbox network %s: %w", id, ErrExists)
-		}
-		return nil, fmt.Errorf("create sandbox network %s: name %s is taken by sandbox %q", id, n.base, l.ID)
-	}
 	addr, gw, err := m.cfg.allocate(n.hash, leases)
 	if err != nil {
 		return nil, err
 	}
-	l := &lease{ID: id, Hash: n.hash, Addr: addr, Gateway: gw, Created: time.Now().UTC()}
-	for _, e := range allow {
-		l.Allow = append(l.Allow, e.String())
-	}
+	l := newLease(id, n, allow)
+	l.Addr, l.Gateway = addr, gw
 	if err := m.cfg.writeLease(l); err != nil {
 		return nil, err
 	}
@@ -243,6 +217,55 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	m.Logger.Debug("sandbox network created", "id", id, "netns", sb.Netns, "host_if", sb.HostIf,
 		"addr", sb.Addr, "gateway", sb.Gateway, "allow", l.Allow)
 	return sb, nil
+}
+
+// reserve begins Create or Attach (op) of sandbox id's network: it checks
+// id and allow, takes the locks (the caller releases them with unlock) and
+// refuses an id, or a name, that has a network already. It returns the
+// sandbox's names and every lease.
+func (m *Manager) reserve(ctx context.Context, op, id string, allow []Entry) (n names, leases map[string]*lease, unlock func(), err error) {
+	if err := m.init(); err != nil {
+		return n, nil, nil, err
+	}
+	if id == "" {
+		return n, nil, nil, fmt.Errorf("%s sandbox network: empty id", op)
+	}
+	if err := checkEntries(allow); err != nil {
+		return n, nil, nil, fmt.Errorf("%s sandbox network: %w", op, err)
+	}
+	release, err := m.lock()
+	if err != nil {
+		return n, nil, nil, err
+	}
+	defer func() {
+		if err != nil {
+			release()
+		}
+	}()
+	if err := ctx.Err(); err != nil {
+		return n, nil, nil, err
+	}
+	n = m.cfg.names(id)
+	leases, err = m.cfg.readLeases()
+	if err != nil {
+		return n, nil, nil, err
+	}
+	if l, ok := leases[n.hash]; ok {
+		if l.ID == id {
+			return n, nil, nil, fmt.Errorf("%s sandbox network %s: %w", op, id, ErrExists)
+		}
+		return n, nil, nil, fmt.Errorf("%s sandbox network %s: name %s is taken by sandbox %q", op, id, n.base, l.ID)
+	}
+	return n, leases, release, nil
+}
+
+// newLease is the lease of sandbox id with allowlist allow.
+func newLease(id string, n names, allow []Entry) *lease {
+	l := &lease{ID: id, Hash: n.hash, Created: time.Now().UTC()}
+	for _, e := range allow {
+		l.Allow = append(l.Allow, e.String())
+	}
+	return l
 }
 
 // checkEntries refuses allowlist entries that were not made by ParseEgress.
