@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -20,11 +21,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"testing"
-	"text/template"
 	"time"
 
 	"github.com/shoenig/test/must"
@@ -59,59 +60,6 @@ type idJob struct {
 	User     string
 }
 
-var idJobTemplate = template.Must(template.New("idjob").Funcs(template.FuncMap{"hcl": hclString}).Parse(`job {{hcl .Name}} {
-  type        = {{hcl .Type}}
-  datacenters = ["*"]
-
-  group "g" {
-    restart {
-      attempts = 0
-      mode     = "fail"
-    }
-
-    reschedule {
-      attempts  = 0
-      unlimited = false
-    }
-
-    task "main" {
-      driver       = "sandbox"
-      kill_timeout = "20s"
-{{- with .User}}
-      user         = {{hcl .}}
-{{- end}}
-{{- if .Identity}}
-
-      identity {
-{{- range .Identity}}
-        {{.}}
-{{- end}}
-      }
-{{- end}}
-{{- if .Env}}
-
-      env {
-{{- range $k, $v := .Env}}
-        {{$k}} = {{hcl $v}}
-{{- end}}
-      }
-{{- end}}
-
-      config {
-        rootfs  = {{hcl .Rootfs}}
-        command = "/bin/sh"
-        args    = ["-c", {{hcl .Script}}]
-      }
-
-      resources {
-        cpu    = 100
-        memory = 128
-      }
-    }
-  }
-}
-`))
-
 // runIDJob submits the job and waits for its allocation, like runJob; the
 // returned job's cleanup purges it and checks that nothing is left.
 func runIDJob(t *testing.T, spec *idJob) *runningJob {
@@ -122,12 +70,22 @@ func runIDJob(t *testing.T, spec *idJob) *runningJob {
 	if spec.Type == "" {
 		spec.Type = "batch"
 	}
-	if spec.Rootfs == "" {
-		spec.Rootfs = suite.rootfs
+	js := shellJob(t, spec.Type, spec.Script)
+	js.Name, js.User = spec.Name, spec.User
+	if spec.Rootfs != "" {
+		js.Rootfs = spec.Rootfs
 	}
-	var b bytes.Buffer
-	must.NoError(t, idJobTemplate.Execute(&b, spec))
-	return submitJob(t, &jobSpec{Name: spec.Name, Type: spec.Type, Task: "main"}, b.Bytes())
+	if len(spec.Identity) > 0 {
+		js.TaskBlocks = append(append([]string{"identity {"}, spec.Identity...), "}")
+	}
+	if len(spec.Env) > 0 {
+		js.TaskBlocks = append(js.TaskBlocks, "env {")
+		for _, k := range slices.Sorted(maps.Keys(spec.Env)) {
+			js.TaskBlocks = append(js.TaskBlocks, k+" = "+hclString(spec.Env[k]))
+		}
+		js.TaskBlocks = append(js.TaskBlocks, "}")
+	}
+	return runJob(t, js)
 }
 
 // waitOneAlloc waits until the job has its one allocation, records it for

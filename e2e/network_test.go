@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -17,7 +16,6 @@ import (
 	"sort"
 	"strings"
 	"testing"
-	"text/template"
 	"time"
 
 	"github.com/shoenig/test/must"
@@ -61,84 +59,29 @@ type netJob struct {
 	Egress    []string
 }
 
-var netJobTemplate = template.Must(template.New("netjob").Funcs(template.FuncMap{
-	"hcl":     hclString,
-	"hcllist": hclList,
-}).Parse(`job {{hcl .Name}} {
-  type        = {{hcl .Type}}
-  datacenters = ["*"]
-
-  group "g" {
-    restart {
-      attempts = 0
-      mode     = "fail"
-    }
-
-    reschedule {
-      attempts  = 0
-      unlimited = false
-    }
-{{- if .Network}}
-
-    network {
-{{- range .Network}}
-      {{.}}
-{{- end}}
-    }
-{{- end}}
-{{- with .Service}}
-
-    service {
-      provider = "nomad"
-      name     = {{hcl .}}
-      port     = "http"
-
-      check {
-        type     = {{hcl $.CheckType}}
-{{- if eq $.CheckType "http"}}
-        path     = "/"
-{{- end}}
-        interval = "1s"
-        timeout  = "2s"
-      }
-    }
-{{- end}}
-
-    task "main" {
-      driver       = "sandbox"
-      kill_timeout = "20s"
-
-      config {
-        rootfs  = {{hcl .Rootfs}}
-        command = "/bin/sh"
-        args    = ["-c", {{hcl .Script}}]
-{{- if .Egress}}
-        egress  = {{hcllist .Egress}}
-{{- end}}
-      }
-
-      resources {
-        cpu    = 100
-        memory = 128
-      }
-    }
-  }
-}
-`))
-
 // runNetJob submits the job and waits for its allocation; the returned job's
 // cleanup purges it and checks that nothing is left, network included.
 func runNetJob(t *testing.T, spec *netJob) *runningJob {
 	t.Helper()
-	if spec.Name == "" {
-		spec.Name = jobName(t)
+	js := shellJob(t, spec.Type, spec.Script)
+	if spec.Name != "" {
+		js.Name = spec.Name
 	}
-	var b bytes.Buffer
-	must.NoError(t, netJobTemplate.Execute(&b, struct {
-		*netJob
-		Rootfs string
-	}{spec, suite.rootfs}))
-	return submitJob(t, &jobSpec{Name: spec.Name, Type: spec.Type, Task: "main"}, b.Bytes())
+	if spec.Network != nil {
+		js.Group = append(append([]string{"network {"}, spec.Network...), "}")
+	}
+	if spec.Service != "" {
+		js.Group = append(js.Group, "service {", `provider = "nomad"`, "name = "+hclString(spec.Service), `port = "http"`,
+			"check {", "type = "+hclString(spec.CheckType))
+		if spec.CheckType == "http" {
+			js.Group = append(js.Group, `path = "/"`)
+		}
+		js.Group = append(js.Group, `interval = "1s"`, `timeout = "2s"`, "}", "}")
+	}
+	if len(spec.Egress) > 0 {
+		js.ExtraConfig = append(js.ExtraConfig, "egress = "+hclList(spec.Egress))
+	}
+	return runJob(t, js)
 }
 
 // wait4 polls fn every 200ms until it returns nil or timeout has passed.

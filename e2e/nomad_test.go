@@ -220,6 +220,11 @@ type jobSpec struct {
 	KillSignal  string
 	KillTimeout string
 	MemoryMB    int // resources.memory; 0: 128
+	// Group and TaskBlocks are raw HCL lines added to the group block
+	// before the task (network, service) and to the task block before its
+	// config (identity, env).
+	Group      []string
+	TaskBlocks []string
 }
 
 var jobTemplate = template.Must(template.New("job").Funcs(template.FuncMap{
@@ -239,6 +244,9 @@ var jobTemplate = template.Must(template.New("job").Funcs(template.FuncMap{
       attempts  = 0
       unlimited = false
     }
+{{- range .Group}}
+    {{.}}
+{{- end}}
 
     task {{hcl .Task}} {
       driver = "sandbox"
@@ -249,6 +257,9 @@ var jobTemplate = template.Must(template.New("job").Funcs(template.FuncMap{
       kill_signal = {{hcl .}}
 {{- end}}
       kill_timeout = {{hcl .KillTimeout}}
+{{- range .TaskBlocks}}
+      {{.}}
+{{- end}}
 
       config {
 {{- with .Rootfs}}
@@ -336,18 +347,10 @@ func runJob(t *testing.T, spec *jobSpec) *runningJob {
 	t.Helper()
 	var b bytes.Buffer
 	must.NoError(t, jobTemplate.Execute(&b, spec))
-	return submitJob(t, spec, b.Bytes())
-}
-
-// submitJob runs the job file hcl (spec names it) and waits for its one
-// allocation; the returned job's cleanup purges it and checks that nothing
-// is left.
-func submitJob(t *testing.T, spec *jobSpec, hcl []byte) *runningJob {
-	t.Helper()
 	path := filepath.Join(t.TempDir(), spec.Name+".nomad.hcl")
-	must.NoError(t, os.WriteFile(path, hcl, 0o600))
+	must.NoError(t, os.WriteFile(path, b.Bytes(), 0o600))
 	res := nomadCLI(t, time.Minute, "", "job", "run", "-detach", path)
-	must.Eq(t, 0, res.Code, must.Sprintf("nomad job run failed:\n%s\njob file:\n%s", res, hcl))
+	must.Eq(t, 0, res.Code, must.Sprintf("nomad job run failed:\n%s\njob file:\n%s", res, b.String()))
 
 	j := &runningJob{spec: spec}
 	t.Cleanup(func() { j.purge(t) })
