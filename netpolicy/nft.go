@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -358,8 +359,26 @@ func allowKey(addr uint32, proto byte, port uint16) []byte {
 	return k
 }
 
+// span is an inclusive range of addresses or ports.
+type span[T uint16 | uint32] struct{ lo, hi T }
+
+// mergeSpans returns the union of ss as sorted, disjoint, non-adjacent
+// spans; it sorts ss in place.
+func mergeSpans[T uint16 | uint32](ss []span[T]) []span[T] {
+	sort.Slice(ss, func(i, j int) bool { return ss[i].lo < ss[j].lo })
+	var out []span[T]
+	for _, r := range ss {
+		if k := len(out) - 1; k >= 0 && uint64(r.lo) <= uint64(out[k].hi)+1 {
+			out[k].hi = max(out[k].hi, r.hi)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
 // addrRange is an inclusive IPv4 range.
-type addrRange struct{ lo, hi uint32 }
+type addrRange = span[uint32]
 
 func prefixRange(p netip.Prefix) addrRange {
 	lo := addrU32(p.Masked().Addr())
@@ -376,18 +395,7 @@ func mergeRanges(ps []netip.Prefix) []addrRange {
 			rs = append(rs, prefixRange(p))
 		}
 	}
-	sort.Slice(rs, func(i, j int) bool { return rs[i].lo < rs[j].lo })
-	var out []addrRange
-	for _, r := range rs {
-		if k := len(out) - 1; k >= 0 && uint64(r.lo) <= uint64(out[k].hi)+1 {
-			if r.hi > out[k].hi {
-				out[k].hi = r.hi
-			}
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
+	return mergeSpans(rs)
 }
 
 // allowElem is one element of the static allow set: an address range, a
@@ -447,8 +455,8 @@ func allowElems(entries []Entry) []allowElem {
 			if len(ports) == 0 {
 				continue
 			}
-			ports = mergePorts(ports)
-			if k := len(pieces) - 1; k >= 0 && uint64(pieces[k].a.hi)+1 == uint64(seg.lo) && samePorts(pieces[k].ports, ports) {
+			ports = mergeSpans(ports)
+			if k := len(pieces) - 1; k >= 0 && uint64(pieces[k].a.hi)+1 == uint64(seg.lo) && slices.Equal(pieces[k].ports, ports) {
 				pieces[k].a.hi = seg.hi
 				continue
 			}
@@ -463,34 +471,7 @@ func allowElems(entries []Entry) []allowElem {
 	return out
 }
 
-type portRange struct{ lo, hi uint16 }
-
-func mergePorts(ps []portRange) []portRange {
-	sort.Slice(ps, func(i, j int) bool { return ps[i].lo < ps[j].lo })
-	var out []portRange
-	for _, p := range ps {
-		if k := len(out) - 1; k >= 0 && uint32(p.lo) <= uint32(out[k].hi)+1 {
-			if p.hi > out[k].hi {
-				out[k].hi = p.hi
-			}
-			continue
-		}
-		out = append(out, p)
-	}
-	return out
-}
-
-func samePorts(a, b []portRange) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
+type portRange = span[uint16]
 
 // ours lists the chains, sets and counters in the netdev table whose names
 // carry a sandbox hash, by hash. A missing table lists nothing.
