@@ -440,30 +440,11 @@ exit 7
 		t.Parallel()
 		j := &paramJob{Script: "echo started; sleep 120"}
 		registerParamJob(t, j)
-		cmd := exec.Command(dispatchBin(t), "-address", suite.addr(), "-job", j.Name, "-meta", "git_ref=x")
-		cmd.Env = cleanEnv()
-		stdout, stderr := &syncBuffer{}, &syncBuffer{}
-		cmd.Stdout, cmd.Stderr = stdout, stderr
-		must.NoError(t, cmd.Start())
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		t.Cleanup(func() { _ = cmd.Process.Kill() })
-		must.Wait(t, wait.InitialSuccess(
-			wait.BoolFunc(func() bool { return strings.Contains(stdout.String(), "started") }),
-			wait.Timeout(90*time.Second),
-			wait.Gap(200*time.Millisecond),
-		), must.Func(func() string { return "the task's output never came; stderr:\n" + stderr.String() }))
-		must.NoError(t, cmd.Process.Signal(syscall.SIGINT))
-		var err error
-		select {
-		case err = <-done:
-		case <-time.After(60 * time.Second):
-			t.Fatalf("the tool did not end after SIGINT; stderr:\n%s", stderr.String())
-		}
-		var ee *exec.ExitError
-		must.True(t, errors.As(err, &ee), must.Sprintf("exit: %v", err))
-		must.Eq(t, 130, ee.ExitCode(), must.Sprint(stderr.String()))
-		r := dispatchResult{cliResult: cliResult{Stdout: stdout.String(), Stderr: stderr.String()}}
+		d := startDispatch(t, "-job", j.Name, "-meta", "git_ref=x")
+		must.NoError(t, d.cmd.Process.Signal(syscall.SIGINT))
+		code := d.exitCode(t, 60*time.Second)
+		must.Eq(t, 130, code, must.Sprint(d.stderr.String()))
+		r := dispatchResult{cliResult: cliResult{Stdout: d.stdout.String(), Stderr: d.stderr.String()}}
 		waitJobStopped(t, childOf(t, r))
 	})
 
@@ -504,20 +485,8 @@ func TestDispatchAcrossAgentRestart(t *testing.T) {
 	defer catchPanic(t)
 	j := &paramJob{Script: waitForMarker}
 	registerParamJob(t, j)
-	cmd := exec.Command(dispatchBin(t), "-address", suite.addr(), "-job", j.Name, "-meta", "git_ref=x", "-timeout", "4m")
-	cmd.Env = cleanEnv()
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-	must.NoError(t, cmd.Start())
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
-	must.Wait(t, wait.InitialSuccess(
-		wait.BoolFunc(func() bool { return strings.Contains(stdout.String(), "started") }),
-		wait.Timeout(90*time.Second),
-		wait.Gap(200*time.Millisecond),
-	), must.Func(func() string { return "the task's output never came; stderr:\n" + stderr.String() }))
-	child := childOf(t, dispatchResult{cliResult: cliResult{Stderr: stderr.String()}})
+	d := startDispatch(t, "-job", j.Name, "-meta", "git_ref=x", "-timeout", "4m")
+	child := childOf(t, dispatchResult{cliResult: cliResult{Stderr: d.stderr.String()}})
 	var allocs []allocation
 	must.NoError(t, apiGet("/v1/job/"+url.PathEscape(child)+"/allocations", &allocs))
 	must.Len(t, 1, allocs)
@@ -528,17 +497,52 @@ func TestDispatchAcrossAgentRestart(t *testing.T) {
 	marker := filepath.Join(suite.dataDir, "alloc", allocs[0].ID, "alloc", "data", "go")
 	must.NoError(t, os.WriteFile(marker, nil, 0o644))
 
+	code := d.exitCode(t, 3*time.Minute)
+	t.Logf("stdout:\n%s\nstderr:\n%s", d.stdout.String(), d.stderr.String())
+	must.Eq(t, 4, code, must.Sprint(d.stderr.String()))
+	must.Eq(t, "started\nfinishing\n", d.stdout.String())
+}
+
+// runningDispatch is sandbox-dispatch running in the background.
+type runningDispatch struct {
+	cmd            *exec.Cmd
+	stdout, stderr *syncBuffer
+	done           chan error
+}
+
+// startDispatch starts sandbox-dispatch against the suite's agent with args
+// and waits until the task has printed "started"; the tool is killed when
+// the test ends.
+func startDispatch(t *testing.T, args ...string) *runningDispatch {
+	t.Helper()
+	cmd := exec.Command(dispatchBin(t), append([]string{"-address", suite.addr()}, args...)...)
+	cmd.Env = cleanEnv()
+	d := &runningDispatch{cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = d.stdout, d.stderr
+	must.NoError(t, cmd.Start())
+	go func() { d.done <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	must.Wait(t, wait.InitialSuccess(
+		wait.BoolFunc(func() bool { return strings.Contains(d.stdout.String(), "started") }),
+		wait.Timeout(90*time.Second),
+		wait.Gap(200*time.Millisecond),
+	), must.Func(func() string { return "the task's output never came; stderr:\n" + d.stderr.String() }))
+	return d
+}
+
+// exitCode waits up to timeout for the tool to end with a non-zero code
+// and returns it.
+func (d *runningDispatch) exitCode(t *testing.T, timeout time.Duration) int {
+	t.Helper()
 	var err error
 	select {
-	case err = <-done:
-	case <-time.After(3 * time.Minute):
-		t.Fatalf("the tool did not end; stderr:\n%s", stderr.String())
+	case err = <-d.done:
+	case <-time.After(timeout):
+		t.Fatalf("the tool did not end; stderr:\n%s", d.stderr.String())
 	}
-	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
 	var ee *exec.ExitError
 	must.True(t, errors.As(err, &ee), must.Sprintf("exit: %v", err))
-	must.Eq(t, 4, ee.ExitCode(), must.Sprint(stderr.String()))
-	must.Eq(t, "started\nfinishing\n", stdout.String())
+	return ee.ExitCode()
 }
 
 // checkSequence checks that out is exactly "<word> 0\n" to "<word> n-1\n".
