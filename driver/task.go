@@ -129,13 +129,6 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	}
 	bc.ResolvConf = filepath.Join(dir, "resolv.conf")
 	bc.Hosts = filepath.Join(dir, "hosts")
-	var dns, search, opts []string
-	if cfg.DNS != nil {
-		dns, search, opts = cfg.DNS.Servers, cfg.DNS.Searches, cfg.DNS.Options
-	}
-	if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf(dns, search, opts), 0o644); err != nil {
-		return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
-	}
 	if err := os.WriteFile(bc.Hosts, runtime.HostsFile(bc.Hostname), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
@@ -166,10 +159,17 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 			_ = d.net.Destroy(id)
 		})
 		network, bc.NetnsPath = "sandbox", tn.sb.Netns
+	}
+	var dns, search, opts []string
+	if cfg.DNS != nil {
+		dns, search, opts = cfg.DNS.Servers, cfg.DNS.Searches, cfg.DNS.Options
+	}
+	if tn != nil {
 		// The sandbox's only resolver is its own DNS service.
-		if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf([]string{tn.sb.Gateway.String()}, search, []string{"ndots:1"}), 0o644); err != nil {
-			return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
-		}
+		dns, opts = []string{tn.sb.Gateway.String()}, []string{"ndots:1"}
+	}
+	if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf(dns, search, opts), 0o644); err != nil {
+		return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
 	}
 	if err := runtime.WriteBundle(bundle, bc); err != nil {
 		return nil, nil, err
