@@ -111,6 +111,46 @@ func httpGet(ns string, dst netip.AddrPort) (string, error) {
 	return body, testutil.InNetns(ns, get)
 }
 
+// nodeServices listens on the bridge's gateway and on the node's own
+// address (as a Nomad agent bound to 0.0.0.0 would), checks that both answer
+// the allocation's namespace before the task starts (the controls), and
+// returns probes of them for the sandbox and a check that it reached
+// neither.
+func nodeServices(t *testing.T, an *allocNet) ([]probe, func(map[string]probeResult)) {
+	t.Helper()
+	svcs := map[string]*tcpListener{"gateway": listenTCP(t, netip.AddrPortFrom(an.gateway, 0))}
+	if node := nodeAddr(t); node.IsValid() {
+		svcs["node"] = listenTCP(t, netip.AddrPortFrom(node, 0))
+	}
+	any4 := netip.MustParsePrefix("0.0.0.0/0")
+	var probes []probe
+	seen := map[string]int{}
+	for name, l := range svcs {
+		var body []byte
+		err := testutil.InNetns(an.path(), func() error {
+			c, err := net.DialTimeout("tcp4", l.addr().String(), 2*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			body, err = io.ReadAll(c)
+			return err
+		})
+		must.NoError(t, err, must.Sprintf("control: %s from the allocation's namespace", l.addr()))
+		must.StrContains(t, string(body), "hello from")
+		seen[name] = l.from(any4)
+		probes = append(probes, probe{name, wgetCmd(l.addr().Addr().String(), int(l.addr().Port()))})
+	}
+	return probes, func(res map[string]probeResult) {
+		t.Helper()
+		for name, l := range svcs {
+			must.False(t, res[name].ok(), must.Sprintf("the sandbox reached the %s's service %s: %+v", name, l.addr(), res[name]))
+			must.Eq(t, seen[name], l.from(any4), must.Sprintf("the %s's service %s saw a connection from the sandbox", name, l.addr()))
+		}
+	}
+}
+
 // TestDriver_GroupNetwork: a task in a bridge-mode group network joins the
 // allocation's namespace: its served port answers the host (as Nomad's
 // checks do) and a client elsewhere, its egress allowlist holds, a second
@@ -124,45 +164,12 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	otherPort := netip.AddrPortFrom(h.Addr, egTCP2)
 	before := an.eth0(t)
 	must.StrContains(t, before, an.addr.String()+"/24")
-	// Services of the node on the bridge's gateway and on its own address
-	// (as a Nomad agent bound to 0.0.0.0 would be): never reachable.
-	gwSvc := listenTCP(t, netip.AddrPortFrom(an.gateway, 0))
-	probes := []probe{
+	services, unreached := nodeServices(t, an)
+	probes := append([]probe{
 		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
 		{"other-port", wgetCmd(h.Addr.String(), egTCP2)},
-		{"gateway", wgetCmd(an.gateway.String(), int(gwSvc.addr().Port()))},
 		{"resolv", "cat /etc/resolv.conf"},
-	}
-	var nodeSvc *tcpListener
-	if node := nodeAddr(t); node.IsValid() {
-		nodeSvc = listenTCP(t, netip.AddrPortFrom(node, 0))
-		probes = append(probes, probe{"node", wgetCmd(node.String(), int(nodeSvc.addr().Port()))})
-	}
-	// Controls: from the allocation's namespace, unfiltered before the
-	// task, both answer.
-	any4 := netip.MustParsePrefix("0.0.0.0/0")
-	for _, l := range []*tcpListener{gwSvc, nodeSvc} {
-		if l != nil {
-			var body []byte
-			err := testutil.InNetns(an.path(), func() error {
-				c, err := net.DialTimeout("tcp4", l.addr().String(), 2*time.Second)
-				if err != nil {
-					return err
-				}
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(3 * time.Second))
-				body, err = io.ReadAll(c)
-				return err
-			})
-			must.NoError(t, err, must.Sprintf("control: %s from the allocation's namespace", l.addr()))
-			must.StrContains(t, string(body), "hello from")
-		}
-	}
-	gwBefore := gwSvc.from(any4)
-	nodeBefore := 0
-	if nodeSvc != nil {
-		nodeBefore = nodeSvc.from(any4)
-	}
+	}, services...)
 	script := "mkdir -p /tmp/www && echo served-from-the-sandbox > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && " + probeScript("", probes)
 	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{
 		Command: "/bin/sh", Args: []string{"-c", script},
@@ -183,12 +190,7 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	res := parseProbes(t, out, probes)
 	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
 	must.False(t, res["other-port"].ok(), must.Sprintf("%s reached: %+v", otherPort, res["other-port"]))
-	must.False(t, res["gateway"].ok(), must.Sprintf("the bridge gateway reached: %+v", res["gateway"]))
-	must.Eq(t, gwBefore, gwSvc.from(any4), must.Sprint("the gateway's service saw a connection"))
-	if nodeSvc != nil {
-		must.False(t, res["node"].ok(), must.Sprintf("the node's address reached: %+v", res["node"]))
-		must.Eq(t, nodeBefore, nodeSvc.from(any4), must.Sprint("the node's service saw a connection"))
-	}
+	unreached(res)
 	must.StrContains(t, res["resolv"].out, "nameserver "+an.gateway.String())
 	must.Positive(t, len(h.Hits(ee.fromPool("tcp", allowed))))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", otherPort)), must.Sprint("the server saw the denied connection"))
@@ -244,7 +246,8 @@ func TestDriver_GroupNetworkNoEgress(t *testing.T) {
 	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0"}, nil)
 	h := ee.host
 	an := newAllocNet(t, h, true)
-	probes := []probe{{"server", wgetCmd(h.Addr.String(), egTCP1)}, {"gateway", wgetCmd(an.gateway.String(), 28080)}}
+	services, unreached := nodeServices(t, an)
+	probes := append([]probe{{"server", wgetCmd(h.Addr.String(), egTCP1)}}, services...)
 	script := "mkdir -p /tmp/www && echo quiet-sandbox > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && " + probeScript("", probes)
 	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, Timeout: "60s"}))
 	defer cleanup()
@@ -258,7 +261,7 @@ func TestDriver_GroupNetworkNoEgress(t *testing.T) {
 	out := waitLog(t, cfg, "stdout", has("probes-done"))
 	res := parseProbes(t, out, probes)
 	must.False(t, res["server"].ok(), must.Sprintf("reached the server without egress: %+v", res["server"]))
-	must.False(t, res["gateway"].ok(), must.Sprintf("reached the gateway without egress: %+v", res["gateway"]))
+	unreached(res)
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPort{})))
 	body, err := httpGet("", netip.AddrPortFrom(an.addr, 8080))
 	must.NoError(t, err)
