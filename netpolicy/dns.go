@@ -433,12 +433,11 @@ func (h *dnsHandler) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 
 	// One TTL for the whole answer: the smallest of the chain, clamped.
 	ttl := h.maxTTL
-	first := true
 	for _, rr := range cnames {
-		ttl, first = dnsMinTTL(ttl, rr.Header().Ttl, first)
+		ttl = min(ttl, time.Duration(rr.Header().Ttl)*time.Second)
 	}
 	for _, a := range addrs {
-		ttl, first = dnsMinTTL(ttl, a.Hdr.Ttl, first)
+		ttl = min(ttl, time.Duration(a.Hdr.Ttl)*time.Second)
 	}
 	ttl = h.clamp(ttl)
 	ttlSecs := uint32(ttl / time.Second)
@@ -605,14 +604,6 @@ func (h *dnsHandler) clamp(ttl time.Duration) time.Duration {
 		return h.maxTTL
 	}
 	return ttl
-}
-
-func dnsMinTTL(cur time.Duration, secs uint32, first bool) (time.Duration, bool) {
-	d := time.Duration(secs) * time.Second
-	if first || d < cur {
-		return d, false
-	}
-	return cur, false
 }
 
 func dnsRemoteAddr(w dns.ResponseWriter) (netip.Addr, bool) {

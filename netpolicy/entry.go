@@ -241,10 +241,6 @@ func validHostName(name string) bool {
 	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
 }
 
-// IsHost reports whether e is a host name entry (resolved through DNS)
-// rather than an IP entry.
-func (e Entry) IsHost() bool { return e.Host != "" }
-
 // MatchesHost reports whether the host name name (any case, with or without
 // a trailing dot) is allowed by e: equal to Host, or for a wildcard entry,
 // strictly under it. IP entries match no name.
