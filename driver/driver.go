@@ -6,7 +6,6 @@ package driver
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,11 +55,9 @@ type Driver struct {
 	images *image.Store
 
 	// net makes sandboxes' network namespaces and host-side filters;
-	// ceiling is the parsed allowed_egress, netDeny every destination no
-	// sandbox may reach.
+	// ceiling is the parsed allowed_egress.
 	net     *netpolicy.Manager
 	ceiling []netpolicy.Entry
-	netDeny []netip.Prefix
 	// netPrefix and netTable, when set (tests), name what this driver's
 	// network manager creates, so that drivers side by side in one test
 	// process never reconcile away each other's sandboxes.

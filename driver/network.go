@@ -62,7 +62,8 @@ type taskNet struct {
 // addresses and denied_egress) and the upstream DNS servers.
 func (d *Driver) configureNetwork(pc *PluginConfig) error {
 	subnet, _ := netip.ParsePrefix(pc.NetworkSubnet)
-	deny := netpolicy.DefaultDeny()
+	// The manager adds netpolicy.DefaultDeny() and the subnet itself.
+	var deny []netip.Prefix
 	if node, err := netpolicy.NodeAddrs(); err == nil {
 		deny = append(deny, node...)
 	}
@@ -74,7 +75,6 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 		}
 		deny = append(deny, p)
 	}
-	d.netDeny = append(append([]netip.Prefix{}, deny...), subnet)
 	d.ceiling = nil
 	for _, s := range pc.AllowedEgress {
 		e, _ := netpolicy.ParseEgress(s)
@@ -328,7 +328,7 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 	}
 	bound, stop, err := srv.Listen(d.ctx, listen, netpolicy.DNSPolicy{
 		Allowed: netpolicy.DNSAllowlist(hosts),
-		Denied:  d.deniedAddr,
+		Denied:  d.net.Denied(tn.sb),
 		Allow: func(addr netip.Addr, rule netpolicy.DNSRule, ttl time.Duration) error {
 			name, _ := rule.(string)
 			return d.net.AllowName(tn.id, name, addr, ttl)
@@ -358,15 +358,6 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 	tn.cancel = cancel
 	go d.collectDenials(ctx, cfg, tn)
 	return nil
-}
-
-func (d *Driver) deniedAddr(a netip.Addr) bool {
-	for _, p := range d.netDeny {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
 }
 
 // collectDenials turns what the filter and the DNS service refused into

@@ -152,9 +152,6 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	spec := m.filterSpecFor(sb, n, allow)
 	spec.gatewayMAC = v.gatewayMAC
 	spec.replies = opt.Replies
-	// The allocation's own network (the bridge's subnet, with the other
-	// allocations and the gateway on it) is never a destination.
-	spec.block = mergeRanges(append(m.blockPrefixes(), addr.Masked()))
 	c, err := nftables.New()
 	if err != nil {
 		return nil, fail("filter", err)

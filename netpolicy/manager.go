@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -30,7 +31,8 @@ type Manager struct {
 
 	once    sync.Once
 	initErr error
-	cfg     Config // Config with defaults
+	cfg     Config      // Config with defaults
+	block   []addrRange // destinations always denied, from cfg
 	mu      sync.Mutex
 
 	// failAt, in tests, makes Create fail at the named step.
@@ -92,6 +94,7 @@ var (
 func (m *Manager) init() error {
 	m.once.Do(func() {
 		m.cfg, m.initErr = m.Config.withDefaults()
+		m.block = mergeRanges(append(append(DefaultDeny(), m.cfg.Deny...), m.cfg.Subnet))
 		if m.Logger == nil {
 			m.Logger = hclog.NewNullLogger()
 		}
@@ -406,7 +409,7 @@ func (m *Manager) installFilter(sb *Sandbox, n names, allow []Entry) error {
 func (m *Manager) filterSpecFor(sb *Sandbox, n names, allow []Entry) *filterSpec {
 	spec := &filterSpec{
 		n: n, device: sb.HostIf, mac: sb.MAC, addr: sb.Addr.Addr(), gateway: sb.Gateway,
-		block: m.blockRanges(),
+		block: m.blockFor(ownNet(sb.Attached, sb.Addr)),
 		idle:  m.cfg.FlowIdle,
 	}
 	var static []Entry
@@ -438,20 +441,43 @@ func (m *Manager) filterSpecFor(sb *Sandbox, n names, allow []Entry) *filterSpec
 	return spec
 }
 
-// blockRanges is everything denied as a destination: the defaults, the
-// configured Deny and the pool.
-func (m *Manager) blockRanges() []addrRange {
-	return mergeRanges(m.blockPrefixes())
+// ownNet is the network an attached sandbox shares with others (the
+// bridge's: the other allocations and the gateway), which is never its
+// destination; invalid for a sandbox of ours, whose /30 is in the pool.
+func ownNet(attached bool, addr netip.Prefix) netip.Prefix {
+	if !attached {
+		return netip.Prefix{}
+	}
+	return addr.Masked()
 }
 
-func (m *Manager) blockPrefixes() []netip.Prefix {
-	ps := append(DefaultDeny(), m.cfg.Deny...)
-	return append(ps, m.cfg.Subnet)
+// blockFor is everything denied as a destination to a sandbox whose own
+// network is own: the defaults, the configured Deny, the pool, and own.
+func (m *Manager) blockFor(own netip.Prefix) []addrRange {
+	if !own.IsValid() {
+		return m.block
+	}
+	return mergeSpans(append(slices.Clone(m.block), prefixRange(own)))
 }
 
-func (m *Manager) denied(a netip.Addr) bool {
+// Denied reports, for the DNS service of sandbox sb, the addresses no
+// answer may point at: those sb's filter denies whatever its allowlist says.
+func (m *Manager) Denied(sb *Sandbox) func(netip.Addr) bool {
+	if err := m.init(); err != nil {
+		return func(netip.Addr) bool { return true }
+	}
+	block := m.blockFor(ownNet(sb.Attached, sb.Addr))
+	return func(a netip.Addr) bool { return inRanges(block, a) }
+}
+
+// inRanges reports whether a, an IPv4 address, is in one of rs.
+func inRanges(rs []addrRange, a netip.Addr) bool {
+	a = a.Unmap()
+	if !a.Is4() {
+		return false
+	}
 	v := addrU32(a)
-	for _, r := range m.blockRanges() {
+	for _, r := range rs {
 		if r.lo <= v && v <= r.hi {
 			return true
 		}
@@ -540,10 +566,7 @@ func (m *Manager) allow(id string, addr netip.Addr, ttl time.Duration, groups fu
 	if err != nil {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, err)
 	}
-	// An attached sandbox's own network is the bridge's, with the other
-	// allocations on it: never a destination (the filter's block set has
-	// it too).
-	if m.denied(addr) || (l.Attached != nil && l.Addr.Masked().Contains(addr)) {
+	if inRanges(m.blockFor(ownNet(l.Attached != nil, l.Addr)), addr) {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, ErrDeniedAddr)
 	}
 	c, err := nftables.New()
