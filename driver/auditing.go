@@ -55,7 +55,7 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 		CPUShares:      bc.Resources.CPUShares,
 		Cpuset:         bc.Resources.CpusetCpus,
 		PidsLimit:      lim.pids,
-		Network:        "none",
+		Network:        "none", // launch sets what the sandbox got
 		Egress:         egressStrings(lim.egress),
 		Mounts: []audit.Mount{
 			{Source: bc.Dirs.Alloc, Destination: "/alloc"},
@@ -68,14 +68,6 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 	}
 	if lim.timeout > 0 {
 		p.Timeout = lim.timeout.String()
-	}
-	switch {
-	case lim.net == netGroup:
-		p.Network = "sandbox in the group network, default deny"
-	case lim.net == netHost:
-		p.Network = "host (allow_host_network)"
-	case len(lim.egress) > 0:
-		p.Network = "sandbox, default deny"
 	}
 	rec.Policy = p
 }

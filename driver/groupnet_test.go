@@ -285,6 +285,11 @@ func TestDriver_GroupNetworkNone(t *testing.T) {
 	out := waitLog(t, cfg, "stdout", has("links:"))
 	must.StrContains(t, out, "links: lo \n")
 	must.NoError(t, ee.harness.DestroyTask(cfg.ID, true))
+	recs := readAudit(t, ee.audit)[cfg.ID]
+	must.SliceNotEmpty(t, recs)
+	for _, r := range recs {
+		must.Eq(t, "none", r.Policy.Network, must.Sprintf("the audit record of %s", r.Event))
+	}
 
 	cfg2, cleanup2 := ee.task(t, "none-egress", readonlyDefault(TaskConfig{Command: "/bin/true", Egress: []string{"10.0.0.1:443"}}))
 	defer cleanup2()

@@ -160,6 +160,14 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		})
 		network, bc.NetnsPath = "sandbox", tn.sb.Netns
 	}
+	switch {
+	case bc.HostNetwork:
+		rec.Policy.Network = "host (allow_host_network)"
+	case tn != nil && tn.sb.Attached:
+		rec.Policy.Network = "sandbox in the group network, default deny"
+	case tn != nil:
+		rec.Policy.Network = "sandbox, default deny"
+	}
 	var dns, search, opts []string
 	if cfg.DNS != nil {
 		dns, search, opts = cfg.DNS.Servers, cfg.DNS.Searches, cfg.DNS.Options
