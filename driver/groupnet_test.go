@@ -17,6 +17,7 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
@@ -379,7 +380,8 @@ func TestDriver_GroupNetworkRecover(t *testing.T) {
 		{"name-refused", "nslookup secret.exfil.test " + an.gateway.String()},
 	}
 	cfg, cleanup := ee.task(t, "recover", readonlyDefault(TaskConfig{
-		Command: "/bin/sh", Args: []string{"-c", probeScript("go", probes)},
+		// A name refused before the restart, which the audit record keeps.
+		Command: "/bin/sh", Args: []string{"-c", "nslookup before.exfil.test " + an.gateway.String() + "; " + probeScript("go", probes)},
 		Egress: []string{"api.allowed.test:8081"}, Timeout: "60s",
 	}))
 	defer cleanup()
@@ -391,6 +393,7 @@ func TestDriver_GroupNetworkRecover(t *testing.T) {
 		_ = ee.driver.DestroyTask(cfg.ID, true)
 	}()
 	waitLog(t, cfg, "stdout", has("ready"))
+	ee.waitNetRecord(t, cfg, nil, []string{"before.exfil.test"})
 
 	ee.driver.Shutdown() // the DNS service of the old plugin goes with it
 	fresh := ee.newDriver()
@@ -406,6 +409,7 @@ func TestDriver_GroupNetworkRecover(t *testing.T) {
 		must.Sprintf("a name outside the allowlist resolved: %+v", res["name-refused"]))
 	must.Eq(t, 0, ee.dns.Queries("secret.exfil.test"))
 	must.Positive(t, ee.dns.Queries("api.allowed.test"))
+	ee.waitNetRecord(t, cfg, nil, []string{"before.exfil.test", "secret.exfil.test"})
 
 	touch(t, cfg, "finish")
 	ch, err := fresh.WaitTask(t.Context(), cfg.ID)
@@ -419,4 +423,12 @@ func TestDriver_GroupNetworkRecover(t *testing.T) {
 	must.NoError(t, fresh.DestroyTask(cfg.ID, true))
 	ee.assertNoNetworkLeft(t)
 	must.Eq(t, before, an.eth0(t))
+	var refused map[string]int
+	for _, r := range readAudit(t, ee.audit)[cfg.ID] {
+		if r.Event == audit.EventExited {
+			refused = r.RefusedDNS
+		}
+	}
+	must.Positive(t, refused["before.exfil.test"], must.Sprintf("refused before the restart, missing from the exit record: %v", refused))
+	must.Positive(t, refused["secret.exfil.test"], must.Sprintf("refused after the restart, missing from the exit record: %v", refused))
 }

@@ -317,7 +317,9 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 			hosts = append(hosts, e)
 		}
 	}
-	tn.refused = map[string]int{}
+	if tn.refused == nil {
+		tn.refused = map[string]int{}
+	}
 	srv := &netpolicy.DNSServer{Upstreams: d.config.DNSServers, Logger: d.logger.Named("dns")}
 	listen := netip.AddrPortFrom(tn.sb.Gateway, 53)
 	if tn.sb.Attached {
@@ -465,7 +467,8 @@ func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
 	if err != nil {
 		return nil, err
 	}
-	tn := &taskNet{id: id, dir: dir, sb: sb, denials: rec.Denials}
+	// What was refused before the restart stays in the record.
+	tn := &taskNet{id: id, dir: dir, sb: sb, denials: rec.Denials, refused: rec.RefusedDNS}
 	for _, s := range rec.Egress {
 		e, err := netpolicy.ParseEgress(s)
 		if err != nil {
