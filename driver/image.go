@@ -1,8 +1,8 @@
 package driver
 
 import (
-	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,23 +18,18 @@ import (
 // spent here does not count against the task's timeout: the supervisor's
 // clock starts when the sandbox runs.
 func (d *Driver) pullImage(cfg *drivers.TaskConfig, tc *TaskConfig) (*image.Image, error) {
-	timeout, _ := parseTimeout("image_pull_timeout", d.config.ImagePullTimeout)
-	if timeout == 0 {
-		timeout = image.DefaultPullTimeout
-	}
-	ctx, cancel := context.WithTimeout(d.ctx, timeout)
-	defer cancel()
 	var auth *image.Auth
 	if a := tc.Auth; a.Username != "" || a.Password != "" {
 		auth = &image.Auth{Username: a.Username, Password: a.Password}
 	}
 	pol := image.Policy{RequireDigest: d.config.RequireDigest, AllowedRegistries: d.config.AllowedRegistries}
 	d.emitEvent(cfg, "Pulling image "+tc.Image, nil)
-	img, err := d.images.Get(ctx, tc.Image, auth, pol, cfg.TaskDir().Dir)
+	// The store bounds the pull by image_pull_timeout (SetConfig gave it).
+	img, err := d.images.Get(d.ctx, tc.Image, auth, pol, cfg.TaskDir().Dir)
+	if errors.Is(err, image.ErrPullTimeout) {
+		return nil, fmt.Errorf("%w: raise the plugin's image_pull_timeout if the image needs longer", err)
+	}
 	if err != nil {
-		if ctx.Err() == context.DeadlineExceeded {
-			err = fmt.Errorf("image %q: pull did not finish within %s (the plugin's image_pull_timeout): %w", tc.Image, timeout, err)
-		}
 		return nil, err
 	}
 	if img.Pulled {

@@ -1,9 +1,12 @@
 package driver
 
 import (
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -86,8 +89,9 @@ func TestDriver_ImagePolicy(t *testing.T) {
 	}{
 		{"digest required", func(pc *PluginConfig) { pc.RequireDigest = true }, byTag, "digest"},
 		{"registry not allowed", func(pc *PluginConfig) { pc.AllowedRegistries = []string{"registry.example.com"} }, byDigest, "allowed_registries"},
-		{"missing image", nil, reg.Host + "/ci/nothing:1.0", "nothing"},
-		{"wrong digest", nil, reg.Host + "/ci/busybox@sha256:" + strings.Repeat("0", 64), "sha256:0000"},
+		// The cause, not the reference (which every image error names).
+		{"missing image", nil, reg.Host + "/ci/nothing:1.0", "tag 1.0 not found in registry"},
+		{"wrong digest", nil, reg.Host + "/ci/busybox@sha256:" + strings.Repeat("0", 64), "manifest sha256:" + strings.Repeat("0", 64) + " not found"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -191,4 +195,29 @@ func TestDriver_ImageGCKeepsImagesInUse(t *testing.T) {
 	usedDigest := used[strings.Index(used, "@sha256:")+len("@sha256:"):]
 	_, err = os.Stat(filepath.Join(e.config.ImageDir, "images", "sha256", usedDigest))
 	must.NoError(t, err)
+}
+
+// TestDriver_ImagePullTimeout: a registry that never answers holds a start
+// no longer than image_pull_timeout, and the error says which setting to
+// raise.
+func TestDriver_ImagePullTimeout(t *testing.T) {
+	var asked atomic.Int64
+	stop := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		select { // hang until the client gives up or the test ends
+		case <-r.Context().Done():
+		case <-stop:
+		}
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(stop) })
+	e := newTestEnv(t, func(pc *PluginConfig) { pc.ImagePullTimeout = "1s" })
+	ref := strings.TrimPrefix(srv.URL, "http://") + "/ci/slow:1.0"
+	cfg, cleanup := e.taskWithLogs(t, "slow", TaskConfig{Image: ref, ReadonlyRootfs: true}, false)
+	defer cleanup()
+	_, _, err := e.harness.StartTask(cfg)
+	must.ErrorContains(t, err, image.ErrPullTimeout.Error()) // through gRPC: text only
+	must.ErrorContains(t, err, "image_pull_timeout")
+	must.Positive(t, asked.Load(), must.Sprint("the registry was never asked"))
 }

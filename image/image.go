@@ -243,10 +243,17 @@ func (s *Store) get(ctx context.Context, ref string, auth *Auth, pol Policy, tas
 	}, nil
 }
 
-// wrapTimeout makes a pull that ran out of time say so.
+// ErrPullTimeout is in the error of a pull that ran out of the Store's
+// PullTimeout.
+var ErrPullTimeout = errors.New("the pull ran out of time")
+
+// wrapTimeout makes a pull that ran out of time say so. It reads the
+// deadline rather than only ctx.Err(): a shared lookup (flightGroup) runs
+// under a timer of its own for the same deadline, which may fire first.
 func wrapTimeout(ctx context.Context, err error) error {
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return fmt.Errorf("%w (the pull ran out of time)", err)
+	dl, ok := ctx.Deadline()
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || (ok && !time.Now().Before(dl)) {
+		return fmt.Errorf("%w (%w)", err, ErrPullTimeout)
 	}
 	return err
 }
