@@ -35,6 +35,10 @@ func TestDriver_SweepRemovesLeftovers(t *testing.T) {
 	waitLog(t, goneCfg, "stdout", has("ready"))
 	var goneState taskState
 	must.NoError(t, goneHandle.GetDriverState(&goneState))
+	// Control: while it runs, runsc knows the sandbox.
+	exists, err := e.driver.runsc.Exists(context.Background(), goneState.SandboxID)
+	must.NoError(t, err)
+	must.True(t, exists, must.Sprint("runsc does not know a running sandbox"))
 
 	// A state directory from a create that crashed half-way: removed.
 	half := filepath.Join(e.config.StateDir, "nomad-halfmade")
@@ -54,7 +58,7 @@ func TestDriver_SweepRemovesLeftovers(t *testing.T) {
 	must.True(t, os.IsNotExist(err), must.Sprint("half-made state must be removed"))
 	_, err = os.Stat(goneState.StateDir)
 	must.True(t, os.IsNotExist(err), must.Sprint("state of a task whose allocation is gone must be removed"))
-	exists, err := fresh.runsc.Exists(context.Background(), goneState.SandboxID)
+	exists, err = fresh.runsc.Exists(context.Background(), goneState.SandboxID)
 	must.NoError(t, err)
 	must.False(t, exists, must.Sprint("the orphaned sandbox must be deleted"))
 

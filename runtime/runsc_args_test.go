@@ -1,7 +1,6 @@
 package runtime
 
 import (
-	"slices"
 	"testing"
 
 	"github.com/shoenig/test/must"
@@ -28,7 +27,6 @@ func TestRunOpts_Args(t *testing.T) {
 			global, verb := c.opts.Args("sbx-1")
 			must.Eq(t, c.global, global)
 			must.Eq(t, []string{"--bundle", "/b", "sbx-1"}, verb)
-			must.False(t, slices.Contains(global, "--net-raw") && !c.opts.NetRaw)
 		})
 	}
 }
