@@ -146,9 +146,6 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 			}
 		}
 	}()
-	if m.failAt == "filter" {
-		return nil, fail("filter", errors.New("injected failure at filter"))
-	}
 	spec := m.filterSpecFor(sb, n, allow)
 	spec.gatewayMAC = v.gatewayMAC
 	spec.replies = opt.Replies
@@ -164,6 +161,9 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	}
 	if err := c.Flush(); err != nil {
 		return nil, fail("filter", fmt.Errorf("nftables: %w", err))
+	}
+	if m.failAt == "attached" {
+		return nil, fail("attached", errors.New("injected failure after the filter"))
 	}
 	m.Logger.Debug("sandbox network attached", "id", id, "netns", netnsPath, "host_if", sb.HostIf,
 		"addr", sb.Addr, "gateway", sb.Gateway, "allow", l.Allow, "replies", att.Replies)

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -400,7 +401,6 @@ func TestKernelAttachRefuses(t *testing.T) {
 	if _, err := m.Attach(context.Background(), "x/missing", empty+"-missing", nil, AttachOptions{}); err == nil {
 		t.Errorf("missing namespace accepted")
 	}
-	ktObjectsGone(t, m, "x/none")
 }
 
 // TestKernelAttachReconcile: a plugin died with an attached sandbox whose
@@ -432,4 +432,30 @@ func TestKernelAttachReconcile(t *testing.T) {
 	if _, err := ktTCPWorks(a1.netns, netip.AddrPortFrom(srv.addr, ktTCP2)); err != nil {
 		t.Errorf("after Reconcile the namespace is not as Nomad made it: %v", err)
 	}
+}
+
+// TestKernelAttachIsAllOrNothing: an Attach that fails after its filter is
+// in leaves no filter, no lease, and the namespace as it was.
+func TestKernelAttachIsAllOrNothing(t *testing.T) {
+	ktRequireRoot(t)
+	ktStartServer(t, 6)
+	gw := ktStartBridge(t)
+	a1 := ktAddAlloc(t, 1)
+	m := ktManager(t, "", nil)
+	const id = "alloc-f1/task"
+	m.failAt = "attached"
+	_, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, "peer.test:443"), AttachOptions{Replies: []Port{{"tcp", 8080}}})
+	if err == nil || !strings.Contains(err.Error(), "injected failure") {
+		t.Fatalf("Attach failing after its filter: %v", err)
+	}
+	ktObjectsGone(t, m, id)
+	addrs, g := ktNetnsState(t, a1.netns)
+	if len(addrs) != 1 || addrs[0] != a1.addr.String()+"/24" || g != gw.String() {
+		t.Errorf("after the failed Attach: %v via %q", addrs, g)
+	}
+	m.failAt = ""
+	_, err = m.Attach(context.Background(), id, a1.netns, nil, AttachOptions{})
+	ktMust(t, err)
+	ktMust(t, m.Destroy(id))
+	ktObjectsGone(t, m, id)
 }
