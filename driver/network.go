@@ -16,8 +16,8 @@ import (
 	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
-	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 const (
@@ -429,7 +429,7 @@ func (tn *taskNet) save() error {
 	for _, e := range tn.entries {
 		rec.Egress = append(rec.Egress, e.String())
 	}
-	if err := runtime.WriteJSON(filepath.Join(tn.dir, netFile), rec, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(tn.dir, netFile), rec, 0o600); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
 	return nil

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
@@ -124,7 +125,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		return nil, nil, fmt.Errorf("create bundle: %w", err)
 	}
 	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id, ImageDigest: rec.ImageDigest}
-	if err := runtime.WriteJSON(filepath.Join(dir, metaFile), meta, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(dir, metaFile), meta, 0o600); err != nil {
 		return nil, nil, err
 	}
 	bc.ResolvConf = filepath.Join(dir, "resolv.conf")

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 )
 
 // lease is what is kept on disk for one sandbox: its address block and its
@@ -97,28 +99,7 @@ func (c *Config) readLeases() (map[string]*lease, error) {
 }
 
 func (c *Config) writeLease(l *lease) error {
-	b, err := json.MarshalIndent(l, "", "  ")
-	if err != nil {
-		return err
-	}
-	path := c.leasePath(l.Hash)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("write lease: %w", err)
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
+	if err := atomicfile.WriteJSON(c.leasePath(l.Hash), l, 0o600); err != nil {
 		return fmt.Errorf("write lease: %w", err)
 	}
 	return nil

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 )
 
 // DefaultPath is the PATH a task gets when neither the job nor the image sets one.
@@ -187,42 +189,7 @@ func (c *BundleConfig) mounts() []specs.Mount {
 
 // WriteBundle writes config.json for c into dir, which must exist.
 func WriteBundle(dir string, c *BundleConfig) error {
-	return writeJSON(filepath.Join(dir, "config.json"), c.Spec(), 0o600)
-}
-
-// WriteJSON writes v to path atomically: a reader sees the old file or the
-// whole new one, never a torn write, even if the writer is killed.
-func WriteJSON(path string, v any, mode os.FileMode) error { return writeJSON(path, v, mode) }
-
-func writeJSON(path string, v any, mode os.FileMode) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encode %s: %w", filepath.Base(path), err)
-	}
-	return writeFileAtomic(path, b, mode)
-}
-
-func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.WriteJSON(filepath.Join(dir, "config.json"), c.Spec(), 0o600)
 }
 
 // ResolvConf renders resolv.conf for a sandbox.

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 )
 
 // SupervisorArg is the first argument that turns the plugin binary into a
@@ -87,7 +88,7 @@ type Supervisor struct {
 // sandbox runs or with the reason it could not start. The supervisor is in its
 // own session so it survives the plugin and the Nomad agent.
 func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
-	if err := writeJSON(filepath.Join(s.Dir, specFile), spec, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(s.Dir, specFile), spec, 0o600); err != nil {
 		return err
 	}
 	rd, wr, err := os.Pipe()
@@ -401,7 +402,7 @@ func supervise(dir string, ready *os.File) (err error) {
 			st.AuditErr = err.Error()
 		}
 	}
-	return writeJSON(filepath.Join(dir, exitFile), &st, 0o600)
+	return atomicfile.WriteJSON(filepath.Join(dir, exitFile), &st, 0o600)
 }
 
 // networkFile is where the driver keeps a sandbox's denied destinations and
