@@ -54,8 +54,8 @@ type Record struct {
 	Error       string     `json:"error,omitempty"`
 
 	// Network observations; filled once the sandbox has a network.
-	EgressDenials map[string]int `json:"egress_denials,omitempty"`
-	RefusedDNS    map[string]int `json:"refused_dns,omitempty"`
+	EgressDenials map[string]uint64 `json:"egress_denials,omitempty"`
+	RefusedDNS    map[string]int    `json:"refused_dns,omitempty"`
 }
 
 // Policy is the effective policy a sandbox ran under.

@@ -32,6 +32,7 @@ import (
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 const (
@@ -340,16 +341,16 @@ func pingCmd(a netip.Addr) string { return "/local/egress-probe ping " + a.Strin
 
 // waitNetRecord waits until the sandbox's network.json (refreshed by the
 // collector every denialPoll) lists every denial and refused name wanted.
-func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) netRecord {
+func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) runtime.NetworkRecord {
 	t.Helper()
-	path := filepath.Join(ee.config.StateDir, sandboxID(cfg), netFile)
-	var rec netRecord
+	path := filepath.Join(ee.config.StateDir, sandboxID(cfg), runtime.NetworkFile)
+	var rec runtime.NetworkRecord
 	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
 		b, err := os.ReadFile(path)
 		if err != nil {
 			return false
 		}
-		rec = netRecord{}
+		rec = runtime.NetworkRecord{}
 		if json.Unmarshal(b, &rec) != nil {
 			return false
 		}
@@ -366,7 +367,7 @@ func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denial
 		return true
 	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)).Run()
 	if err != nil {
-		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", netFile, denials, refused, rec)
+		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", runtime.NetworkFile, denials, refused, rec)
 	}
 	return rec
 }

@@ -18,28 +18,15 @@ import (
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 const (
-	// netFile keeps, next to the bundle, what the plugin needs to take the
-	// sandbox's network back after a restart, and the denial counts the
-	// supervisor puts into the audit record.
-	netFile = "network.json"
 	// denialPoll is how often denied connections are collected; events
 	// about them come at most once per denialEventGap.
 	denialPoll     = 5 * time.Second
 	denialEventGap = 30 * time.Second
 )
-
-// netRecord is network.json.
-type netRecord struct {
-	Egress     []string          `json:"egress"`
-	Netns      string            `json:"netns"`
-	Addr       string            `json:"addr"`
-	Gateway    string            `json:"gateway"`
-	Denials    map[string]uint64 `json:"egress_denials,omitempty"`
-	RefusedDNS map[string]int    `json:"refused_dns,omitempty"`
-}
 
 // taskNet is a running sandbox's network: its namespace and filter, its DNS
 // service, and what was denied.
@@ -424,12 +411,12 @@ func (tn *taskNet) save() error {
 	for k, v := range tn.refused {
 		refused[k] = v
 	}
-	rec := netRecord{Netns: tn.sb.Netns, Addr: tn.sb.Addr.String(), Gateway: tn.sb.Gateway.String(), Denials: tn.denials, RefusedDNS: refused}
+	rec := runtime.NetworkRecord{Denials: tn.denials, RefusedDNS: refused}
 	tn.mu.Unlock()
 	for _, e := range tn.entries {
 		rec.Egress = append(rec.Egress, e.String())
 	}
-	if err := atomicfile.WriteJSON(filepath.Join(tn.dir, netFile), rec, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(tn.dir, runtime.NetworkFile), rec, 0o600); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
 	return nil
@@ -452,14 +439,14 @@ func (tn *taskNet) stop() {
 // loadNetwork reads network.json of a recovered sandbox; nil when the
 // sandbox has no network.
 func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
-	b, err := os.ReadFile(filepath.Join(dir, netFile))
+	b, err := os.ReadFile(filepath.Join(dir, runtime.NetworkFile))
 	if os.IsNotExist(err) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	var rec netRecord
+	var rec runtime.NetworkRecord
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, err
 	}

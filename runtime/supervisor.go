@@ -405,23 +405,24 @@ func supervise(dir string, ready *os.File) (err error) {
 	return atomicfile.WriteJSON(filepath.Join(dir, exitFile), &st, 0o600)
 }
 
-// networkFile is where the driver keeps a sandbox's denied destinations and
-// refused DNS names; the exit record carries them.
-const networkFile = "network.json"
+// NetworkFile, next to the bundle, is where the driver keeps a sandbox's
+// network (NetworkRecord): what it needs to take the network back after a
+// plugin restart, and what was denied, which the exit record carries.
+const NetworkFile = "network.json"
+
+// NetworkRecord is NetworkFile.
+type NetworkRecord struct {
+	Egress     []string          `json:"egress"`
+	Denials    map[string]uint64 `json:"egress_denials,omitempty"`
+	RefusedDNS map[string]int    `json:"refused_dns,omitempty"`
+}
 
 func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	r := *base
-	if b, err := os.ReadFile(filepath.Join(dir, networkFile)); err == nil {
-		var n struct {
-			Denials    map[string]uint64 `json:"egress_denials"`
-			RefusedDNS map[string]int    `json:"refused_dns"`
-		}
+	if b, err := os.ReadFile(filepath.Join(dir, NetworkFile)); err == nil {
+		var n NetworkRecord
 		if json.Unmarshal(b, &n) == nil {
-			r.EgressDenials = make(map[string]int, len(n.Denials))
-			for k, v := range n.Denials {
-				r.EgressDenials[k] = int(v)
-			}
-			r.RefusedDNS = n.RefusedDNS
+			r.EgressDenials, r.RefusedDNS = n.Denials, n.RefusedDNS
 		}
 	}
 	r.Time = time.Time{}
