@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -347,7 +348,7 @@ func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
 		return fmt.Errorf("cap_add: %w", err)
 	}
 	for _, c := range caps {
-		if !contains(pc.AllowCaps, c) {
+		if !slices.Contains(pc.AllowCaps, c) {
 			return fmt.Errorf("cap_add: %s is not allowed on this node: the operator must add it to the plugin's allow_caps", c)
 		}
 	}
@@ -451,7 +452,7 @@ func normalizeCaps(in []string) ([]string, error) {
 		if !strings.HasPrefix(name, "CAP_") {
 			name = "CAP_" + name
 		}
-		if !contains(knownCaps, name) {
+		if !slices.Contains(knownCaps, name) {
 			return nil, fmt.Errorf("unknown capability %q", c)
 		}
 		set[name] = true
@@ -462,13 +463,4 @@ func normalizeCaps(in []string) ([]string, error) {
 	}
 	sort.Strings(out)
 	return out, nil
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }

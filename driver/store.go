@@ -30,13 +30,6 @@ func (s *taskStore) Delete(id string) {
 	delete(s.tasks, id)
 }
 
-// Len is the number of tasks in the store.
-func (s *taskStore) Len() int {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return len(s.tasks)
-}
-
 // Running is the number of tasks whose sandbox has not ended.
 func (s *taskStore) Running() int {
 	s.mu.RLock()

@@ -72,7 +72,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	defer release()
 	var img *image.Image
 	if tc.Image != "" {
-		rec.Image = tc.Image
 		if img, err = d.pullImage(cfg, &tc); err != nil {
 			return nil, nil, d.refuse(cfg, rec, err)
 		}
@@ -577,9 +576,15 @@ func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) e
 		return nil
 	case <-time.After(timeout):
 	}
+	return d.kill(h)
+}
+
+// kill sends SIGKILL to every process of the sandbox and waits for it to
+// end.
+func (d *Driver) kill(h *taskHandle) error {
 	// The kill can fail because the sandbox is ending on its own; what
 	// counts is that it ends.
-	killErr := d.runsc.Kill(ctx, h.sandboxID, unix.SIGKILL, runtime.KillOpts{All: true})
+	killErr := d.runsc.Kill(context.Background(), h.sandboxID, unix.SIGKILL, runtime.KillOpts{All: true})
 	select {
 	case <-h.done:
 		return nil
@@ -600,7 +605,7 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		if !force {
 			return errors.New("cannot destroy a running task without force")
 		}
-		if err := d.StopTask(taskID, 0, "SIGKILL"); err != nil {
+		if err := d.kill(h); err != nil {
 			h.logger.Warn("failed to stop task on destroy", "error", err)
 		}
 	}

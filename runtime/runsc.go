@@ -28,8 +28,6 @@ type Runsc struct {
 	Root string
 	// Platform is the gVisor platform (--platform).
 	Platform Platform
-	// LogDir, when set, receives runsc's own logs, one file per command.
-	LogDir string
 }
 
 // ExitError is returned when runsc ran and exited non-zero. Stderr carries
