@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -358,6 +359,7 @@ func (d *Driver) collectDenials(ctx context.Context, cfg *drivers.TaskConfig, tn
 	reported := map[string]uint64{}
 	reportedDNS := map[string]int{}
 	var last time.Time
+	var saved runtime.NetworkRecord
 	for {
 		select {
 		case <-ctx.Done():
@@ -375,7 +377,12 @@ func (d *Driver) collectDenials(ctx context.Context, cfg *drivers.TaskConfig, tn
 			refused[k] = v
 		}
 		tn.mu.Unlock()
-		_ = tn.save()
+		// Written (and synced) only when something new was denied.
+		if !maps.Equal(counts, saved.Denials) || !maps.Equal(refused, saved.RefusedDNS) {
+			if tn.save() == nil {
+				saved.Denials, saved.RefusedDNS = counts, refused
+			}
+		}
 		if time.Since(last) < denialEventGap {
 			continue
 		}

@@ -19,6 +19,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// runscEnv is the whole environment of runsc and of the supervisor: nothing
+// of the plugin's own reaches them.
+func runscEnv() []string { return []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"} }
+
 // Runsc is the runsc binary and the global flags every verb shares. It holds
 // no mutable state, so one value serves concurrent callers.
 type Runsc struct {
@@ -65,7 +69,7 @@ func (r *Runsc) Command(ctx context.Context, verb string, args []string) *exec.C
 	cmd := exec.CommandContext(ctx, r.Path, argv...)
 	// runsc must never inherit the plugin's environment: the sandbox's
 	// environment comes from the spec alone.
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = runscEnv()
 	return cmd
 }
 

@@ -103,7 +103,7 @@ func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
 	}
 	defer logf.Close()
 	cmd := exec.Command(s.Exe, SupervisorArg, s.Dir)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = runscEnv()
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.ExtraFiles = []*os.File{wr} // fd 3: the ready pipe
@@ -449,7 +449,7 @@ func runDetached(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.
 	defer devnull.Close()
 
 	cmd := exec.Command(r.Path, argv...)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = runscEnv()
 	cmd.Stdin = devnull
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr

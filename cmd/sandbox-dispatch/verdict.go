@@ -51,7 +51,7 @@ func judge(a *api.Allocation, task string) verdict {
 	if strings.Contains(term.Message, "time limit of") {
 		return verdict{exitTimeLimit, "the task's timeout ended it: " + term.Message}
 	}
-	if k := lastOfType(last, api.TaskKilling); k != nil {
+	if hasType(last, api.TaskKilling) {
 		return verdict{exitDidNotRun, "Nomad stopped the task before it ended: " + describeEvents(last)}
 	}
 	code := term.ExitCode
