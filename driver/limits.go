@@ -40,6 +40,10 @@ func (d *Driver) watch(h *taskHandle) {
 		h.logger.Error("audit record of the task's end not written", "error", st.AuditErr)
 		d.emitEvent(cfg, "Audit record not written: "+st.AuditErr, nil)
 	}
+	if st.LogErr != "" {
+		h.logger.Error("task output dropped", "error", st.LogErr)
+		d.emitEvent(cfg, "Task output dropped: "+st.LogErr, nil)
+	}
 	if st.TimedOut {
 		ran := st.CompletedAt.Sub(st.StartedAt).Round(100 * time.Millisecond)
 		d.emitEvent(cfg, fmt.Sprintf("Time limit exceeded: ran %s, timeout is %s; stopped with SIGTERM (SIGKILL %s later if needed). Raise the task's timeout, up to the node's max_timeout.", ran, h.spec.Timeout, timeoutKillGrace), map[string]string{

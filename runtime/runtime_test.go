@@ -64,19 +64,21 @@ func runSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) sandbo
 		sup.Kill()
 		must.NoError(t, r.ReleaseRoot())
 	})
+	stdout, stderr := filepath.Join(base, "stdout"), filepath.Join(base, "stderr")
+	outCh, errCh := readFIFO(t, stdout), readFIFO(t, stderr)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	must.NoError(t, sup.Start(ctx, &SupervisorSpec{
 		ID:     id,
 		Runsc:  r,
 		Run:    RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
-		Stdout: filepath.Join(base, "stdout"),
-		Stderr: filepath.Join(base, "stderr"),
+		Stdout:  stdout,
+		Stderr:  stderr,
+		LogRoot: base,
 	}))
 	st, err := sup.Wait(ctx)
 	must.NoError(t, err)
-	out, _ := os.ReadFile(filepath.Join(base, "stdout"))
-	errb, _ := os.ReadFile(filepath.Join(base, "stderr"))
+	out, errb := recvFIFO(t, outCh), recvFIFO(t, errCh)
 	exists, err := r.Exists(context.Background(), id)
 	must.NoError(t, err)
 	must.False(t, exists, must.Sprint("the supervisor must delete the container when it ends"))

@@ -21,6 +21,7 @@ import (
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
 // SupervisorArg is the first argument that turns the plugin binary into a
@@ -49,6 +50,9 @@ type SupervisorSpec struct {
 	Run    RunOpts `json:"run"`
 	Stdout string  `json:"stdout"`
 	Stderr string  `json:"stderr"`
+	// LogRoot is the allocation directory that holds Stdout and Stderr:
+	// they are resolved beneath it without following links (see openLog).
+	LogRoot string `json:"log_root,omitempty"`
 	// Cgroup, when set, was created by the driver; the supervisor reads
 	// its OOM record after the sandbox exits and then removes it.
 	Cgroup *Cgroup `json:"cgroup,omitempty"`
@@ -71,7 +75,10 @@ type ExitStatus struct {
 	TimedOut  bool   `json:"timed_out,omitempty"`
 	Err       string `json:"error,omitempty"`
 	// AuditErr says why the exit could not be recorded in the audit log.
-	AuditErr    string    `json:"audit_error,omitempty"`
+	AuditErr string `json:"audit_error,omitempty"`
+	// LogErr says why the task's output was dropped (a log path that is
+	// not a FIFO).
+	LogErr      string    `json:"log_error,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	CompletedAt time.Time `json:"completed_at"`
 }
@@ -325,8 +332,8 @@ func supervise(dir string, ready *os.File) (err error) {
 	if err != nil {
 		return fmt.Errorf("stderr pipe: %w", err)
 	}
-	outDone := relay(outR, spec.Stdout)
-	errDone := relay(errR, spec.Stderr)
+	outDone := relay(outR, spec.LogRoot, spec.Stdout)
+	errDone := relay(errR, spec.LogRoot, spec.Stderr)
 
 	runsc := spec.Runsc
 	started := time.Now().UTC()
@@ -386,6 +393,9 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}
 	waitRelays(outDone, errDone)
+	if err := errors.Join(outDone.failure(), errDone.failure()); err != nil {
+		st.LogErr = err.Error()
+	}
 	_ = runsc.Delete(context.Background(), spec.ID, DeleteOpts{Force: true})
 	if cg := spec.Cgroup; cg != nil {
 		oom, err := cg.OOMKilled()
@@ -545,14 +555,16 @@ func acceptAndHold(ln net.Listener) {
 	}
 }
 
-// relay copies the sandbox's output from r to the log FIFO at path. runsc
-// gets a pipe of its own, never the FIFO: runsc makes its descriptors
-// non-blocking, and a FIFO whose reader restarts (Nomad's logmon after an
-// agent restart) is reopened here instead of killing the task with EPIPE.
-func relay(r *os.File, path string) <-chan struct{} {
-	done := make(chan struct{})
+// relay copies the sandbox's output from r to the log FIFO at path (relative
+// to root, see openLog). runsc gets a pipe of its own, never the FIFO: runsc
+// makes its descriptors non-blocking, and a FIFO whose reader restarts
+// (Nomad's logmon after an agent restart) is reopened here instead of
+// killing the task with EPIPE. When the log path is anything but a FIFO, the
+// output is dropped and the reason kept in the relay's err.
+func relay(r *os.File, root, path string) *relayed {
+	rl := &relayed{done: make(chan struct{})}
 	go func() {
-		defer close(done)
+		defer close(rl.done)
 		defer r.Close()
 		var w *os.File
 		defer func() {
@@ -560,27 +572,29 @@ func relay(r *os.File, path string) <-chan struct{} {
 				w.Close()
 			}
 		}()
+		open := func() *os.File {
+			f, err := openLog(root, path, nil)
+			if err != nil && rl.err == nil {
+				rl.err = err
+				fmt.Fprintf(os.Stderr, "%s supervisor: %v\n", time.Now().UTC().Format(time.RFC3339), err)
+			}
+			return f
+		}
 		// Open at once, not at the first output: Nomad's log collector
 		// waits for a writer to come and go, and a quiet task would
 		// otherwise leave it waiting when the task ends.
 		if path != "" {
-			if f, err := openLog(path); err == nil {
-				w = f
-			}
+			w = open()
 		}
 		buf := make([]byte, 32*1024)
 		for {
 			n, rerr := r.Read(buf)
 			data := buf[:n]
-			for len(data) > 0 && path != "" {
+			for len(data) > 0 && path != "" && rl.err == nil {
 				if w == nil {
-					f, err := openLog(path)
-					if err != nil {
-						// No one to write to: drop this chunk.
-						data = nil
+					if w = open(); w == nil {
 						break
 					}
-					w = f
 				}
 				m, err := w.Write(data)
 				data = data[m:]
@@ -597,23 +611,83 @@ func relay(r *os.File, path string) <-chan struct{} {
 			}
 		}
 	}()
-	return done
+	return rl
 }
 
-func openLog(path string) (*os.File, error) {
-	fi, err := os.Stat(path)
-	if err == nil && fi.Mode()&os.ModeNamedPipe != 0 {
-		// Blocks until Nomad's log collector has the FIFO open.
-		return os.OpenFile(path, os.O_WRONLY, 0)
+// relayed is a running relay: done closes when it ends, and err (read after
+// done) says why output was dropped, if it was.
+type relayed struct {
+	done chan struct{}
+	err  error
+}
+
+// failure is why the relay dropped output, once it has ended; nil if it did
+// not (or has not ended).
+func (rl *relayed) failure() error {
+	select {
+	case <-rl.done:
+		return rl.err
+	default:
+		return nil
 	}
-	return os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 }
 
-func waitRelays(chs ...<-chan struct{}) {
-	deadline := time.After(10 * time.Second)
-	for _, ch := range chs {
+// ErrNotFIFO is returned by openLog for a log path that is not a FIFO.
+var ErrNotFIFO = errors.New("not a FIFO")
+
+// openLog opens the log FIFO path for writing. The directory it is in can be
+// written by the task (alloc/logs) or the node's other users, so it is
+// resolved beneath root (the allocation directory, or path's own directory
+// when root is empty) without following any symbolic link, the type is read
+// from the resolved descriptor, and only a FIFO is opened: never a regular
+// file, a device, or a path that does not exist (nothing is created). With
+// no reader yet (Nomad's logmon starting or restarting) the non-blocking
+// open fails with ENXIO and is retried with backoff until stop closes,
+// rather than opened blocking: a blocking open cannot be abandoned. The
+// FIFO is not opened read-write to avoid that wait, as the supervisor would
+// then be a reader too and never see logmon go away (EPIPE), nor could
+// logmon see the writer's end.
+func openLog(root, path string, stop <-chan struct{}) (*os.File, error) {
+	rel := path
+	if root == "" {
+		root, rel = filepath.Dir(path), filepath.Base(path)
+	} else if r, err := filepath.Rel(root, path); err == nil && filepath.IsLocal(r) {
+		rel = r
+	} else {
+		return nil, fmt.Errorf("log %s is not inside %s", path, root)
+	}
+	h, err := safeopen.Resolve(root, rel, safeopen.NoSymlinks)
+	if err != nil {
+		return nil, fmt.Errorf("log %s: %w: output dropped", path, err)
+	}
+	defer h.Close()
+	if h.Type() != unix.S_IFIFO {
+		return nil, fmt.Errorf("log %s: %w (mode %#o): output dropped", path, ErrNotFIFO, h.Stat.Mode)
+	}
+	backoff := 5 * time.Millisecond
+	for {
+		fd, err := h.Open(unix.O_WRONLY | unix.O_NONBLOCK)
+		if err == nil {
+			// Non-blocking: Go's poller parks a writer on a full pipe.
+			return os.NewFile(uintptr(fd), path), nil
+		}
+		if !errors.Is(err, unix.ENXIO) && !errors.Is(err, unix.EINTR) {
+			return nil, fmt.Errorf("log %s: %w: output dropped", path, err)
+		}
 		select {
-		case <-ch:
+		case <-stop:
+			return nil, fmt.Errorf("log %s: no reader: %w", path, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
+func waitRelays(rls ...*relayed) {
+	deadline := time.After(10 * time.Second)
+	for _, rl := range rls {
+		select {
+		case <-rl.done:
 		case <-deadline:
 			return
 		}
