@@ -69,9 +69,9 @@ func runSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) sandbo
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	must.NoError(t, sup.Start(ctx, &SupervisorSpec{
-		ID:     id,
-		Runsc:  r,
-		Run:    RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
+		ID:      id,
+		Runsc:   r,
+		Run:     RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
 		Stdout:  stdout,
 		Stderr:  stderr,
 		LogRoot: base,
