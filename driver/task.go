@@ -138,7 +138,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 			cg = borrowed
 		}
 	}
-	if err := cg.Create(bc.Resources); err != nil {
+	if err := cg.Create(&bc.Resources); err != nil {
 		return nil, nil, err
 	}
 	cu.Add(func() { _ = cg.Destroy() })

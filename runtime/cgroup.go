@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -64,15 +65,17 @@ func (c *Cgroup) memDir() string {
 }
 
 // Create makes the cgroup and writes the limits that runsc will not write
-// into a cgroup it did not create.
-func (c *Cgroup) Create(r Resources) error {
+// into a cgroup it did not create. It narrows r.CpusetCpus to the CPUs that
+// the hierarchy gives the sandbox's parent, and fails, naming the cpuset,
+// when none of the requested CPUs is left.
+func (c *Cgroup) Create(r *Resources) error {
 	dir := c.memDir()
 	if !c.Borrowed {
-		if c.V2 {
-			if err := enableControllers(c.Root, filepath.Dir(c.Path)); err != nil {
-				return err
-			}
+		cpus, err := c.prepareParents(r.CpusetCpus)
+		if err != nil {
+			return err
 		}
+		r.CpusetCpus = cpus
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return fmt.Errorf("create cgroup %s: %w", dir, err)
 		}
@@ -86,6 +89,11 @@ func (c *Cgroup) Create(r Resources) error {
 		if r.CPUShares > 0 {
 			// The v1 shares range [2, 262144] maps onto weight [1, 10000].
 			writes["cpu.weight"] = strconv.FormatUint(1+((r.CPUShares-2)*9999)/262142, 10)
+		}
+		// runsc only joins a cgroup that exists, so the cpuset is ours
+		// to write; Nomad keeps a borrowed cgroup's cpuset itself.
+		if r.CpusetCpus != "" && !c.Borrowed {
+			writes["cpuset.cpus"] = r.CpusetCpus
 		}
 	} else if r.MemoryLimitBytes > 0 {
 		writes["memory.limit_in_bytes"] = strconv.FormatInt(r.MemoryLimitBytes, 10)
@@ -106,14 +114,146 @@ func (c *Cgroup) Create(r Resources) error {
 	return nil
 }
 
-func enableControllers(root, parent string) error {
+// prepareParents creates and repairs every cgroup between the hierarchy's
+// root and the task's cgroup, so that a machine where they never existed,
+// or where they were left empty or wrong, works like any other. It returns
+// the requested cpuset narrowed to what the parent allows.
+func (c *Cgroup) prepareParents(cpus string) (string, error) {
+	parent := filepath.Dir(c.Path)
+	if c.V2 {
+		if err := enableControllers(c.Root, parent, cpus != ""); err != nil {
+			return "", err
+		}
+		return fitCpuset(cpus, filepath.Join(c.Root, parent, "cpuset.cpus.effective"))
+	}
+	// On v1 runsc creates the task's cpuset cgroup and writes the spec's
+	// CPUs into it, which the kernel refuses while the parent's cpuset is
+	// empty, as a cpuset cgroup is when it is made: copy it down.
+	top := filepath.Join(c.Root, "cpuset")
+	if _, err := os.Stat(filepath.Join(top, "cpuset.cpus")); err != nil {
+		return cpus, nil // no cpuset hierarchy on this host
+	}
+	cur := top
+	for _, part := range strings.Split(strings.Trim(parent, "/"), "/") {
+		if part == "" {
+			continue
+		}
+		next := filepath.Join(cur, part)
+		if err := os.Mkdir(next, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("create cgroup %s: %w", next, err)
+		}
+		for _, name := range []string{"cpuset.cpus", "cpuset.mems"} {
+			want, err := os.ReadFile(filepath.Join(cur, name))
+			if err != nil {
+				return "", fmt.Errorf("cgroup %s: read %s: %w", cur, name, err)
+			}
+			have, err := os.ReadFile(filepath.Join(next, name))
+			if err != nil {
+				return "", fmt.Errorf("cgroup %s: read %s: %w", next, name, err)
+			}
+			if strings.TrimSpace(string(have)) == strings.TrimSpace(string(want)) {
+				continue
+			}
+			if err := os.WriteFile(filepath.Join(next, name), []byte(strings.TrimSpace(string(want))), 0); err != nil {
+				return "", fmt.Errorf("cgroup %s: copy %s from its parent: %w", next, name, err)
+			}
+		}
+		cur = next
+	}
+	return fitCpuset(cpus, filepath.Join(cur, "cpuset.cpus"))
+}
+
+// fitCpuset narrows the CPU list want to the CPUs listed in the file
+// allowedFile; an empty want, or a host without that file, leaves it as is.
+func fitCpuset(want, allowedFile string) (string, error) {
+	if want == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(allowedFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return want, nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", allowedFile, err)
+	}
+	allowed := strings.TrimSpace(string(b))
+	w, err := ParseCPUList(want)
+	if err != nil {
+		return "", fmt.Errorf("cpuset %q: %w", want, err)
+	}
+	a, err := ParseCPUList(allowed)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", allowedFile, err)
+	}
+	var both []int
+	for _, cpu := range w {
+		if slices.Contains(a, cpu) {
+			both = append(both, cpu)
+		}
+	}
+	if len(both) == 0 {
+		return "", fmt.Errorf("cpuset %q has no CPU among the %q this node gives sandboxes (%s): reserve cores the client has", want, allowed, allowedFile)
+	}
+	return FormatCPUList(both), nil
+}
+
+// ParseCPUList reads a kernel CPU list such as "0-3,6" into sorted CPU
+// numbers.
+func ParseCPUList(s string) ([]int, error) {
+	var cpus []int
+	for _, part := range strings.Split(strings.TrimSpace(s), ",") {
+		if part == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err := strconv.Atoi(lo)
+		if err != nil || a < 0 {
+			return nil, fmt.Errorf("bad CPU list %q", s)
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(hi); err != nil || b < a || b-a > 1<<16 {
+				return nil, fmt.Errorf("bad CPU list %q", s)
+			}
+		}
+		for i := a; i <= b; i++ {
+			cpus = append(cpus, i)
+		}
+	}
+	slices.Sort(cpus)
+	return slices.Compact(cpus), nil
+}
+
+// FormatCPUList writes sorted CPU numbers in the kernel's list form.
+func FormatCPUList(cpus []int) string {
+	var parts []string
+	for i := 0; i < len(cpus); {
+		j := i
+		for j+1 < len(cpus) && cpus[j+1] == cpus[j]+1 {
+			j++
+		}
+		if i == j {
+			parts = append(parts, strconv.Itoa(cpus[i]))
+		} else {
+			parts = append(parts, fmt.Sprintf("%d-%d", cpus[i], cpus[j]))
+		}
+		i = j + 1
+	}
+	return strings.Join(parts, ",")
+}
+
+func enableControllers(root, parent string, cpuset bool) error {
+	ctrl := "+memory +pids +cpu"
+	if b, err := os.ReadFile(filepath.Join(root, "cgroup.controllers")); cpuset && err == nil && slices.Contains(strings.Fields(string(b)), "cpuset") {
+		ctrl += " +cpuset"
+	}
 	// Each level from the root down must delegate the controllers.
 	cur := root
 	for _, part := range strings.Split(strings.Trim(parent, "/"), "/") {
 		if part == "" {
 			continue
 		}
-		if err := os.WriteFile(filepath.Join(cur, "cgroup.subtree_control"), []byte("+memory +pids +cpu"), 0); err != nil {
+		if err := os.WriteFile(filepath.Join(cur, "cgroup.subtree_control"), []byte(ctrl), 0); err != nil {
 			return fmt.Errorf("cgroup %s: enable controllers: %w", cur, err)
 		}
 		cur = filepath.Join(cur, part)
@@ -121,7 +261,7 @@ func enableControllers(root, parent string) error {
 			return fmt.Errorf("create cgroup %s: %w", cur, err)
 		}
 	}
-	if err := os.WriteFile(filepath.Join(cur, "cgroup.subtree_control"), []byte("+memory +pids +cpu"), 0); err != nil {
+	if err := os.WriteFile(filepath.Join(cur, "cgroup.subtree_control"), []byte(ctrl), 0); err != nil {
 		return fmt.Errorf("cgroup %s: enable controllers: %w", cur, err)
 	}
 	return nil

@@ -15,7 +15,7 @@ import (
 func TestCgroupV2_CreateWritesLimits(t *testing.T) {
 	root := t.TempDir()
 	c := &Cgroup{Path: "/nomad-sandbox/task-1", V2: true, Root: root}
-	must.NoError(t, c.Create(Resources{MemoryLimitBytes: 64 << 20, CPUShares: 1024, PidsLimit: 64}))
+	must.NoError(t, c.Create(&Resources{MemoryLimitBytes: 64 << 20, CPUShares: 1024, PidsLimit: 64}))
 	read := func(rel string) string {
 		b, err := os.ReadFile(filepath.Join(root, rel))
 		must.NoError(t, err)
@@ -36,7 +36,7 @@ func TestCgroupV2_BorrowedIsNotCreatedNorRemoved(t *testing.T) {
 	dir := filepath.Join(root, "nomad.slice", "alloc.task.scope")
 	must.NoError(t, os.MkdirAll(dir, 0o755))
 	c := &Cgroup{Path: "/nomad.slice/alloc.task.scope", V2: true, Root: root, Borrowed: true}
-	must.NoError(t, c.Create(Resources{MemoryLimitBytes: 32 << 20}))
+	must.NoError(t, c.Create(&Resources{MemoryLimitBytes: 32 << 20}))
 	b, err := os.ReadFile(filepath.Join(dir, "memory.max"))
 	must.NoError(t, err)
 	must.Eq(t, "33554432", string(b))
