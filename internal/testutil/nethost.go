@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
@@ -90,6 +91,7 @@ type Hit struct {
 func StartNetHost(t testing.TB, tcpPorts []uint16, udpPort uint16) *NetHost {
 	t.Helper()
 	RequireRoot(t)
+	IPForward(t)
 	start := rand.IntN(256)
 	var h *NetHost
 	for i := 0; i < 256 && h == nil; i++ {
@@ -507,4 +509,28 @@ func (u *DNSUpstream) Queries(name string) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.queries[name]
+}
+
+// IPForward turns IPv4 forwarding on for the rest of the test, as a test
+// host routed through this machine needs (a fresh machine has it off, and
+// the driver turns it on only with its first sandbox network), and puts back
+// the value it found when the test ends.
+func IPForward(t testing.TB) {
+	t.Helper()
+	const path = "/proc/sys/net/ipv4/ip_forward"
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	if strings.TrimSpace(string(b)) == "1" {
+		return
+	}
+	if err := os.WriteFile(path, []byte("1"), 0); err != nil {
+		t.Fatalf("enable IPv4 forwarding: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.WriteFile(path, b, 0); err != nil {
+			t.Errorf("restore %s: %v", path, err)
+		}
+	})
 }
