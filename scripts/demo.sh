@@ -2,6 +2,9 @@
 # demo.sh: run example-jobs/hello.nomad.hcl on a throwaway Nomad dev agent that
 # loads the sandbox driver from bin/plugins, print what the task wrote and its
 # allocation status, then stop the agent and remove everything it created.
+# It prints the allocation's address in Nomad's web UI; with KEEP=1 the agent
+# keeps running after the job (so that a person can open that address) until
+# interrupted (Ctrl-C), and then cleans up as usual.
 # Expects `make deps build rootfs` to have run (`make demo` does that). Needs root.
 set -euo pipefail
 
@@ -51,12 +54,30 @@ unmount_under() {
 	done
 }
 
+# diagnose prints where a failed run says why: the task's events as Nomad
+# recorded them, and, for each sandbox, runsc's log and the supervisor's.
+diagnose() {
+	local f
+	if [ -n "${alloc_id:-}" ] && [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
+		echo "demo: the task's events (nomad alloc status $alloc_id):"
+		"$nomad" alloc status -t "{{with index .TaskStates \"$task\"}}{{range .Events}}{{.Type}}: {{.DisplayMessage}}{{\"\\n\"}}{{end}}{{end}}" "$alloc_id" 2>&1 || true
+	fi
+	for f in "$work"/tasks/*/runsc.log "$work"/tasks/*/supervisor.log; do
+		[ -s "$f" ] || continue
+		echo "demo: last lines of $f:"
+		tail -n 20 "$f"
+	done
+}
+
 cleanup() {
 	local rc=$? id i
 	trap - EXIT INT TERM
 	if [ "$rc" -ne 0 ] && [ -s "$agent_log" ]; then
-		echo "demo: failed; last lines of the agent log:" >&2
+		echo "demo: failed; last lines of the agent log ($agent_log):" >&2
 		grep -v "http: request complete" "$agent_log" | tail -n 30 >&2 || true
+	fi
+	if [ "$rc" -ne 0 ]; then
+		diagnose >&2 || true
 	fi
 	if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
 		log "stopping the agent"
@@ -154,6 +175,8 @@ find_alloc() {
 	[ -n "$alloc_id" ]
 }
 wait_for 60 'an allocation to be placed' find_alloc
+ui_url=$NOMAD_ADDR/ui/allocations/$alloc_id
+log "allocation $alloc_id, in the web UI: $ui_url"
 
 status=""
 alloc_done() {
@@ -176,7 +199,20 @@ log "allocation status:"
 echo
 
 failed=$("$nomad" alloc status -t "{{with index .TaskStates \"$task\"}}{{.Failed}}{{end}}" "$alloc_id")
+result=0
 if [ "$status" != complete ] || [ "$failed" != false ]; then
-	die "the job did not succeed (allocation $status, task failed=$failed)"
+	printf 'demo: the job did not succeed (allocation %s, task failed=%s)\n' "$status" "$failed" >&2
+	result=1
+else
+	log "the job succeeded"
 fi
-log "the job succeeded"
+
+if [ "${KEEP:-}" = 1 ]; then
+	log "KEEP=1: the agent keeps running; open $ui_url"
+	log "(the job: $NOMAD_ADDR/ui/jobs/$job_name@default). Press Ctrl-C to stop the agent and clean up."
+	# The demo's result stands; an interrupt is how a person ends it.
+	trap 'exit $result' INT TERM
+	wait "$agent_pid" || true
+	die "the agent exited by itself (see $agent_log)"
+fi
+exit "$result"
