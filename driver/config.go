@@ -332,6 +332,9 @@ func (tc *TaskConfig) Validate(pc *PluginConfig) (taskLimits, error) {
 }
 
 func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
+	if err := tc.checkBytes(); err != nil {
+		return err
+	}
 	switch {
 	case tc.Image != "" && tc.Rootfs != "":
 		return fmt.Errorf("image and rootfs are both set: use one of them")
@@ -398,6 +401,63 @@ func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
 	}
 	if tc.Hostname != "" && !validHostname(tc.Hostname) {
 		return fmt.Errorf("hostname %q is not a valid host name: use letters, digits and '-', at most 63 characters per label", tc.Hostname)
+	}
+	return nil
+}
+
+// checkBytes refuses a NUL byte in any string of the task config, and a
+// control character in the ones that are paths or names: runsc and the
+// kernel would cut such a string short or fail on it only after the
+// sandbox's state, cgroup and network were made.
+func (tc *TaskConfig) checkBytes() error {
+	for _, f := range []struct {
+		name string
+		val  string
+		path bool
+	}{
+		{"rootfs", tc.Rootfs, true},
+		{"image", tc.Image, true},
+		{"command", tc.Command, true},
+		{"work_dir", tc.WorkDir, true},
+		{"hostname", tc.Hostname, true},
+		{"timeout", tc.Timeout, true},
+		{"auth.username", tc.Auth.Username, true},
+		{"auth.password", tc.Auth.Password, false},
+	} {
+		if err := checkString(f.name, f.val, f.path); err != nil {
+			return err
+		}
+	}
+	for _, f := range []struct {
+		name string
+		vals []string
+		path bool
+	}{
+		{"args", tc.Args, false},
+		{"entrypoint", tc.Entrypoint, false},
+		{"cap_add", tc.CapAdd, true},
+		{"tmpfs", tc.Tmpfs, true},
+		{"egress", tc.Egress, true},
+	} {
+		for i, v := range f.vals {
+			if err := checkString(fmt.Sprintf("%s[%d]", f.name, i), v, f.path); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// checkString refuses a NUL byte in s, and any control character when s is
+// a path or a name; the error names field.
+func checkString(field, s string, path bool) error {
+	for _, r := range s {
+		switch {
+		case r == 0:
+			return fmt.Errorf("%s holds a NUL byte: remove it (no string the sandbox gets may contain one)", field)
+		case path && (r < 0x20 || r == 0x7f):
+			return fmt.Errorf("%s %q holds a control character (%U): remove it, paths and names must be printable", field, s, r)
+		}
 	}
 	return nil
 }

@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -68,11 +67,11 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 	ctx, cancel := context.WithTimeout(d.ctx, timeout)
 	defer cancel()
 	c := d.runsc.ExecCommand(ctx, h.sandboxID, runtime.ExecOpts{ProcessFile: procFile})
-	var stdout, stderr bytes.Buffer
-	c.Stdout = &stdout
-	c.Stderr = &stderr
+	stdout, stderr := &headWriter{max: ExecOutputLimit}, &headWriter{max: ExecOutputLimit}
+	c.Stdout = stdout
+	c.Stderr = stderr
 	err = c.Run()
-	res := &drivers.ExecTaskResult{Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), ExitResult: &drivers.ExitResult{}}
+	res := &drivers.ExecTaskResult{Stdout: stdout.buf, Stderr: stderr.buf, ExitResult: &drivers.ExitResult{}}
 	if err != nil {
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) {
@@ -84,6 +83,24 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 		res.ExitResult.ExitCode = ee.ExitCode()
 	}
 	return res, nil
+}
+
+// ExecOutputLimit is how much of each of stdout and stderr ExecTask keeps
+// (script checks): the rest is read and discarded, so that a command that
+// prints without end neither grows the plugin nor blocks on a full pipe.
+const ExecOutputLimit = 64 << 10
+
+// headWriter keeps the first max bytes written to it and discards the rest.
+type headWriter struct {
+	buf []byte
+	max int
+}
+
+func (w *headWriter) Write(p []byte) (int, error) {
+	if room := w.max - len(w.buf); room > 0 {
+		w.buf = append(w.buf, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
 }
 
 // ExecTaskStreaming serves `nomad alloc exec`, with or without a TTY.

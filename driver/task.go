@@ -20,6 +20,7 @@ import (
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -210,6 +211,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		},
 		Stdout:    cfg.StdoutPath,
 		Stderr:    cfg.StderrPath,
+		LogRoot:   cfg.AllocDir,
 		Cgroup:    cg,
 		Timeout:   lim.timeout,
 		KillGrace: timeoutKillGrace,
@@ -246,6 +248,9 @@ func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits,
 	if err != nil {
 		return lim, err
 	}
+	if err := checkTaskBytes(cfg); err != nil {
+		return lim, err
+	}
 	if lim.egress, err = d.checkEgress(tc); err != nil {
 		return lim, err
 	}
@@ -265,6 +270,37 @@ func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits,
 		}
 	}
 	return lim, nil
+}
+
+// checkTaskBytes refuses NUL bytes in what the job sets outside the driver's
+// config block (env, user, volume paths), and control characters in the
+// paths and names among them (see checkString).
+func checkTaskBytes(cfg *drivers.TaskConfig) error {
+	if err := checkString("user", cfg.User, true); err != nil {
+		return err
+	}
+	for _, env := range []map[string]string{cfg.Env, cfg.DeviceEnv} {
+		for k, v := range env {
+			if err := checkString(fmt.Sprintf("env name %q", k), k, false); err != nil {
+				return err
+			}
+			if strings.Contains(k, "=") {
+				return fmt.Errorf("env name %q holds '=': rename the variable", k)
+			}
+			if err := checkString(fmt.Sprintf("env %q", k), v, false); err != nil {
+				return err
+			}
+		}
+	}
+	for _, m := range cfg.Mounts {
+		if err := checkString("volume_mount destination", m.TaskPath, true); err != nil {
+			return err
+		}
+		if err := checkString("volume source path", m.HostPath, true); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // bundleFor turns a checked task, and its image when it has one, into the
@@ -306,7 +342,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 	}
 	var mounts []runtime.HostMount
 	for _, m := range cfg.Mounts {
-		mounts = append(mounts, runtime.HostMount{HostPath: m.HostPath, TaskPath: filepath.Clean(m.TaskPath), Readonly: m.Readonly})
+		mounts = append(mounts, runtime.HostMount{HostPath: realPath(m.HostPath), TaskPath: filepath.Clean(m.TaskPath), Readonly: m.Readonly})
 	}
 	td := cfg.TaskDir()
 	bc := &runtime.BundleConfig{
@@ -318,7 +354,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		User:           user,
 		Caps:           tc.CapAdd,
 		Hostname:       hostname,
-		Dirs:           runtime.TaskDirs{Alloc: td.SharedAllocDir, Local: td.LocalDir, Secrets: td.SecretsDir},
+		Dirs:           runtime.TaskDirs{Alloc: realPath(td.SharedAllocDir), Local: realPath(td.LocalDir), Secrets: realPath(td.SecretsDir), Logs: realPath(td.LogDir)},
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}
@@ -399,24 +435,19 @@ func mergeEnv(base, over []string) []string {
 }
 
 // resolveRootfs finds the task's root filesystem on the host. A relative
-// path lives in the task directory (an artifact unpacked into local/); an
-// absolute one must be under an operator-allowed directory. Symlinks are
-// resolved before the check, so a link cannot lead out of either.
+// path lives in the task directory (an artifact unpacked into local/), which
+// the task can write: it must not go through a symbolic link at all, or the
+// task could point the link elsewhere for its next start. An absolute one
+// must be under an operator-allowed directory; its links are resolved before
+// the check, so a link cannot lead out of it.
 func (d *Driver) resolveRootfs(cfg *drivers.TaskConfig, rootfs string) (string, error) {
-	var base []string
-	var p string
-	if filepath.IsAbs(rootfs) {
-		if len(d.config.AllowHostRootfs) == 0 {
-			return "", fmt.Errorf("rootfs %q: host directories are not allowed on this node: use a path inside the task directory (e.g. local/rootfs from an artifact), or the operator must list a parent in allow_host_rootfs", rootfs)
-		}
-		base = d.config.AllowHostRootfs
-		p = filepath.Clean(rootfs)
-	} else {
-		taskDir := cfg.TaskDir().Dir
-		base = []string{taskDir}
-		p = filepath.Join(taskDir, rootfs)
+	if !filepath.IsAbs(rootfs) {
+		return resolveTaskRootfs(cfg.TaskDir().Dir, rootfs)
 	}
-	real, err := filepath.EvalSymlinks(p)
+	if len(d.config.AllowHostRootfs) == 0 {
+		return "", fmt.Errorf("rootfs %q: host directories are not allowed on this node: use a path inside the task directory (e.g. local/rootfs from an artifact), or the operator must list a parent in allow_host_rootfs", rootfs)
+	}
+	real, err := filepath.EvalSymlinks(filepath.Clean(rootfs))
 	if errors.Is(err, os.ErrNotExist) {
 		return "", fmt.Errorf("rootfs %q: no such file or directory on this node: fix the path, or fetch the root filesystem into the task directory first (an artifact unpacked into local/)", rootfs)
 	}
@@ -430,7 +461,7 @@ func (d *Driver) resolveRootfs(cfg *drivers.TaskConfig, rootfs string) (string, 
 	if !fi.IsDir() {
 		return "", fmt.Errorf("rootfs %q is not a directory", rootfs)
 	}
-	for _, b := range base {
+	for _, b := range d.config.AllowHostRootfs {
 		rb, err := filepath.EvalSymlinks(b)
 		if err != nil {
 			continue
@@ -439,10 +470,44 @@ func (d *Driver) resolveRootfs(cfg *drivers.TaskConfig, rootfs string) (string, 
 			return real, nil
 		}
 	}
-	if filepath.IsAbs(rootfs) {
-		return "", fmt.Errorf("rootfs %q is not under a directory in the plugin's allow_host_rootfs %v", rootfs, d.config.AllowHostRootfs)
+	return "", fmt.Errorf("rootfs %q is not under a directory in the plugin's allow_host_rootfs %v", rootfs, d.config.AllowHostRootfs)
+}
+
+// resolveTaskRootfs resolves a relative rootfs beneath the task directory,
+// following no symbolic link, and returns its symlink-free host path.
+func resolveTaskRootfs(taskDir, rootfs string) (string, error) {
+	rel := filepath.Clean(rootfs)
+	if !filepath.IsLocal(rel) || rel == "." {
+		return "", fmt.Errorf("rootfs %q leads outside the task directory: use a directory inside it, such as local/rootfs", rootfs)
 	}
-	return "", fmt.Errorf("rootfs %q leads outside the task directory", rootfs)
+	h, err := safeopen.Resolve(taskDir, rel, safeopen.NoSymlinks)
+	if err == nil && h.Type() == unix.S_IFLNK {
+		h.Close()
+		err = unix.ELOOP
+	}
+	switch {
+	case errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV):
+		return "", fmt.Errorf("rootfs %q goes through a symbolic link: unpack the root filesystem to a plain directory inside the task directory (e.g. local/rootfs) and name that", rootfs)
+	case errors.Is(err, os.ErrNotExist):
+		return "", fmt.Errorf("rootfs %q: no such file or directory on this node: fix the path, or fetch the root filesystem into the task directory first (an artifact unpacked into local/)", rootfs)
+	case err != nil:
+		return "", fmt.Errorf("rootfs %q: %w", rootfs, err)
+	}
+	defer h.Close()
+	if h.Type() != unix.S_IFDIR {
+		return "", fmt.Errorf("rootfs %q is not a directory", rootfs)
+	}
+	return filepath.Join(realPath(taskDir), rel), nil
+}
+
+// realPath is p with the symbolic links in it resolved (p itself when that
+// fails). It is for the node's own paths (Nomad's data directory, volumes),
+// so that a rootfs is recognised under whichever name a mount gives it.
+func realPath(p string) string {
+	if r, err := filepath.EvalSymlinks(p); err == nil {
+		return r
+	}
+	return p
 }
 
 func sandboxID(cfg *drivers.TaskConfig) string {
@@ -498,15 +563,15 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if st.StateDir == "" || filepath.Dir(st.StateDir) != filepath.Clean(d.config.StateDir) {
 		return fmt.Errorf("recover task: state directory %q is not under state_dir %q", st.StateDir, d.config.StateDir)
 	}
+	// Not while a sweep decides whether this state is a leftover.
+	d.sweepMu.Lock()
+	defer d.sweepMu.Unlock()
 	sup := &runtime.Supervisor{Dir: st.StateDir, Exe: d.supervisorExe}
-	if !sup.Alive() {
-		es, err := sup.ExitStatus()
-		if err != nil {
-			return fmt.Errorf("recover task: %w", err)
-		}
-		if es == nil {
-			return fmt.Errorf("recover task: sandbox %s has no supervisor and no exit status", st.SandboxID)
-		}
+	// A supervisor that is gone without an exit status was killed: the
+	// task is recovered all the same, and its watch reports the loss
+	// (runtime.ErrSupervisorLost) and stops what is left of the sandbox.
+	if _, err := sup.ExitStatus(); err != nil {
+		return fmt.Errorf("recover task: %w", err)
 	}
 	spec, err := sup.Spec()
 	if err != nil {
@@ -610,20 +675,26 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		}
 	}
 	h.net.stop()
-	if err := d.removeSandbox(h.sandboxID, h.sup); err != nil {
-		return err
-	}
+	err := d.removeSandbox(h.sandboxID, h.sup)
+	// Nomad does not ask twice: what could not be removed now is the
+	// sweep's to finish, which it does only for tasks not in the store.
 	d.tasks.Delete(taskID)
-	return nil
+	return err
 }
 
-// removeSandbox deletes a sandbox and its state directory. It is safe to
-// call for a sandbox that is already gone.
+// removeSandbox deletes a sandbox and everything of it: supervisor, runsc
+// container and processes, cgroups, network, mounts and state directory. It
+// is safe to call for a sandbox that is partly or wholly gone (a crash can
+// stop it anywhere: it starts with what must not outlive the task, the
+// secrets, and removes the state directory, through which the sweep finds
+// the rest, last).
 func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
+	runtime.ScrubSecrets(sup.Dir)
 	// A supervisor that stored an exit status has deleted the container
 	// already; asking runsc again would only cost a process.
 	if st, _ := sup.ExitStatus(); st == nil || sup.Alive() {
 		sup.Kill()
+		d.killStrays(func(sid string) bool { return sid == id })
 		err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
 		if err != nil && !errors.Is(err, runtime.ErrNotExist) {
 			if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
@@ -631,11 +702,14 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 			}
 		}
 	}
-	if err := taskCgroup(id).Destroy(); err != nil {
+	if _, err := runtime.RemoveCgroupEverywhere(taskCgroup(id).Path); err != nil {
 		return err
 	}
 	if err := d.net.Destroy(id); err != nil {
 		return fmt.Errorf("remove sandbox network: %w", err)
+	}
+	if err := detachMounts(sup.Dir); err != nil {
+		return fmt.Errorf("remove task state: %w", err)
 	}
 	if err := os.RemoveAll(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)

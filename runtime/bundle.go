@@ -23,6 +23,11 @@ type TaskDirs struct {
 	Alloc   string
 	Local   string
 	Secrets string
+	// Logs, when set, is the allocation's log directory (alloc/logs, where
+	// Nomad's log FIFOs and files are): it is bound read-only over the
+	// writable /alloc, so that nothing in the sandbox can replace a FIFO or
+	// a log file with a link that root would then write through.
+	Logs string
 }
 
 // Resources are the limits written into the spec's linux.resources.
@@ -170,13 +175,28 @@ func (c *BundleConfig) mounts() []specs.Mount {
 		}
 		return specs.Mount{Destination: dst, Type: "bind", Source: src, Options: opts}
 	}
-	ms = append(ms,
-		bind(c.Dirs.Alloc, "/alloc", false),
-		bind(c.Dirs.Local, "/local", false),
-		bind(c.Dirs.Secrets, "/secrets", false),
-	)
-	for _, m := range c.Mounts {
+	binds := append([]HostMount{
+		{HostPath: c.Dirs.Alloc, TaskPath: "/alloc"},
+		{HostPath: c.Dirs.Local, TaskPath: "/local"},
+		{HostPath: c.Dirs.Secrets, TaskPath: "/secrets"},
+	}, c.Mounts...)
+	var aliases []HostMount
+	for _, m := range binds {
+		a, whole := rootfsAlias(c.Rootfs, m)
+		if whole {
+			m.Readonly = true
+		}
+		if a != nil {
+			aliases = append(aliases, *a)
+		}
 		ms = append(ms, bind(m.HostPath, m.TaskPath, m.Readonly))
+		if m.TaskPath == "/alloc" && c.Dirs.Logs != "" {
+			ms = append(ms, bind(c.Dirs.Logs, "/alloc/logs", true))
+		}
+	}
+	// After every writable mount, so that none covers them.
+	for _, a := range aliases {
+		ms = append(ms, bind(a.HostPath, a.TaskPath, true))
 	}
 	if c.ResolvConf != "" {
 		ms = append(ms, bind(c.ResolvConf, "/etc/resolv.conf", true))
@@ -185,6 +205,33 @@ func (c *BundleConfig) mounts() []specs.Mount {
 		ms = append(ms, bind(c.Hosts, "/etc/hosts", true))
 	}
 	return ms
+}
+
+// rootfsAlias finds where the root filesystem is visible a second time, under
+// a writable bind mount m (a rootfs unpacked into local/, or a host rootfs
+// inside a volume): the topmost directory of m that holds it, to be bound
+// read-only over itself. Binding that directory rather than the rootfs alone
+// also pins the path to the rootfs: a mount point cannot be renamed, so the
+// task cannot move the rootfs aside and leave another in its place for the
+// next start. whole is true when the rootfs is m's source itself, which must
+// then be mounted read-only. Both paths must be free of symbolic links.
+func rootfsAlias(rootfs string, m HostMount) (alias *HostMount, whole bool) {
+	if m.Readonly || rootfs == "" || m.HostPath == "" {
+		return nil, false
+	}
+	rel, err := filepath.Rel(m.HostPath, rootfs)
+	if err != nil || !filepath.IsLocal(rel) {
+		return nil, false
+	}
+	if rel == "." {
+		return nil, true
+	}
+	top, _, _ := strings.Cut(rel, string(filepath.Separator))
+	return &HostMount{
+		HostPath: filepath.Join(m.HostPath, top),
+		TaskPath: filepath.Join(m.TaskPath, top),
+		Readonly: true,
+	}, false
 }
 
 // WriteBundle writes config.json for c into dir, which must exist.

@@ -6,36 +6,33 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"strconv"
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
 // ResolveUser turns a Nomad task `user` ("name", "uid", "name:group",
 // "uid:gid") into the uid, gid and supplementary groups it has inside rootfs.
-// The rootfs is untrusted: its files are read through os.Root so a symlink
-// cannot make the driver read a host file.
+// The rootfs is untrusted: its files are read with links resolved inside
+// it, so a symlink cannot make the driver read a host file, and only when
+// they are regular files, so a FIFO or device cannot hang the start.
 func ResolveUser(rootfs, user string) (specs.User, error) {
 	if user == "" {
 		return specs.User{UID: 0, GID: 0}, nil
 	}
-	root, err := os.OpenRoot(rootfs)
-	if err != nil {
-		return specs.User{}, fmt.Errorf("user %q: open rootfs: %w", user, err)
-	}
-	defer root.Close()
 
 	name, group, hasGroup := strings.Cut(user, ":")
 	if name == "" || (hasGroup && group == "") {
 		return specs.User{}, fmt.Errorf("user %q: use \"name\", \"uid\", \"name:group\" or \"uid:gid\"", user)
 	}
-	passwd, err := readDB(root, "etc/passwd")
+	passwd, err := readDB(rootfs, "etc/passwd")
 	if err != nil {
 		return specs.User{}, fmt.Errorf("user %q: %w", user, err)
 	}
-	groups, err := readDB(root, "etc/group")
+	groups, err := readDB(rootfs, "etc/group")
 	if err != nil {
 		return specs.User{}, fmt.Errorf("user %q: %w", user, err)
 	}
@@ -123,8 +120,8 @@ func parseID(s string) (uint32, error) {
 
 // readDB reads a colon-separated database such as /etc/passwd. A missing file
 // is an empty database.
-func readDB(root *os.Root, name string) ([][]string, error) {
-	f, err := root.Open(name)
+func readDB(rootfs, name string) ([][]string, error) {
+	f, err := safeopen.ReadRegular(rootfs, name, safeopen.InRoot)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
