@@ -563,15 +563,15 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if st.StateDir == "" || filepath.Dir(st.StateDir) != filepath.Clean(d.config.StateDir) {
 		return fmt.Errorf("recover task: state directory %q is not under state_dir %q", st.StateDir, d.config.StateDir)
 	}
-	// Not while a sweep decides whether this state is a leftover.
-	d.sweepMu.Lock()
-	defer d.sweepMu.Unlock()
 	sup := &runtime.Supervisor{Dir: st.StateDir, Exe: d.supervisorExe}
-	// A supervisor that is gone without an exit status was killed: the
-	// task is recovered all the same, and its watch reports the loss
-	// (runtime.ErrSupervisorLost) and stops what is left of the sandbox.
-	if _, err := sup.ExitStatus(); err != nil {
-		return fmt.Errorf("recover task: %w", err)
+	if !sup.Alive() {
+		es, err := sup.ExitStatus()
+		if err != nil {
+			return fmt.Errorf("recover task: %w", err)
+		}
+		if es == nil {
+			return fmt.Errorf("recover task: sandbox %s has no supervisor and no exit status", st.SandboxID)
+		}
 	}
 	spec, err := sup.Spec()
 	if err != nil {
@@ -675,26 +675,20 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		}
 	}
 	h.net.stop()
-	err := d.removeSandbox(h.sandboxID, h.sup)
-	// Nomad does not ask twice: what could not be removed now is the
-	// sweep's to finish, which it does only for tasks not in the store.
+	if err := d.removeSandbox(h.sandboxID, h.sup); err != nil {
+		return err
+	}
 	d.tasks.Delete(taskID)
-	return err
+	return nil
 }
 
-// removeSandbox deletes a sandbox and everything of it: supervisor, runsc
-// container and processes, cgroups, network, mounts and state directory. It
-// is safe to call for a sandbox that is partly or wholly gone (a crash can
-// stop it anywhere: it starts with what must not outlive the task, the
-// secrets, and removes the state directory, through which the sweep finds
-// the rest, last).
+// removeSandbox deletes a sandbox and its state directory. It is safe to
+// call for a sandbox that is already gone.
 func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
-	runtime.ScrubSecrets(sup.Dir)
 	// A supervisor that stored an exit status has deleted the container
 	// already; asking runsc again would only cost a process.
 	if st, _ := sup.ExitStatus(); st == nil || sup.Alive() {
 		sup.Kill()
-		d.killStrays(func(sid string) bool { return sid == id })
 		err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
 		if err != nil && !errors.Is(err, runtime.ErrNotExist) {
 			if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
@@ -702,14 +696,11 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 			}
 		}
 	}
-	if _, err := runtime.RemoveCgroupEverywhere(taskCgroup(id).Path); err != nil {
+	if err := taskCgroup(id).Destroy(); err != nil {
 		return err
 	}
 	if err := d.net.Destroy(id); err != nil {
 		return fmt.Errorf("remove sandbox network: %w", err)
-	}
-	if err := detachMounts(sup.Dir); err != nil {
-		return fmt.Errorf("remove task state: %w", err)
 	}
 	if err := os.RemoveAll(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)
