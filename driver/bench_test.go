@@ -528,6 +528,7 @@ func BenchmarkStartTask_CachedImage(b *testing.B) {
 	// Before newBenchEnv: the registry stops after the driver's cleanup.
 	reg := testutil.StartRegistry(b)
 	e := newBenchEnv(b, false)
+	e.d.config.AllowedRegistries = []string{reg.Host} // a loopback registry must be named
 	ev := e.watchEvents(b)
 
 	_, ref := reg.Push(b, "bench/busybox", "1", testutil.BusyboxImage(b, v1.Config{}))

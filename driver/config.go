@@ -65,6 +65,7 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("image_dir", "string", false), hclspec.NewLiteral(`"/var/lib/nomad-sandbox/images"`)),
 	"image_pull_timeout": hclspec.NewDefault(
 		hclspec.NewAttr("image_pull_timeout", "string", false), hclspec.NewLiteral(`"5m"`)),
+	"image_max_size_mb": hclspec.NewAttr("image_max_size_mb", "number", false),
 	"require_digest": hclspec.NewDefault(
 		hclspec.NewAttr("require_digest", "bool", false), hclspec.NewLiteral(`false`)),
 	"allowed_registries": hclspec.NewDefault(
@@ -140,6 +141,7 @@ type PluginConfig struct {
 	AllowTaskAPI        bool     `codec:"allow_task_api"`
 	ImageDir            string   `codec:"image_dir"`
 	ImagePullTimeout    string   `codec:"image_pull_timeout"`
+	ImageMaxSizeMB      int64    `codec:"image_max_size_mb"`
 	RequireDigest       bool     `codec:"require_digest"`
 	AllowedRegistries   []string `codec:"allowed_registries"`
 	AuthConfig          string   `codec:"auth_config"`
@@ -160,6 +162,29 @@ type ImageGC struct {
 
 // defaultImageMaxAge applies when image_gc sets no max_age.
 const defaultImageMaxAge = 7 * 24 * time.Hour
+
+// defaultImageCacheMB applies when image_gc sets no max_size_mb: without a
+// cap, tasks naming ever new images would fill the node's disk.
+const defaultImageCacheMB = 16384
+
+// imageCacheMB is the cache's size cap in MiB.
+func (c *PluginConfig) imageCacheMB() int64 {
+	if c.ImageGC.MaxSizeMB > 0 {
+		return c.ImageGC.MaxSizeMB
+	}
+	return defaultImageCacheMB
+}
+
+// defaultImageMaxSizeMB applies when image_max_size_mb is 0 or unset.
+const defaultImageMaxSizeMB = 4096
+
+// imageMaxSizeMB is the largest unpacked image in MiB.
+func (c *PluginConfig) imageMaxSizeMB() int64 {
+	if c.ImageMaxSizeMB > 0 {
+		return c.ImageMaxSizeMB
+	}
+	return defaultImageMaxSizeMB
+}
 
 // timeouts returns default_timeout and max_timeout, which Validate checked.
 func (c *PluginConfig) timeouts() (def, max time.Duration) {
@@ -224,6 +249,12 @@ func (c *PluginConfig) Validate() error {
 	}
 	if c.ImageGC.MaxSizeMB < 0 {
 		return fmt.Errorf("plugin config: image_gc.max_size_mb must not be negative")
+	}
+	if c.ImageMaxSizeMB < 0 {
+		return fmt.Errorf("plugin config: image_max_size_mb must not be negative: give the largest unpacked image a task may use in MiB, e.g. 4096")
+	}
+	if c.imageMaxSizeMB() > c.imageCacheMB() {
+		return fmt.Errorf("plugin config: image_max_size_mb %d is larger than the image cache (image_gc.max_size_mb %d): lower image_max_size_mb or raise image_gc.max_size_mb", c.imageMaxSizeMB(), c.imageCacheMB())
 	}
 	for _, e := range c.AllowedEgress {
 		if _, err := netpolicy.ParseEgress(e); err != nil {

@@ -129,7 +129,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 			return fmt.Errorf("plugin config: audit_log: %w", err)
 		}
 	}
-	d.images = &image.Store{Dir: pc.ImageDir, AuthConfig: pc.AuthConfig, Logger: d.logger.Named("image")}
+	d.images = &image.Store{Dir: pc.ImageDir, AuthConfig: pc.AuthConfig, MaxImageSize: pc.imageMaxSizeMB() << 20, Logger: d.logger.Named("image")}
 	if timeout, _ := parseTimeout("image_pull_timeout", pc.ImagePullTimeout); timeout > 0 {
 		d.images.PullTimeout = timeout
 	}

@@ -29,6 +29,9 @@ func (d *Driver) pullImage(cfg *drivers.TaskConfig, tc *TaskConfig) (*image.Imag
 	if errors.Is(err, image.ErrPullTimeout) {
 		return nil, fmt.Errorf("%w: raise the plugin's image_pull_timeout if the image needs longer", err)
 	}
+	if errors.Is(err, image.ErrTooBig) {
+		return nil, fmt.Errorf("%w: the plugin's image_max_size_mb is %d; use a smaller image or ask the operator to raise it", err, d.config.imageMaxSizeMB())
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -59,7 +62,7 @@ func (d *Driver) collectImages() {
 	if maxAge == 0 {
 		maxAge = defaultImageMaxAge
 	}
-	removed, err := d.images.GC(maxAge, d.config.ImageGC.MaxSizeMB<<20, func(digest string) bool { return inUse[digest] })
+	removed, err := d.images.GC(maxAge, d.config.imageCacheMB()<<20, func(digest string) bool { return inUse[digest] })
 	if err != nil {
 		d.logger.Warn("image garbage collection failed", "error", err)
 	}

@@ -28,6 +28,17 @@ func imageConfig() v1.Config {
 	}
 }
 
+// allowRegistry names a test registry (on loopback, which only an operator
+// may allow) in allowed_registries, then applies mutate.
+func allowRegistry(host string, mutate func(*PluginConfig)) func(*PluginConfig) {
+	return func(pc *PluginConfig) {
+		pc.AllowedRegistries = []string{host}
+		if mutate != nil {
+			mutate(pc)
+		}
+	}
+}
+
 func cachedTrees(t *testing.T, dir string) int {
 	t.Helper()
 	entries, err := os.ReadDir(filepath.Join(dir, "images", "sha256"))
@@ -41,7 +52,7 @@ func cachedTrees(t *testing.T, dir string) int {
 func TestDriver_ImageFromRegistry(t *testing.T) {
 	reg := testutil.StartRegistry(t)
 	byTag, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
-	e := newTestEnv(t, nil)
+	e := newTestEnv(t, allowRegistry(reg.Host, nil))
 
 	// The image's configuration is the default.
 	cfg, cleanup := e.task(t, "image", TaskConfig{Image: byTag, ReadonlyRootfs: true})
@@ -95,7 +106,7 @@ func TestDriver_ImagePolicy(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newTestEnv(t, tc.mutate)
+			e := newTestEnv(t, allowRegistry(reg.Host, tc.mutate))
 			cfg, cleanup := e.taskWithLogs(t, "policy", TaskConfig{Image: tc.ref, ReadonlyRootfs: true}, false)
 			defer cleanup()
 			ev := e.events(t, cfg.ID)
@@ -156,7 +167,7 @@ func TestDriver_ImageTaskAuth(t *testing.T) {
 	reg := testutil.StartRegistry(t)
 	_, byDigest := reg.Push(t, "private/app", "1.0", testutil.BusyboxImage(t, imageConfig()))
 	reg.User, reg.Password = "ci", "s3cret"
-	e := newTestEnv(t, nil)
+	e := newTestEnv(t, allowRegistry(reg.Host, nil))
 
 	bad, cleanupBad := e.taskWithLogs(t, "badauth", TaskConfig{Image: byDigest, ReadonlyRootfs: true, Auth: TaskAuth{Username: "ci", Password: "wrong"}}, false)
 	defer cleanupBad()
@@ -176,7 +187,7 @@ func TestDriver_ImageGCKeepsImagesInUse(t *testing.T) {
 	cfgB := imageConfig()
 	cfgB.Env = append(cfgB.Env, "OTHER=1") // a different image
 	_, unused := reg.Push(t, "gc/unused", "1", testutil.BusyboxImage(t, cfgB))
-	e := newTestEnv(t, func(pc *PluginConfig) { pc.ImageGC.MaxAge = "1ns" })
+	e := newTestEnv(t, allowRegistry(reg.Host, func(pc *PluginConfig) { pc.ImageGC.MaxAge = "1ns" }))
 	e.driver.images.GCGrace = -1
 
 	running, cleanup := e.task(t, "running", TaskConfig{Image: used, ReadonlyRootfs: true, Entrypoint: []string{"/bin/sleep"}, Args: []string{"600"}})
@@ -212,12 +223,71 @@ func TestDriver_ImagePullTimeout(t *testing.T) {
 	}))
 	t.Cleanup(srv.Close)
 	t.Cleanup(func() { close(stop) })
-	e := newTestEnv(t, func(pc *PluginConfig) { pc.ImagePullTimeout = "1s" })
-	ref := strings.TrimPrefix(srv.URL, "http://") + "/ci/slow:1.0"
+	host := strings.TrimPrefix(srv.URL, "http://")
+	e := newTestEnv(t, allowRegistry(host, func(pc *PluginConfig) { pc.ImagePullTimeout = "1s" }))
+	ref := host + "/ci/slow:1.0"
 	cfg, cleanup := e.taskWithLogs(t, "slow", TaskConfig{Image: ref, ReadonlyRootfs: true}, false)
 	defer cleanup()
 	_, _, err := e.harness.StartTask(cfg)
 	must.ErrorContains(t, err, image.ErrPullTimeout.Error()) // through gRPC: text only
 	must.ErrorContains(t, err, "image_pull_timeout")
 	must.Positive(t, asked.Load(), must.Sprint("the registry was never asked"))
+}
+
+// TestDriver_ImageLoopbackRegistryNeedsOperator: a job cannot make the
+// plugin talk to a service on the node by naming it as its registry; the
+// operator allows such a registry by naming it.
+func TestDriver_ImageLoopbackRegistryNeedsOperator(t *testing.T) {
+	reg := testutil.StartRegistry(t)
+	_, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
+	pushed := reg.Manifests.Load()
+	e := newTestEnv(t, nil)
+	cfg, cleanup := e.taskWithLogs(t, "loopback", TaskConfig{Image: byDigest, ReadonlyRootfs: true}, false)
+	defer cleanup()
+	ev := e.events(t, cfg.ID)
+	_, _, err := e.harness.StartTask(cfg)
+	must.ErrorContains(t, err, "non-public address")
+	must.ErrorContains(t, err, "allowed_registries")
+	ev.waitFor(t, "Sandbox refused: ")
+	must.Eq(t, pushed, reg.Manifests.Load(), must.Sprint("the registry on loopback was asked"))
+	must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
+}
+
+// TestDriver_ImageMaxSize: an image that unpacks to more than
+// image_max_size_mb fails with an error naming the setting and leaves
+// nothing in the cache.
+func TestDriver_ImageMaxSize(t *testing.T) {
+	e := newTestEnv(t, func(pc *PluginConfig) { pc.ImageMaxSizeMB = 1 })
+	cfg, cleanup := e.taskWithLogs(t, "big", TaskConfig{Image: "oci-layout:local/img", ReadonlyRootfs: true}, false)
+	defer cleanup()
+	p, err := layout.Write(filepath.Join(cfg.TaskDir().LocalDir, "img"), empty.Index)
+	must.NoError(t, err)
+	img := testutil.BusyboxImage(t, imageConfig()) // busybox alone is over 1 MiB
+	must.NoError(t, p.AppendImage(img))
+	_, _, err = e.harness.StartTask(cfg)
+	must.ErrorContains(t, err, "image_max_size_mb is 1")
+	must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
+	tmp, err := os.ReadDir(filepath.Join(e.config.ImageDir, "tmp"))
+	must.NoError(t, err)
+	must.SliceEmpty(t, tmp)
+}
+
+// TestPluginConfig_ImageSizes: the image size caps default to non-zero
+// values, and settings that cannot work are refused naming the fields.
+func TestPluginConfig_ImageSizes(t *testing.T) {
+	pc := PluginConfig{RunscPath: "runsc", RunscRoot: "/run/r", StateDir: "/run/s", Platform: "systrap", ImageDir: "/var/lib/i"}
+	must.NoError(t, pc.Validate())
+	must.Eq(t, 4096, pc.imageMaxSizeMB())
+	must.Eq(t, 16384, pc.imageCacheMB())
+
+	neg := pc
+	neg.ImageMaxSizeMB = -1
+	must.ErrorContains(t, neg.Validate(), "image_max_size_mb must not be negative")
+
+	over := pc
+	over.ImageGC.MaxSizeMB = 1000
+	must.ErrorContains(t, over.Validate(), "image_max_size_mb 4096 is larger than the image cache (image_gc.max_size_mb 1000)")
+	over.ImageMaxSizeMB = 500
+	must.NoError(t, over.Validate())
+	must.Eq(t, 500<<20, over.imageMaxSizeMB()<<20)
 }

@@ -3,14 +3,12 @@ package image
 import (
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 
 	"github.com/docker/cli/cli/config"
 	"github.com/docker/cli/cli/config/configfile"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
 // credentials picks the authenticator for a repository: the task's own auth
@@ -107,28 +105,4 @@ func isLoopback(hostport string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-// guardTransport refuses plain HTTP to hosts not allowed to be insecure.
-// go-containerregistry falls back to HTTP by itself for loopback and private
-// (RFC 1918) registries; this makes the operator's rule the one that holds,
-// also for token servers and blob redirects.
-type guardTransport struct {
-	inner      http.RoundTripper
-	insecureOK func(host string) bool
-}
-
-func newGuardTransport(insecureOK func(string) bool) http.RoundTripper {
-	inner := remote.DefaultTransport.(*http.Transport).Clone()
-	return &guardTransport{inner: inner, insecureOK: insecureOK}
-}
-
-func (g *guardTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme != "https" && !g.insecureOK(req.URL.Host) {
-		if req.Body != nil {
-			req.Body.Close()
-		}
-		return nil, fmt.Errorf("plain HTTP to %s refused: only loopback registries, or ones the operator allows as insecure, may be used without TLS", req.URL.Host)
-	}
-	return g.inner.RoundTrip(req)
 }

@@ -1,18 +1,24 @@
 package image
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 )
 
 // Layout of Store.Dir:
@@ -35,7 +41,15 @@ type meta struct {
 	Size     int64     `json:"size"`
 	Layers   []string  `json:"layers"`
 	Unpacked time.Time `json:"unpacked"`
+	// Origins are the registry repositories ("registry/repo") that served
+	// every blob of the image; a task whose registry check there passes
+	// may use the cached tree without fetching it again.
+	Origins []string `json:"origins,omitempty"`
 }
+
+// maxOrigins bounds the origins one cache entry remembers; a source beyond
+// them proves itself again on each use.
+const maxOrigins = 32
 
 func (s *Store) imagesDir() string            { return filepath.Join(s.Dir, "images", "sha256") }
 func (s *Store) imageDir(hex string) string   { return filepath.Join(s.imagesDir(), hex) }
@@ -263,9 +277,103 @@ type pullResult struct {
 }
 
 // obtain returns the image that t resolved to, from the cache or by pulling
-// it. One pull per image at a time: in this process by a flight group, and
-// between processes by the image's lock file.
+// it, and whether this call pulled it. A tree this call did not unpack from
+// t's own source is handed out only once t's source is shown to hold the
+// image (authorize): knowing a digest is not access to the image.
 func (s *Store) obtain(ctx context.Context, t *target) (*meta, bool, error) {
+	m, pulled, err := s.obtainEntry(ctx, t)
+	if err != nil || pulled {
+		return m, pulled, err
+	}
+	if err := s.authorize(ctx, t, m); err != nil {
+		return nil, false, err
+	}
+	return m, false, nil
+}
+
+// authorize checks that t's source could have supplied the cached image m:
+// it is a registry repository that served it before (and has just answered
+// the task's credentials for it), or it holds every blob, which is read and
+// verified against its digest. A registry repository that passes is
+// remembered.
+func (s *Store) authorize(ctx context.Context, t *target, m *meta) error {
+	if t.origin != "" && slices.Contains(m.Origins, t.origin) {
+		return nil
+	}
+	if err := verifySource(ctx, t); err != nil {
+		return fmt.Errorf("image %s is cached on this node, but the task's source does not hold all of it, and a cached image is only given to a task that could pull it: %w", t.digest, err)
+	}
+	if t.origin != "" && len(m.Origins) < maxOrigins {
+		if err := s.addOrigin(ctx, t.digest.Hex, t.origin); err != nil {
+			s.log().Warn("cannot record image origin", "digest", t.digest, "origin", t.origin, "error", err)
+		}
+	}
+	return nil
+}
+
+// verifySource reads t's manifest, config and layers from its source and
+// checks each against its size and digest, without unpacking anything.
+func verifySource(ctx context.Context, t *target) error {
+	raw := t.manifest
+	if raw == nil {
+		var err error
+		if raw, err = t.src.manifest(ctx, v1.Descriptor{Digest: t.digest}); err != nil {
+			return err
+		}
+	}
+	if err := verifyDigest(raw, t.digest, "manifest "+t.digest.String()); err != nil {
+		return err
+	}
+	man, err := v1.ParseManifest(bytes.NewReader(raw))
+	if err != nil {
+		return fmt.Errorf("manifest %s: %w", t.digest, err)
+	}
+	for _, d := range append([]v1.Descriptor{man.Config}, man.Layers...) {
+		if err := verifyBlob(ctx, t.src, d); err != nil {
+			return fmt.Errorf("blob %s: %w", d.Digest, err)
+		}
+	}
+	return nil
+}
+
+func verifyBlob(ctx context.Context, src source, d v1.Descriptor) error {
+	if d.Size < 0 {
+		return fmt.Errorf("negative size %d in the manifest", d.Size)
+	}
+	rc, err := src.blob(ctx, d)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	h := newHashingReader(io.LimitReader(rc, d.Size+1))
+	if _, err := io.Copy(io.Discard, h); err != nil {
+		return fmt.Errorf("read blob: %w", err)
+	}
+	return checkBlob(d, h)
+}
+
+// addOrigin records that origin served the image hex.
+func (s *Store) addOrigin(ctx context.Context, hex, origin string) error {
+	lk, err := s.lockImage(ctx, hex, true)
+	if err != nil {
+		return err
+	}
+	defer lk.unlock()
+	m, err := s.readMeta(hex)
+	if err != nil {
+		return err
+	}
+	if slices.Contains(m.Origins, origin) || len(m.Origins) >= maxOrigins {
+		return nil
+	}
+	m.Origins = append(m.Origins, origin)
+	return atomicfile.WriteJSON(filepath.Join(s.imageDir(hex), metaFile), m, 0o600)
+}
+
+// obtainEntry finds or pulls the cache entry. One pull per image at a time:
+// in this process by a flight group, and between processes by the image's
+// lock file.
+func (s *Store) obtainEntry(ctx context.Context, t *target) (*meta, bool, error) {
 	hex := t.digest.Hex
 	if m, err := s.lookup(ctx, hex); err != nil || m != nil {
 		return m, false, err
@@ -317,6 +425,9 @@ func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {
 	m, err := s.unpackImage(ctx, t, work.path)
 	if err != nil {
 		return nil, err
+	}
+	if t.origin != "" {
+		m.Origins = []string{t.origin}
 	}
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {

@@ -382,6 +382,10 @@ func startRegistry(t *testing.T, wrap func(http.Handler) http.Handler) *testRegi
 	return r
 }
 
+// policy names the test registry in allowed_registries, as an operator
+// must for a registry on a loopback address.
+func (r *testRegistry) policy() Policy { return Policy{AllowedRegistries: []string{r.host}} }
+
 // count sums requests whose "METHOD path" contains all of parts.
 func (r *testRegistry) count(parts ...string) int {
 	r.mu.Lock()

@@ -20,7 +20,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"sync"
 	"time"
@@ -113,11 +112,10 @@ type Store struct {
 	GCGrace time.Duration
 	Logger  hclog.Logger
 
-	mu        sync.Mutex
-	ready     bool
-	transport http.RoundTripper
-	resolves  flightGroup
-	pulls     flightGroup
+	mu       sync.Mutex
+	ready    bool
+	resolves flightGroup
+	pulls    flightGroup
 }
 
 func (s *Store) log() hclog.Logger {
@@ -176,7 +174,6 @@ func (s *Store) Open() error {
 	if err := s.cleanTemp(context.Background()); err != nil {
 		return fmt.Errorf("image store: clean work directories: %w", err)
 	}
-	s.transport = newGuardTransport(s.insecureAllowed)
 	s.ready = true
 	return nil
 }
@@ -189,7 +186,7 @@ func (s *Store) Get(ctx context.Context, ref string, auth *Auth, pol Policy, tas
 	start := time.Now()
 	img, err := s.get(ctx, ref, auth, pol, taskDir)
 	if err != nil {
-		return nil, fmt.Errorf("image %q: %w", ref, err)
+		return nil, capError(fmt.Errorf("image %q: %w", ref, err))
 	}
 	img.PullTime = time.Since(start)
 	if img.Pulled {
@@ -215,7 +212,7 @@ func (s *Store) get(ctx context.Context, ref string, auth *Auth, pol Policy, tas
 	var t *target
 	switch r.kind {
 	case kindRegistry:
-		t, err = s.resolveRemote(ctx, r, auth)
+		t, err = s.resolveRemote(ctx, r, auth, pol)
 	case kindLayout:
 		t, err = openLayoutTarget(ctx, r, taskDir)
 	case kindArchive:

@@ -69,7 +69,7 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 	push(t, reg.host+"/tools/busybox:1.36", img)
 	ctx := ctxT(t)
 
-	got, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, Policy{}, e.taskDir)
+	got, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, reg.policy(), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +82,7 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 	checkBusyboxRootfs(t, got)
 
 	reg.reset()
-	again, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, Policy{}, e.taskDir)
+	again, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, reg.policy(), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +93,7 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 		t.Errorf("cache hit fetched %d blobs", n)
 	}
 
-	byDigest, err := e.store.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true}, e.taskDir)
+	byDigest, err := e.store.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.host}}, e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 
 	// A store of its own pulls by digest from scratch.
 	fresh := e.newStore(filepath.Join(e.parent, "cache2"))
-	fromScratch, err := fresh.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true}, e.taskDir)
+	fromScratch, err := fresh.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.host}}, e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +127,7 @@ func TestRegistryIndexPicksPlatform(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := e.store.Get(ctxT(t), reg.host+"/multi", nil, Policy{}, e.taskDir)
+	got, err := e.store.Get(ctxT(t), reg.host+"/multi", nil, reg.policy(), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestConcurrentGetsPullOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i], errs[i] = s.Get(ctx, ref, nil, Policy{}, e.taskDir)
+			results[i], errs[i] = s.Get(ctx, ref, nil, reg.policy(), e.taskDir)
 		}()
 	}
 	wg.Wait()
@@ -404,7 +404,11 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 			if c.setup != nil {
 				c.setup()
 			}
-			_, err := e.store.Get(ctx, c.ref, nil, c.pol, e.taskDir)
+			pol := c.pol
+			if pol.AllowedRegistries == nil {
+				pol.AllowedRegistries = []string{reg.host}
+			}
+			_, err := e.store.Get(ctx, c.ref, nil, pol, e.taskDir)
 			mustContain(t, err, c.want...)
 			t.Log(err)
 			assertCacheEmpty(t, e.store)
@@ -417,12 +421,12 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 	tamper.Lock()
 	tamper.manifest = false
 	tamper.Unlock()
-	_, err := strict.Get(ctx, reg.host+"/busybox:latest", nil, Policy{}, e.taskDir)
+	_, err := strict.Get(ctx, reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
 	mustContain(t, err, "plain HTTP to "+reg.host+" refused")
 	assertCacheEmpty(t, strict)
 
 	// After all that, the image still pulls.
-	if _, err := e.store.Get(ctx, reg.host+"/busybox:latest", nil, Policy{AllowedRegistries: []string{reg.host}}, e.taskDir); err != nil {
+	if _, err := e.store.Get(ctx, reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -469,15 +473,15 @@ func TestRegistryAuth(t *testing.T) {
 	ref := reg.host + "/private/app:1"
 	ctx := ctxT(t)
 
-	_, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "wrong"}, Policy{}, e.taskDir)
+	_, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "wrong"}, reg.policy(), e.taskDir)
 	mustContain(t, err, "registry "+reg.host+" refused the credentials for repo private/app", "the task's auth")
 	assertCacheEmpty(t, e.store)
 
-	_, err = e.store.Get(ctx, ref, nil, Policy{}, e.taskDir)
+	_, err = e.store.Get(ctx, ref, nil, reg.policy(), e.taskDir)
 	mustContain(t, err, "registry "+reg.host+" requires credentials for repo private/app")
 	assertCacheEmpty(t, e.store)
 
-	got, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "s3cret"}, Policy{}, e.taskDir)
+	got, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "s3cret"}, reg.policy(), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -485,7 +489,7 @@ func TestRegistryAuth(t *testing.T) {
 		t.Errorf("digest %s", got.Digest)
 	}
 	// The cached image is not handed to a task that cannot read it.
-	_, err = e.store.Get(ctx, reg.host+"/private/app@"+got.Digest, &Auth{Username: "alice", Password: "wrong"}, Policy{}, e.taskDir)
+	_, err = e.store.Get(ctx, reg.host+"/private/app@"+got.Digest, &Auth{Username: "alice", Password: "wrong"}, reg.policy(), e.taskDir)
 	mustContain(t, err, "refused the credentials")
 
 	// The plugin's docker config: auths, then a credential helper.
@@ -500,15 +504,15 @@ func TestRegistryAuth(t *testing.T) {
 	withCfg.AuthConfig = cfgPath
 	auth := base64.StdEncoding.EncodeToString([]byte("alice:s3cret"))
 	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.host, auth))
-	if got, err := withCfg.Get(ctx, ref, nil, Policy{}, e.taskDir); err != nil || !got.Pulled {
+	if got, err := withCfg.Get(ctx, ref, nil, reg.policy(), e.taskDir); err != nil || !got.Pulled {
 		t.Fatalf("auth config: %+v %v", got, err)
 	}
 	// The task's own auth wins over the config.
-	_, err = withCfg.Get(ctx, ref, &Auth{Username: "bob", Password: "x"}, Policy{}, e.taskDir)
+	_, err = withCfg.Get(ctx, ref, &Auth{Username: "bob", Password: "x"}, reg.policy(), e.taskDir)
 	mustContain(t, err, "refused the credentials", "the task's auth")
 
 	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.host, base64.StdEncoding.EncodeToString([]byte("alice:nope"))))
-	_, err = withCfg.Get(ctx, ref, nil, Policy{}, e.taskDir)
+	_, err = withCfg.Get(ctx, ref, nil, reg.policy(), e.taskDir)
 	mustContain(t, err, "refused the credentials for repo private/app", "auth config "+cfgPath)
 
 	binDir := t.TempDir()
@@ -521,7 +525,7 @@ func TestRegistryAuth(t *testing.T) {
 	writeCfg(fmt.Sprintf(`{"credHelpers":{%q:"sandboxtest"}}`, reg.host))
 	helped := e.newStore(filepath.Join(e.parent, "cache-helper"))
 	helped.AuthConfig = cfgPath
-	if got, err := helped.Get(ctx, ref, nil, Policy{}, e.taskDir); err != nil || !got.Pulled {
+	if got, err := helped.Get(ctx, ref, nil, reg.policy(), e.taskDir); err != nil || !got.Pulled {
 		t.Fatalf("credential helper: %+v %v", got, err)
 	}
 }
@@ -555,7 +559,7 @@ func TestPullTimeoutLeavesNothing(t *testing.T) {
 	push(t, reg.host+"/slow:1", img)
 	e.store.PullTimeout = 500 * time.Millisecond
 	start := time.Now()
-	_, err := e.store.Get(context.Background(), reg.host+"/slow:1", nil, Policy{}, e.taskDir)
+	_, err := e.store.Get(context.Background(), reg.host+"/slow:1", nil, reg.policy(), e.taskDir)
 	mustContain(t, err, "layer 1/1 "+ld.String())
 	if time.Since(start) > 10*time.Second {
 		t.Errorf("timed-out pull took %v", time.Since(start))

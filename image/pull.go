@@ -162,7 +162,7 @@ func (s *Store) applyLayer(ctx context.Context, u *unpacker, src source, d v1.De
 		return fmt.Errorf("negative size %d in the manifest", d.Size)
 	}
 	if d.Size > u.maxBytes {
-		return fmt.Errorf("compressed size %d is over the image size limit of %d bytes", d.Size, u.maxBytes)
+		return fmt.Errorf("%w: compressed size %d is over the max image size of %d bytes", ErrTooBig, d.Size, u.maxBytes)
 	}
 	if d.Digest.Algorithm != "sha256" || diffID.Algorithm != "sha256" {
 		return fmt.Errorf("only sha256 digests are supported")
@@ -240,7 +240,7 @@ func sizeStr(n, want int64) string {
 // reported as they are.
 func (s *Store) layerErr(d v1.Descriptor, comp *hashingReader, br *bufio.Reader, err error) error {
 	var ee *entryError
-	if errors.As(err, &ee) || errors.Is(err, errTooBig) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if errors.As(err, &ee) || errors.Is(err, ErrTooBig) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return err
 	}
 	// A source that verifies by itself (go-containerregistry's remote

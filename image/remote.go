@@ -31,7 +31,9 @@ type remoteSource struct {
 // the registry, with the task's credentials, even for a digest the cache
 // holds: a tag may have moved, and a task must not use a private image it
 // has no access to just because another task pulled it.
-func (s *Store) resolveRemote(ctx context.Context, r *reference, a *Auth) (*target, error) {
+// Every request of the pull goes through a transport of its own that holds
+// it to the node's rules (see hopPolicy).
+func (s *Store) resolveRemote(ctx context.Context, r *reference, a *Auth, pol Policy) (*target, error) {
 	ref := r.name
 	if reg := r.registry(); !isLoopback(reg) && s.insecureAllowed(reg) {
 		// Let go-containerregistry try plain HTTP for this registry.
@@ -44,7 +46,8 @@ func (s *Store) resolveRemote(ctx context.Context, r *reference, a *Auth) (*targ
 	if err != nil {
 		return nil, err
 	}
-	p, err := remote.NewPuller(remote.WithAuth(au), remote.WithTransport(s.transport), remote.WithUserAgent(userAgent))
+	tr := newHopTransport(newHopPolicy(r.registry(), pol, s.insecureAllowed))
+	p, err := remote.NewPuller(remote.WithAuth(au), remote.WithTransport(tr), remote.WithUserAgent(userAgent))
 	if err != nil {
 		return nil, err
 	}
@@ -54,9 +57,12 @@ func (s *Store) resolveRemote(ctx context.Context, r *reference, a *Auth) (*targ
 		return src.resolve(ctx, ref)
 	})
 	if err != nil {
+		tr.close()
 		return nil, err
 	}
-	return newTarget(v.(*resolved), src, nil), nil
+	t := newTarget(v.(*resolved), src, tr.close)
+	t.origin = canonicalRegistry(src.repo.RegistryStr()) + "/" + src.repo.RepositoryStr()
+	return t, nil
 }
 
 // authKey identifies credentials without keeping them.

@@ -41,6 +41,10 @@ type target struct {
 	indexDigest string  // of the index it was chosen from, if any
 	manifest    []byte  // raw manifest if already fetched (verified)
 	src         source
+	// origin is "registry/repo" for a registry source, whose answer to
+	// the task's credentials authorizes a cached image it served before;
+	// empty for the task's own files.
+	origin string
 
 	refs   atomic.Int32
 	closer func()

@@ -26,7 +26,8 @@ const (
 	maxID          = 1<<32 - 2
 )
 
-var errTooBig = errors.New("image is too large")
+// ErrTooBig is in the error of an image over the Store's MaxImageSize.
+var ErrTooBig = errors.New("image is too large")
 
 // entryError names the tar entry an extraction error is about.
 type entryError struct {
@@ -75,7 +76,7 @@ func newUnpacker(root *os.Root, maxBytes, maxFiles int64, log hclog.Logger) *unp
 
 func (u *unpacker) tooBig() error {
 	if u.exceeded == nil {
-		u.exceeded = fmt.Errorf("%w: more than %d bytes unpacked (the store's max image size)", errTooBig, u.maxBytes)
+		u.exceeded = fmt.Errorf("%w: more than %d bytes unpacked (the store's max image size)", ErrTooBig, u.maxBytes)
 	}
 	return u.exceeded
 }

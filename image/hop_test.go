@@ -1,0 +1,344 @@
+package image
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// foreignHost is a server on another loopback port standing in for a
+// service on the node (Consul, a metadata endpoint) that a registry tries
+// to make the plugin call. It counts what reaches it.
+type foreignHost struct {
+	srv  *httptest.Server
+	host string
+	hits atomic.Int64
+}
+
+func startForeign(t *testing.T, h http.HandlerFunc) *foreignHost {
+	t.Helper()
+	f := &foreignHost{}
+	f.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.hits.Add(1)
+		if h != nil {
+			h(w, r)
+			return
+		}
+		w.Write([]byte(`{"token":"x"}`))
+	}))
+	t.Cleanup(f.srv.Close)
+	f.host = strings.TrimPrefix(f.srv.URL, "http://")
+	return f
+}
+
+// TestHopsAreHeldToTheRegistryRules: redirects and token realms that lead
+// to another host, and names that resolve to the node itself, are refused
+// before any request reaches them, and nothing is left in the cache.
+func TestHopsAreHeldToTheRegistryRules(t *testing.T) {
+	img := busyboxImage(t)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+
+	cases := []struct {
+		name string
+		// hook answers a request instead of the registry, or returns false.
+		hook func(f *foreignHost, w http.ResponseWriter, r *http.Request) bool
+		ref  func(reg *testRegistry) string
+		pol  func(reg *testRegistry) Policy
+		want []string
+	}{
+		{
+			name: "manifest redirect to another loopback port",
+			hook: func(f *foreignHost, w http.ResponseWriter, r *http.Request) bool {
+				if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/") {
+					http.Redirect(w, r, f.srv.URL+"/v1/kv/secret", http.StatusTemporaryRedirect)
+					return true
+				}
+				return false
+			},
+			want: []string{"request to 127.0.0.1:", "not in the plugin's allowed_registries"},
+		},
+		{
+			name: "blob redirect to another loopback port",
+			hook: func(f *foreignHost, w http.ResponseWriter, r *http.Request) bool {
+				if strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
+					http.Redirect(w, r, f.srv.URL+"/blob", http.StatusFound)
+					return true
+				}
+				return false
+			},
+			want: []string{"not in the plugin's allowed_registries"},
+		},
+		{
+			name: "token realm on another host",
+			hook: func(f *foreignHost, w http.ResponseWriter, r *http.Request) bool {
+				if r.Method != http.MethodPut && r.Method != http.MethodPost && r.Method != http.MethodPatch {
+					w.Header().Set("WWW-Authenticate", `Bearer realm="`+f.srv.URL+`/token",service="x"`)
+					w.WriteHeader(http.StatusUnauthorized)
+					return true
+				}
+				return false
+			},
+			want: []string{"not in the plugin's allowed_registries"},
+		},
+		{
+			name: "registry name resolving to loopback, allowed_registries empty",
+			ref: func(reg *testRegistry) string {
+				_, port, _ := strings.Cut(reg.host, ":")
+				return "localhost:" + port + "/busybox:latest"
+			},
+			pol:  func(*testRegistry) Policy { return Policy{} },
+			want: []string{"(127.0.0.1) refused", "non-public address", "allowed_registries"},
+		},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t)
+			f := startForeign(t, nil)
+			var armed atomic.Bool
+			reg := startRegistry(t, func(h http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if armed.Load() && c.hook != nil && c.hook(f, w, r) {
+						return
+					}
+					h.ServeHTTP(w, r)
+				})
+			})
+			push(t, reg.host+"/busybox:latest", img)
+			armed.Store(true)
+			reg.reset()
+			ref, pol := reg.host+"/busybox:latest", reg.policy()
+			if c.ref != nil {
+				ref = c.ref(reg)
+			}
+			if c.pol != nil {
+				pol = c.pol(reg)
+			}
+			_, err := e.store.Get(ctxT(t), ref, nil, pol, e.taskDir)
+			mustContain(t, err, c.want...)
+			t.Log(err)
+			if n := f.hits.Load(); n != 0 {
+				t.Errorf("the other host got %d requests", n)
+			}
+			if c.ref != nil && len(reg.reqs) != 0 {
+				t.Errorf("the registry on loopback got requests: %v", reg.reqs)
+			}
+			assertCacheEmpty(t, e.store)
+		})
+	}
+}
+
+// TestEndlessBodiesAreBounded: a registry that never stops sending a
+// manifest or an error body fails the pull with a clear error instead of
+// growing the plugin, and the error text stays short.
+func TestEndlessBodiesAreBounded(t *testing.T) {
+	endless := func(w http.ResponseWriter, r *http.Request, code int) {
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		w.WriteHeader(code)
+		chunk := []byte(strings.Repeat("A", 64<<10))
+		for r.Context().Err() == nil {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}
+	cases := []struct {
+		name string
+		code int
+		want []string
+	}{
+		{"manifest", http.StatusOK, []string{"is larger than 4194304 bytes"}},
+		{"error body", http.StatusBadRequest, []string{"400", "(truncated)"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t)
+			var armed atomic.Bool
+			reg := startRegistry(t, func(h http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if armed.Load() && strings.Contains(r.URL.Path, "/manifests/") {
+						if r.Method == http.MethodHead {
+							w.WriteHeader(http.StatusMethodNotAllowed)
+							return
+						}
+						endless(w, r, c.code)
+						return
+					}
+					h.ServeHTTP(w, r)
+				})
+			})
+			push(t, reg.host+"/busybox:latest", busyboxImage(t))
+			armed.Store(true)
+			_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+			mustContain(t, err, c.want...)
+			if n := len(err.Error()); n > maxErrorText+100 {
+				t.Errorf("error text is %d bytes", n)
+			}
+			assertCacheEmpty(t, e.store)
+		})
+	}
+}
+
+// TestForeignErrorBodyIsNotReported: a blob server the operator allows
+// answers with an error whose body must not reach the task's events; the
+// registry's own error text may.
+func TestForeignErrorBodyIsNotReported(t *testing.T) {
+	e := newEnv(t)
+	img := busyboxImage(t)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	const secret = "FOREIGN-SECRET-7f3a"
+	f := startForeign(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusForbidden)
+		w.Write([]byte(`{"errors":[{"code":"UNKNOWN","message":"` + secret + `"}]} ` + secret))
+	})
+	var armed atomic.Bool
+	reg := startRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if armed.Load() && strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
+				http.Redirect(w, r, f.srv.URL+"/blob", http.StatusTemporaryRedirect)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	push(t, reg.host+"/busybox:latest", img)
+	armed.Store(true)
+	pol := Policy{AllowedRegistries: []string{reg.host, f.host}}
+	_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, pol, e.taskDir)
+	mustContain(t, err, "layer 1/1", "403")
+	if strings.Contains(err.Error(), secret) {
+		t.Errorf("the other host's body reached the error: %v", err)
+	}
+	if f.hits.Load() == 0 {
+		t.Error("the allowed blob host was never asked: the test proves nothing")
+	}
+	assertCacheEmpty(t, e.store)
+}
+
+func TestNonPublic(t *testing.T) {
+	for s, want := range map[string]bool{
+		"127.0.0.1": true, "10.1.2.3": true, "172.20.0.1": true, "192.168.1.1": true,
+		"169.254.169.254": true, "100.64.0.1": true, "0.0.0.0": true, "224.0.0.1": true,
+		"::1": true, "::": true, "fe80::1": true, "fd00::1": true,
+		"::ffff:127.0.0.1": true, "2002:7f00:1::": true, "64:ff9b::a9fe:a9fe": true,
+		"8.8.8.8": false, "2606:4700::1111": false, "2002:0808:0808::": false, "64:ff9b::808:808": false,
+	} {
+		if got := nonPublic(netip.MustParseAddr(s)); got != want {
+			t.Errorf("nonPublic(%s) = %v, want %v", s, got, want)
+		}
+	}
+	p := newHopPolicy("reg.example:5000", Policy{AllowedRegistries: []string{"reg.example:5000", "Auth.Example"}}, isLoopback)
+	for hp, want := range map[string]bool{"reg.example:5000": true, "auth.example:443": true, "auth.example": true, "auth.example:8443": false, "reg.example:443": false, "other:443": false} {
+		if got := names(p.listed, hp); got != want {
+			t.Errorf("listed(%s) = %v, want %v", hp, got, want)
+		}
+	}
+}
+
+// TestCachedImageNeedsItsBlobs: a task that knows a private image's
+// manifest (its bytes, in an oci-layout of its own) does not get the cached
+// image; one that brings every blob does, as does the registry repository
+// that served it.
+func TestCachedImageNeedsItsBlobs(t *testing.T) {
+	e := newEnv(t)
+	reg := startRegistry(t, basicAuth("alice", "s3cret"))
+	img := busyboxImage(t)
+	push(t, reg.host+"/private/app:1", img, basic("alice", "s3cret"))
+	ctx := ctxT(t)
+	alice := &Auth{Username: "alice", Password: "s3cret"}
+	if _, err := e.store.Get(ctx, reg.host+"/private/app:1", alice, reg.policy(), e.taskDir); err != nil {
+		t.Fatal(err)
+	}
+	digest := digestOf(t, img)
+
+	// The thief's layout: index.json and the manifest, no config or layers.
+	dir := writeLayout(t, e.taskDir, "local/stolen", map[string]v1.Image{"": img})
+	man, _ := img.Manifest()
+	keep := strings.TrimPrefix(digest, "sha256:")
+	blobs := filepath.Join(dir, "blobs", "sha256")
+	for _, d := range append([]v1.Descriptor{man.Config}, man.Layers...) {
+		if err := os.Remove(filepath.Join(blobs, d.Digest.Hex)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(blobs, keep)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.store.Get(ctx, "oci-layout:local/stolen", nil, Policy{}, e.taskDir)
+	mustContain(t, err, "cached on this node", "does not hold all of it", "is missing")
+
+	// A layout whose blobs are there but one is not what it claims.
+	tampered := writeLayout(t, e.taskDir, "local/tampered", map[string]v1.Image{"": img})
+	if err := os.WriteFile(filepath.Join(tampered, "blobs", "sha256", man.Layers[0].Digest.Hex), []byte("not the layer"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.store.Get(ctx, "oci-layout:local/tampered", nil, Policy{}, e.taskDir)
+	mustContain(t, err, "cached on this node", "blob "+man.Layers[0].Digest.String())
+
+	// Whole layouts and the origin repository get the cached tree.
+	writeLayout(t, e.taskDir, "local/whole", map[string]v1.Image{"": img})
+	got, err := e.store.Get(ctx, "oci-layout:local/whole", nil, Policy{}, e.taskDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Pulled || got.Digest != digest {
+		t.Errorf("whole layout: pulled %v digest %s", got.Pulled, got.Digest)
+	}
+	reg.reset()
+	if got, err := e.store.Get(ctx, reg.host+"/private/app@"+digest, alice, reg.policy(), e.taskDir); err != nil || got.Pulled {
+		t.Fatalf("origin repository: %+v %v", got, err)
+	}
+	if n := reg.count("GET", "/blobs/"); n != 0 {
+		t.Errorf("the origin repository's blobs were fetched again (%d requests)", n)
+	}
+}
+
+// TestCachedImageFromAnotherRepoNeedsItsBlobs: a repository that claims a
+// cached digest (here: it serves the manifest bytes, but has no blobs) does
+// not get the image.
+func TestCachedImageFromAnotherRepoNeedsItsBlobs(t *testing.T) {
+	e := newEnv(t)
+	img := busyboxImage(t)
+	raw, _ := img.RawManifest()
+	digest := digestOf(t, img)
+	reg := startRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if strings.HasPrefix(r.URL.Path, "/v2/evil/app/blobs/") {
+				// A registry links blobs to repositories.
+				w.WriteHeader(http.StatusNotFound)
+				return
+			}
+			if strings.HasPrefix(r.URL.Path, "/v2/evil/app/manifests/") {
+				w.Header().Set("Content-Type", string(mustMediaType(t, img)))
+				w.Header().Set("Docker-Content-Digest", digest)
+				w.Write(raw)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	push(t, reg.host+"/private/app:1", img)
+	ctx := ctxT(t)
+	if _, err := e.store.Get(ctx, reg.host+"/private/app:1", nil, reg.policy(), e.taskDir); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.store.Get(ctx, reg.host+"/evil/app@"+digest, nil, reg.policy(), e.taskDir)
+	mustContain(t, err, "cached on this node", "not found in registry "+reg.host+" repo evil/app")
+}
+
+func mustMediaType(t *testing.T, img v1.Image) string {
+	t.Helper()
+	mt, err := img.MediaType()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(mt)
+}
