@@ -79,6 +79,8 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("dns_servers", "list(string)", false), hclspec.NewLiteral(`[]`)),
 	"allow_host_network": hclspec.NewDefault(
 		hclspec.NewAttr("allow_host_network", "bool", false), hclspec.NewLiteral(`false`)),
+	"max_egress_entries": hclspec.NewDefault(
+		hclspec.NewAttr("max_egress_entries", "number", false), hclspec.NewLiteral(`256`)),
 	"network_subnet": hclspec.NewDefault(
 		hclspec.NewAttr("network_subnet", "string", false), hclspec.NewLiteral(`"10.89.0.0/16"`)),
 	"image_gc": hclspec.NewBlock("image_gc", false, hclspec.NewObject(map[string]*hclspec.Spec{
@@ -151,6 +153,19 @@ type PluginConfig struct {
 	DNSServers          []string `codec:"dns_servers"`
 	NetworkSubnet       string   `codec:"network_subnet"`
 	AllowHostNetwork    bool     `codec:"allow_host_network"`
+	MaxEgressEntries    int      `codec:"max_egress_entries"`
+}
+
+// defaultMaxEgressEntries applies when max_egress_entries is 0: every entry
+// costs filter elements and setup time under the network lock, which all
+// allocations of the node share.
+const defaultMaxEgressEntries = 256
+
+func (c *PluginConfig) maxEgressEntries() int {
+	if c.MaxEgressEntries == 0 {
+		return defaultMaxEgressEntries
+	}
+	return c.MaxEgressEntries
 }
 
 // ImageGC is the plugin's image_gc block: unused images older than MaxAge
@@ -286,6 +301,9 @@ func (c *PluginConfig) Validate() error {
 	}
 	if c.MaxSandboxes < 0 {
 		return fmt.Errorf("plugin config: max_sandboxes must not be negative (0 means no limit)")
+	}
+	if c.MaxEgressEntries < 0 {
+		return fmt.Errorf("plugin config: max_egress_entries must not be negative (0 means the default, %d)", defaultMaxEgressEntries)
 	}
 	return nil
 }

@@ -71,6 +71,10 @@ func newEgressEnv(t *testing.T, extraPorts []uint16, ceiling []string, records f
 	}
 	ee.dns = testutil.StartDNSUpstream(t, recs)
 	ee.audit = filepath.Join(t.TempDir(), "audit.log")
+	// The server's addresses are private space, which a sandbox reaches
+	// only where allowed_egress names it: the operator names Addr and
+	// Extra; Other stays private space nobody named.
+	ceiling = append(slices.Clone(ceiling), ee.host.Addr.String()+"/32", ee.host.Extra.String()+"/32")
 	ee.testEnv = newTestEnv(t, func(pc *PluginConfig) {
 		pc.AllowedEgress = ceiling
 		pc.DNSServers = []string{ee.dns.Addr}
@@ -618,7 +622,8 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 // the sandbox's DNS service by the upstream and connects, on its port only;
 // a name outside the allowlist is REFUSED and never reaches the upstream;
 // allowlisted names whose upstream answer is loopback, the metadata address
-// or the node's own address resolve to nothing reachable.
+// or the node's own address, or private space allowed_egress does not
+// name, resolve to nothing reachable.
 func TestDriver_EgressNames(t *testing.T) {
 	node := nodeAddr(t)
 	// A service on the node's own address, so that reaching it would show.
@@ -635,6 +640,8 @@ func TestDriver_EgressNames(t *testing.T) {
 				"secret.exfil.test": h.Addr, // would connect if it were resolved
 				"lo.rebind.test":    netip.MustParseAddr("127.0.0.1"),
 				"meta.rebind.test":  h.Metadata,
+				// Private space allowed_egress does not name.
+				"priv.rebind.test": h.Other,
 			}
 			if node.IsValid() {
 				m["node.rebind.test"] = node
@@ -663,8 +670,9 @@ func TestDriver_EgressNames(t *testing.T) {
 		{"lookup-meta", "nslookup meta.rebind.test"},
 		{"get-meta", wgetCmd("meta.rebind.test", port)},
 		{"get-lo", wgetCmd("lo.rebind.test", port)},
+		{"get-priv", wgetCmd("priv.rebind.test", port)},
 	}
-	rebound := []string{"meta.rebind.test", "lo.rebind.test"}
+	rebound := []string{"meta.rebind.test", "lo.rebind.test", "priv.rebind.test"}
 	if nodeLn != nil {
 		probes = append(probes, probe{"get-node", wgetCmd("node.rebind.test", port)})
 		rebound = append(rebound, "node.rebind.test")
@@ -700,7 +708,7 @@ func TestDriver_EgressNames(t *testing.T) {
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPortFrom(h.Addr, egTCP1))))
 
 	must.StrNotContains(t, res["lookup-meta"].out, "Address: "+h.Metadata.String())
-	for _, n := range []string{"get-meta", "get-lo", "get-node"} {
+	for _, n := range []string{"get-meta", "get-lo", "get-node", "get-priv"} {
 		if r, ok := res[n]; ok {
 			must.False(t, r.ok(), must.Sprintf("%s reached: %+v", n, r))
 			must.StrNotContains(t, r.out, "hello")
@@ -708,6 +716,7 @@ func TestDriver_EgressNames(t *testing.T) {
 	}
 	must.Positive(t, ee.dns.Queries("meta.rebind.test"), must.Sprint("the upstream was asked: the answer is what is refused"))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", meta)))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPortFrom(h.Other, uint16(port)))))
 	if nodeLn != nil {
 		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
 	}
@@ -728,9 +737,10 @@ func TestDriver_EgressNames(t *testing.T) {
 }
 
 // TestDriver_EgressDenyListWins: the metadata address, the node's own
-// address and a service on the sandbox's gateway other than DNS stay
-// unreachable although the task lists them in its egress, within the
-// ceiling; an ordinary allowlisted address answers in the same sandbox.
+// address, private space the ceiling does not name (0.0.0.0/0 does not)
+// and a service on the sandbox's gateway other than DNS stay unreachable
+// although the task lists them in its egress, within the ceiling; an
+// ordinary allowlisted address answers in the same sandbox.
 func TestDriver_EgressDenyListWins(t *testing.T) {
 	node := nodeAddr(t)
 	var nodeLn *tcpListener
@@ -753,14 +763,16 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
 	metaHTTP := netip.AddrPortFrom(h.Metadata, egHTTP)
 	metaAlt := netip.AddrPortFrom(h.Metadata, egTCP1)
-	egress := []string{allowed.String(), metaHTTP.String(), metaAlt.String(),
+	// Private space: 0.0.0.0/0 in allowed_egress does not name it.
+	private := netip.AddrPortFrom(h.Other, egTCP1)
+	egress := []string{allowed.String(), metaHTTP.String(), metaAlt.String(), private.String(),
 		fmt.Sprintf("%s:%d", h.Pool, gwPort)}
 	if nodeLn != nil {
 		egress = append(egress, nodeLn.addr().String())
 	} else {
 		t.Log("no node address outside the test ranges: not checked")
 	}
-	for _, a := range []netip.AddrPort{metaHTTP, metaAlt} {
+	for _, a := range []netip.AddrPort{metaHTTP, metaAlt, private} {
 		body, err := h.ClientGet(a)
 		must.NoError(t, err, must.Sprintf("control: %s", a))
 		must.StrContains(t, body, "hello from "+a.String())
@@ -776,6 +788,7 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
 		{"metadata-80", wgetCmd(h.Metadata.String(), egHTTP)},
 		{"metadata-8080", wgetCmd(h.Metadata.String(), egTCP1)},
+		{"private", wgetCmd(h.Other.String(), egTCP1)},
 		// The gateway is the sandbox's nameserver.
 		{"gateway", wgetCmd("$(awk '/^nameserver/ {print $2; exit}' /etc/resolv.conf)", int(gwPort))},
 	}
@@ -814,8 +827,9 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 	}
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", metaHTTP)))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", metaAlt)))
+	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", private)))
 	must.Eq(t, 0, gw.from(h.Pool), must.Sprint("a sandbox reached its gateway beyond DNS"))
-	wantDenials := []string{metaHTTP.String() + "/tcp", metaAlt.String() + "/tcp", netip.AddrPortFrom(sb.Gateway, gwPort).String() + "/tcp"}
+	wantDenials := []string{metaHTTP.String() + "/tcp", metaAlt.String() + "/tcp", private.String() + "/tcp", netip.AddrPortFrom(sb.Gateway, gwPort).String() + "/tcp"}
 	if nodeLn != nil {
 		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
 		wantDenials = append(wantDenials, nodeLn.addr().String()+"/tcp")
@@ -859,4 +873,154 @@ func TestDriver_EgressNoneLoopbackOnly(t *testing.T) {
 	touch(t, cfg, "finish")
 	res := e.wait(cfg.ID, egDeadline)
 	must.Eq(t, 0, res.ExitCode)
+}
+
+// lateAddrs are two addresses the node gains while a sandbox runs, outside
+// the private space (so that nothing but the node rule stands in the way).
+func lateAddrs(h *testutil.NetHost) (byCIDR, byGrant netip.Addr) {
+	return netip.AddrFrom4([4]byte{198, 18, byte(h.K), 1}), netip.AddrFrom4([4]byte{198, 18, byte(h.K), 2})
+}
+
+// freePort is a TCP port nothing listens on at the moment.
+func freePort(t *testing.T) uint16 {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	must.NoError(t, err)
+	defer ln.Close()
+	return netip.MustParseAddrPort(ln.Addr().String()).Port()
+}
+
+// checkNodeLaterAddress: the node gains two addresses after the plugin
+// started and after the sandbox's filter is in place (on dev, or on a test
+// veth of its own if dev is empty), and serves on them. The sandbox lists
+// one by address, and had the other granted by a DNS answer before it
+// became the node's; a third name answers with the first address. None of
+// them reaches the node, while an allowlisted destination answers in the
+// same sandbox. an, if set, puts the task in that group network.
+func checkNodeLaterAddress(t *testing.T, ee *egressEnv, an *allocNet, dev string) {
+	h := ee.host
+	byCIDR, byGrant := lateAddrs(h)
+	port := freePort(t)
+	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
+	probes := []probe{
+		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
+		{"by-cidr", wgetCmd(byCIDR.String(), int(port))},
+		{"by-grant", wgetCmd(byGrant.String(), int(port))},
+		{"by-name", wgetCmd("node.late.test", int(port))},
+	}
+	// The grant comes first, while its address is nobody's.
+	script := "nslookup grant.late.test; " + probeScript("go", probes)
+	cfg, cleanup := ee.task(t, "late-addr", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", script},
+		Egress:  []string{allowed.String(), fmt.Sprintf("%s:%d", byCIDR, port), fmt.Sprintf("*.late.test:%d", port)},
+		Timeout: "60s",
+	}))
+	defer cleanup()
+	if an != nil {
+		groupTask(cfg, an)
+	}
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() {
+		release(cfg, "go", "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true)
+	}()
+	out := waitLog(t, cfg, "stdout", has("ready"))
+	must.StrContains(t, out, "Address: "+byGrant.String(), must.Sprint("precondition: the name was granted before the address became the node's"))
+
+	if dev == "" {
+		dev = fmt.Sprintf("sbxla%d", h.K)
+		ipCmd(t, "link", "add", dev, "type", "veth", "peer", "name", fmt.Sprintf("sbxlb%d", h.K))
+		t.Cleanup(func() { _ = exec.Command("ip", "link", "del", dev).Run() })
+		ipCmd(t, "link", "set", dev, "up")
+	}
+	for _, a := range []netip.Addr{byCIDR, byGrant} {
+		ipCmd(t, "addr", "add", a.String()+"/32", "dev", dev)
+		t.Cleanup(func() { _ = exec.Command("ip", "addr", "del", a.String()+"/32", "dev", dev).Run() })
+	}
+	var lns []*tcpListener
+	for _, a := range []netip.Addr{byCIDR, byGrant} {
+		l := listenTCP(t, netip.AddrPortFrom(a, port))
+		body, err := h.ClientGet(l.addr())
+		must.NoError(t, err, must.Sprintf("control: %s from a client routed like the sandboxes", l.addr()))
+		must.StrContains(t, body, "hello from")
+		lns = append(lns, l)
+	}
+	touch(t, cfg, "go")
+
+	out = waitLog(t, cfg, "stdout", has("probes-done"))
+	t.Logf("inside the sandbox:\n%s", out)
+	res := parseProbes(t, out, probes)
+	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
+	for _, n := range []string{"by-cidr", "by-grant", "by-name"} {
+		must.False(t, res[n].ok(), must.Sprintf("%s reached the node: %+v", n, res[n]))
+		must.StrNotContains(t, res[n].out, "hello")
+	}
+	any4 := netip.MustParsePrefix("0.0.0.0/0")
+	for _, l := range lns {
+		must.Eq(t, 1, l.from(any4), must.Sprintf("%s saw more than the control's connection", l.addr()))
+	}
+	denials, err := ee.driver.net.Denials(sandboxID(cfg))
+	must.NoError(t, err)
+	t.Logf("denials: %v", denials)
+	for _, a := range []netip.Addr{byCIDR, byGrant} {
+		k := netip.AddrPortFrom(a, port).String() + "/tcp"
+		must.Positive(t, denials[k], must.Sprintf("denial %s missing from %v", k, denials))
+	}
+	ee.waitNetRecord(t, cfg, nil, []string{"node.late.test"})
+	ee.finish(t, cfg)
+}
+
+// TestDriver_EgressNodeLaterAddress: addresses the node gains after the
+// plugin and the sandbox started are never the sandbox's destination, by
+// address, by an earlier DNS grant or by a name.
+func TestDriver_EgressNodeLaterAddress(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "*.late.test"}, func(h *testutil.NetHost) map[string]netip.Addr {
+		byCIDR, byGrant := lateAddrs(h)
+		return map[string]netip.Addr{"grant.late.test": byGrant, "node.late.test": byCIDR}
+	})
+	checkNodeLaterAddress(t, ee, nil, "")
+}
+
+// TestDriver_EgressMaxEntries: a task listing more egress entries than the
+// plugin's max_egress_entries (default 256) is refused with an error naming
+// the field and the setting, and nothing of a network is made for it.
+func TestDriver_EgressMaxEntries(t *testing.T) {
+	entries := func(n int) []string {
+		var out []string
+		for i := 0; i < n; i++ {
+			out = append(out, fmt.Sprintf("203.0.113.%d:%d", i%256, 1000+i))
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		limit, n int
+		want     string
+	}{
+		{0, 257, "max_egress_entries, 256"},
+		{3, 4, "max_egress_entries, 3"},
+	} {
+		e := newTestEnv(t, func(pc *PluginConfig) {
+			pc.AllowedEgress = []string{"203.0.113.0/24"}
+			pc.MaxEgressEntries = tc.limit
+		})
+		cfg, cleanup := e.taskWithLogs(t, "many", readonlyDefault(TaskConfig{Command: "/bin/true", Egress: entries(tc.n)}), false)
+		_, _, err := e.harness.StartTask(cfg)
+		must.Error(t, err)
+		must.StrContains(t, err.Error(), "egress lists")
+		must.StrContains(t, err.Error(), tc.want)
+		_, err = e.driver.net.Get(sandboxID(cfg))
+		must.True(t, errors.Is(err, netpolicy.ErrNotFound), must.Sprintf("a refused task got a network: %v", err))
+		leases, _ := os.ReadDir(filepath.Join(e.base, "netpolicy", "leases"))
+		must.SliceEmpty(t, leases)
+		cleanup()
+	}
+	// At the limit the entries are accepted by the check.
+	e := newTestEnv(t, func(pc *PluginConfig) {
+		pc.AllowedEgress = []string{"203.0.113.0/24"}
+		pc.MaxEgressEntries = 3
+	})
+	got, err := e.driver.checkEgress(&TaskConfig{Egress: entries(3)})
+	must.NoError(t, err)
+	must.Len(t, 3, got)
 }

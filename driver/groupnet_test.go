@@ -241,6 +241,18 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	must.Eq(t, before, an.eth0(t))
 }
 
+// TestDriver_GroupNetworkNodeLaterAddress: in bridge mode, addresses
+// Nomad's bridge gains after the sandbox attached (as a gateway does when
+// its bridge is made or renumbered) are no destination either.
+func TestDriver_GroupNetworkNodeLaterAddress(t *testing.T) {
+	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "*.late.test"}, func(h *testutil.NetHost) map[string]netip.Addr {
+		byCIDR, byGrant := lateAddrs(h)
+		return map[string]netip.Addr{"grant.late.test": byGrant, "node.late.test": byCIDR}
+	})
+	an := newAllocNet(t, ee.host, true)
+	checkNodeLaterAddress(t, ee, an, an.bridge)
+}
+
 // TestDriver_GroupNetworkNoEgress: in a bridge-mode group without egress
 // the task serves its port and reaches nothing.
 func TestDriver_GroupNetworkNoEgress(t *testing.T) {

@@ -46,15 +46,14 @@ type taskNet struct {
 }
 
 // configureNetwork prepares the network policy from the plugin config: the
-// ceiling, the always-denied destinations (the defaults, the node's own
-// addresses and denied_egress) and the upstream DNS servers.
+// ceiling, the always-denied destinations (the defaults and denied_egress;
+// the node's own addresses are denied per packet by the filter, whenever
+// they appeared), private space outside what allowed_egress names, and the
+// upstream DNS servers.
 func (d *Driver) configureNetwork(pc *PluginConfig) error {
 	subnet, _ := netip.ParsePrefix(pc.NetworkSubnet)
 	// The manager adds netpolicy.DefaultDeny() and the subnet itself.
 	var deny []netip.Prefix
-	if node, err := netpolicy.NodeAddrs(); err == nil {
-		deny = append(deny, node...)
-	}
 	for _, s := range pc.DeniedEgress {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
@@ -64,9 +63,13 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 		deny = append(deny, p)
 	}
 	d.ceiling = nil
+	var named []netip.Prefix
 	for _, s := range pc.AllowedEgress {
 		e, _ := netpolicy.ParseEgress(s)
 		d.ceiling = append(d.ceiling, e)
+		if e.Prefix.IsValid() {
+			named = append(named, e.Prefix)
+		}
 	}
 	if len(pc.DNSServers) == 0 {
 		pc.DNSServers = hostNameservers()
@@ -77,8 +80,12 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 			Deny:       deny,
 			StateDir:   filepath.Join(filepath.Dir(pc.StateDir), "netpolicy"),
 			Masquerade: true,
-			Prefix:     d.netPrefix,
-			Table:      d.netTable,
+			// Private space only where allowed_egress names it (and the
+			// task's egress too, as for any destination).
+			GuardPrivate: true,
+			OpenPrivate:  named,
+			Prefix:       d.netPrefix,
+			Table:        d.netTable,
 		},
 		Logger: d.logger.Named("netpolicy"),
 	}
@@ -108,6 +115,9 @@ func hostNameservers() []string {
 func (d *Driver) checkEgress(tc *TaskConfig) ([]netpolicy.Entry, error) {
 	if len(tc.Egress) == 0 {
 		return nil, nil
+	}
+	if n, limit := len(tc.Egress), d.config.maxEgressEntries(); n > limit {
+		return nil, fmt.Errorf("egress lists %d entries, more than this node allows (the plugin's max_egress_entries, %d): use CIDR prefixes, port ranges or wildcard names to cover more with fewer entries", n, limit)
 	}
 	var out []netpolicy.Entry
 	for _, s := range tc.Egress {

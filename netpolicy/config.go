@@ -32,8 +32,10 @@ type Config struct {
 	Subnet netip.Prefix
 	// Deny is denied as a destination even where the allowlist would allow
 	// it, on top of DefaultDeny() (always applied) and Subnet. The driver
-	// adds the node's own addresses (NodeAddrs) and whatever the operator
-	// denies. IPv6 prefixes are accepted and have no effect: all IPv6 is
+	// adds whatever the operator denies. The node's own addresses need no
+	// entry: the filter looks each packet's destination up in the node's
+	// routing table and drops it if it is local, whenever the address
+	// appeared. IPv6 prefixes are accepted and have no effect: all IPv6 is
 	// dropped.
 	Deny []netip.Prefix
 	// Table is the name of the nftables tables (family netdev for the
@@ -61,6 +63,48 @@ type Config struct {
 	// connections are remembered by the filter itself); zero means
 	// DefaultFlowIdle.
 	FlowIdle time.Duration
+	// GuardPrivate denies private and shared address space (PrivateSpace)
+	// as a destination, except the parts the operator opened in
+	// OpenPrivate: an allowlisted name that resolves there, or a wide
+	// prefix such as 0.0.0.0/0, reaches none of it.
+	GuardPrivate bool
+	// OpenPrivate are the prefixes the operator named (the IP entries of
+	// allowed_egress). Only those within one block of PrivateSpace open
+	// anything, so 0.0.0.0/0 opens none of it and 10.1.0.0/16 opens
+	// 10.1.0.0/16; a sandbox reaches such an address only if its own
+	// allowlist names it too.
+	OpenPrivate []netip.Prefix
+}
+
+// PrivateSpace returns the private and shared address blocks: RFC 1918,
+// the carrier-grade NAT space 100.64.0.0/10 and IPv6 unique local
+// addresses (fc00::/7, without effect: IPv6 is dropped).
+func PrivateSpace() []netip.Prefix {
+	return []netip.Prefix{
+		netip.MustParsePrefix("10.0.0.0/8"),
+		netip.MustParsePrefix("172.16.0.0/12"),
+		netip.MustParsePrefix("192.168.0.0/16"),
+		netip.MustParsePrefix("100.64.0.0/10"),
+		netip.MustParsePrefix("fc00::/7"),
+	}
+}
+
+// privateBlock is the private space Config.GuardPrivate denies: the
+// blocks of PrivateSpace less the prefixes of OpenPrivate inside one.
+func (c *Config) privateBlock() []addrRange {
+	if !c.GuardPrivate {
+		return nil
+	}
+	var open []netip.Prefix
+	for _, o := range c.OpenPrivate {
+		for _, p := range PrivateSpace() {
+			if o.IsValid() && p.Bits() <= o.Bits() && p.Contains(o.Addr()) {
+				open = append(open, o)
+				break
+			}
+		}
+	}
+	return subtractSpans(mergeRanges(PrivateSpace()), mergeRanges(open))
 }
 
 // DefaultDeny returns the destinations that are always denied: "this
@@ -84,7 +128,7 @@ func DefaultDeny() []netip.Prefix {
 }
 
 // NodeAddrs returns every address of the node's interfaces, each as a
-// single-address prefix, for Config.Deny.
+// single-address prefix, as read now: for tests and tools.
 func NodeAddrs() ([]netip.Prefix, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {

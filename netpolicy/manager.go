@@ -95,6 +95,9 @@ func (m *Manager) init() error {
 	m.once.Do(func() {
 		m.cfg, m.initErr = m.Config.withDefaults()
 		m.block = mergeRanges(append(append(DefaultDeny(), m.cfg.Deny...), m.cfg.Subnet))
+		if priv := m.cfg.privateBlock(); len(priv) > 0 {
+			m.block = mergeSpans(append(m.block, priv...))
+		}
 		if m.Logger == nil {
 			m.Logger = hclog.NewNullLogger()
 		}
@@ -467,7 +470,28 @@ func (m *Manager) Denied(sb *Sandbox) func(netip.Addr) bool {
 		return func(netip.Addr) bool { return true }
 	}
 	block := m.blockFor(ownNet(sb.Attached, sb.Addr))
-	return func(a netip.Addr) bool { return inRanges(block, a) }
+	return func(a netip.Addr) bool { return inRanges(block, a) || isNodeAddr(a) }
+}
+
+// isNodeAddr reports whether a is an address of the node at this moment
+// (the kernel's route to it is local or broadcast): answers pointing there
+// are refused, as the filter's own per-packet lookup would drop them
+// anyway. A failed lookup reports false; the filter still holds.
+func isNodeAddr(a netip.Addr) bool {
+	a = a.Unmap()
+	if !a.Is4() {
+		return false
+	}
+	routes, err := netlink.RouteGet(a.AsSlice())
+	if err != nil {
+		return false
+	}
+	for _, r := range routes {
+		if r.Type == unix.RTN_LOCAL || r.Type == unix.RTN_BROADCAST {
+			return true
+		}
+	}
+	return false
 }
 
 // inRanges reports whether a, an IPv4 address, is in one of rs.
@@ -566,7 +590,7 @@ func (m *Manager) allow(id string, addr netip.Addr, ttl time.Duration, groups fu
 	if err != nil {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, err)
 	}
-	if inRanges(m.blockFor(ownNet(l.Attached != nil, l.Addr)), addr) {
+	if inRanges(m.blockFor(ownNet(l.Attached != nil, l.Addr)), addr) || isNodeAddr(addr) {
 		return fmt.Errorf("allow %s for %s: %w", addr, id, ErrDeniedAddr)
 	}
 	c, err := nftables.New()

@@ -33,6 +33,7 @@ import (
 //	  ip saddr != <addr> counter name <b>-spoofed drop
 //	  ip daddr <gateway> udp dport 53 accept
 //	  ip daddr <gateway> tcp dport 53 accept
+//	  fib daddr type { local, broadcast, anycast, multicast } counter name <b>-denied goto <b>-drop
 //	  ip daddr @<b>-block counter name <b>-denied goto <b>-drop
 //	  ip daddr . meta l4proto . th dport @<b>-allow accept
 //	  ip daddr . meta l4proto . th sport . th dport @<b>-flows update @<b>-flows { ... } accept
@@ -290,6 +291,15 @@ func (m *Manager) queueFilter(c *nftables.Conn, s *filterSpec) error {
 		ipRule(ipDst(r0), eq(r0, gw), l4proto(r0), eq(r0, []byte{p}), thDport(r0), eq(r0, be16(53)),
 			verdict(expr.VerdictAccept))
 	}
+	// The node itself, at whatever addresses it has when the packet
+	// passes: a route lookup per packet, so an address that appears after
+	// this filter was built (Nomad's bridge, docker0, a VPN, a DHCP lease)
+	// is denied from its first packet. Only DNS on the gateway (above)
+	// reaches the node.
+	for _, typ := range []uint32{unix.RTN_LOCAL, unix.RTN_BROADCAST, unix.RTN_ANYCAST, unix.RTN_MULTICAST} {
+		ipRule(&expr.Fib{Register: r0, FlagDADDR: true, ResultADDRTYPE: true},
+			eq(r0, binary.NativeEndian.AppendUint32(nil, typ)), counterRef(n.cDenied), gotoChain(n.drop))
+	}
 	ipRule(ipDst(r0), &expr.Lookup{SourceRegister: r0, SetName: block.Name, SetID: block.ID},
 		counterRef(n.cDenied), gotoChain(n.drop))
 	ipRule(ipDst(r0), l4proto(r1), thDport(r2),
@@ -373,6 +383,28 @@ func mergeSpans[T uint16 | uint32](ss []span[T]) []span[T] {
 			continue
 		}
 		out = append(out, r)
+	}
+	return out
+}
+
+// subtractSpans returns the parts of a not covered by b; both sorted and
+// disjoint, as mergeSpans returns them.
+func subtractSpans[T uint16 | uint32](a, b []span[T]) []span[T] {
+	var out []span[T]
+	for _, r := range a {
+		lo := uint64(r.lo)
+		for _, c := range b {
+			if uint64(c.hi) < lo || c.lo > r.hi {
+				continue
+			}
+			if uint64(c.lo) > lo {
+				out = append(out, span[T]{T(lo), c.lo - 1})
+			}
+			lo = uint64(c.hi) + 1
+		}
+		if lo <= uint64(r.hi) {
+			out = append(out, span[T]{T(lo), r.hi})
+		}
 	}
 	return out
 }

@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/shoenig/test/must"
 )
 
 func fmtElems(els []allowElem) string {
@@ -135,4 +137,29 @@ func TestConfigChecks(t *testing.T) {
 			t.Errorf("hashOf(%q) = %q, want none", s, h)
 		}
 	}
+}
+
+func TestPrivateBlock(t *testing.T) {
+	pfx := netip.MustParsePrefix
+	c := Config{GuardPrivate: true, OpenPrivate: []netip.Prefix{
+		pfx("0.0.0.0/0"),      // names no private space
+		pfx("10.1.0.0/16"),    // opens itself
+		pfx("192.168.0.0/16"), // the whole block
+		pfx("203.0.113.0/24"), // not private: nothing
+	}}
+	got := c.privateBlock()
+	want := []addrRange{
+		prefixRange(pfx("10.0.0.0/16")),
+		{lo: addrU32(netip.MustParseAddr("10.2.0.0")), hi: addrU32(netip.MustParseAddr("10.255.255.255"))},
+		prefixRange(pfx("100.64.0.0/10")),
+		prefixRange(pfx("172.16.0.0/12")),
+	}
+	must.Eq(t, want, got)
+	for _, a := range []string{"10.1.2.3", "192.168.7.7", "203.0.113.9", "8.8.8.8"} {
+		must.False(t, inRanges(got, netip.MustParseAddr(a)), must.Sprint(a))
+	}
+	for _, a := range []string{"10.0.0.1", "10.2.0.1", "172.20.1.1", "100.100.100.100"} {
+		must.True(t, inRanges(got, netip.MustParseAddr(a)), must.Sprint(a))
+	}
+	must.SliceEmpty(t, (&Config{OpenPrivate: c.OpenPrivate}).privateBlock())
 }
