@@ -378,6 +378,10 @@ func TestDriver_BadConfigCreatesNothing(t *testing.T) {
 	})
 	outside := t.TempDir()
 	must.NoError(t, os.Symlink("/", filepath.Join(outside, "to-root")))
+	// A rootfs as Nomad's artifact fetcher unpacks one: links made empty.
+	flattened := testutil.MakeRootfs(t, filepath.Join(filepath.Dir(e.rootfs), "flattened"))
+	must.NoError(t, os.Remove(filepath.Join(flattened, "bin/sh")))
+	must.NoError(t, os.WriteFile(filepath.Join(flattened, "bin/sh"), nil, 0o777))
 	cases := []struct {
 		name string
 		tc   TaskConfig
@@ -395,6 +399,7 @@ func TestDriver_BadConfigCreatesNothing(t *testing.T) {
 		{"tmpfs over secrets", TaskConfig{Command: "/bin/true", Tmpfs: []string{"/secrets"}}, "", "tmpfs"},
 		{"unknown user", TaskConfig{Command: "/bin/true"}, "mallory", `no such user`},
 		{"timeout above max_timeout", TaskConfig{Command: "/bin/true", Timeout: "2m"}, "", "timeout 2m0s is above this node's ceiling of 1m0s (the plugin's max_timeout)"},
+		{"empty shell in rootfs", TaskConfig{Command: "/bin/sh", Rootfs: flattened}, "", "rootfs: the command /bin/sh (/bin/sh) is an empty file: Nomad's artifact fetcher"},
 		{"pids above max_pids_limit", TaskConfig{Command: "/bin/true", PidsLimit: 1000}, "", "pids_limit 1000 is above this node's ceiling of 100"},
 	}
 	for _, tc := range cases {

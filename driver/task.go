@@ -329,6 +329,10 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 	if len(args) == 0 {
 		return nil, fmt.Errorf("image %s has no entrypoint or cmd: set command in the task config", tc.Image)
 	}
+	env := taskEnv(cfg, ic.Env)
+	if err := runtime.CheckCommand(rootfs, args[0], env); err != nil {
+		return nil, err
+	}
 	cwd := tc.WorkDir
 	if cwd == "" {
 		cwd = ic.WorkingDir
@@ -349,7 +353,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		Rootfs:         rootfs,
 		ReadonlyRootfs: tc.ReadonlyRootfs,
 		Args:           args,
-		Env:            taskEnv(cfg, ic.Env),
+		Env:            env,
 		Cwd:            cwd,
 		User:           user,
 		Caps:           tc.CapAdd,
