@@ -63,6 +63,15 @@ type Driver struct {
 	// process never reconcile away each other's sandboxes.
 	netPrefix, netTable string
 
+	// sweepMu orders the leftover sweep against starts and recoveries:
+	// launching holds the sandboxes being started, which the sweep must
+	// not take for leftovers (see gc.go).
+	sweepMu   sync.Mutex
+	launching map[string]bool
+	// crashHook, when set (tests), is called at the named points of a
+	// start, where a test kills the plugin to see what a crash leaves.
+	crashHook func(point string)
+
 	ctx    context.Context
 	cancel context.CancelFunc
 }

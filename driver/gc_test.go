@@ -52,7 +52,8 @@ func TestDriver_SweepRemovesLeftovers(t *testing.T) {
 
 	fresh := e.newDriver()
 	e.driver = fresh
-	fresh.sweep(context.Background(), 0)
+	// While the grace lasts, only what Nomad cannot have goes.
+	fresh.sweep(context.Background(), false)
 
 	_, err = os.Stat(half)
 	must.True(t, os.IsNotExist(err), must.Sprint("half-made state must be removed"))
@@ -63,6 +64,8 @@ func TestDriver_SweepRemovesLeftovers(t *testing.T) {
 	must.False(t, exists, must.Sprint("the orphaned sandbox must be deleted"))
 
 	must.NoError(t, fresh.RecoverTask(keepHandle), must.Sprint("a task Nomad can still recover must be kept"))
+	// After the grace, a recovered task is still never touched.
+	fresh.sweep(context.Background(), true)
 	status, err := fresh.InspectTask(keepCfg.ID)
 	must.NoError(t, err)
 	must.Eq(t, "running", string(status.State))

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -36,6 +37,9 @@ func (d *Driver) watch(h *taskHandle) {
 		return
 	}
 	cfg := h.taskConfig
+	if r := h.result(); r != nil && errors.Is(r.Err, runtime.ErrSupervisorLost) {
+		d.supervisorLost(h)
+	}
 	if st.AuditErr != "" {
 		h.logger.Error("audit record of the task's end not written", "error", st.AuditErr)
 		d.emitEvent(cfg, "Audit record not written: "+st.AuditErr, nil)

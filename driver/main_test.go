@@ -15,6 +15,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 2 && os.Args[1] == runtime.SupervisorArg {
 		os.Exit(runtime.SupervisorMain(os.Args[2:]))
 	}
+	if len(os.Args) == 3 && os.Args[1] == crashChildArg {
+		os.Exit(crashChildMain(os.Args[2]))
+	}
 	const fwd = "/proc/sys/net/ipv4/ip_forward"
 	before, err := os.ReadFile(fwd)
 	code := m.Run()

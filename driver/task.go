@@ -84,6 +84,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	}
 
 	id := sandboxID(cfg)
+	// Until the handle is in the task store, the sweep keeps off.
+	defer d.beginLaunch(id)()
 	auditPolicy(rec, id, bc, lim)
 	h, handle, err := d.launch(cfg, id, bc, lim, rec)
 	if err != nil {
@@ -223,11 +225,13 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		sup.Kill()
 		_ = d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
 	})
+	d.crashPoint(crashBeforeRun)
 	ctx, cancel := context.WithTimeout(d.ctx, startTimeout)
 	defer cancel()
 	if err := sup.Start(ctx, spec); err != nil {
 		return nil, nil, err
 	}
+	d.crashPoint(crashBeforeHandle)
 	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
 
 	handle := drivers.NewTaskHandle(taskHandleVersion)
@@ -567,15 +571,15 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if st.StateDir == "" || filepath.Dir(st.StateDir) != filepath.Clean(d.config.StateDir) {
 		return fmt.Errorf("recover task: state directory %q is not under state_dir %q", st.StateDir, d.config.StateDir)
 	}
+	// Not while a sweep decides whether this state is a leftover.
+	d.sweepMu.Lock()
+	defer d.sweepMu.Unlock()
 	sup := &runtime.Supervisor{Dir: st.StateDir, Exe: d.supervisorExe}
-	if !sup.Alive() {
-		es, err := sup.ExitStatus()
-		if err != nil {
-			return fmt.Errorf("recover task: %w", err)
-		}
-		if es == nil {
-			return fmt.Errorf("recover task: sandbox %s has no supervisor and no exit status", st.SandboxID)
-		}
+	// A supervisor that is gone without an exit status was killed: the
+	// task is recovered all the same, and its watch reports the loss
+	// (runtime.ErrSupervisorLost) and stops what is left of the sandbox.
+	if _, err := sup.ExitStatus(); err != nil {
+		return fmt.Errorf("recover task: %w", err)
 	}
 	spec, err := sup.Spec()
 	if err != nil {
@@ -679,20 +683,26 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		}
 	}
 	h.net.stop()
-	if err := d.removeSandbox(h.sandboxID, h.sup); err != nil {
-		return err
-	}
+	err := d.removeSandbox(h.sandboxID, h.sup)
+	// Nomad does not ask twice: what could not be removed now is the
+	// sweep's to finish, which it does only for tasks not in the store.
 	d.tasks.Delete(taskID)
-	return nil
+	return err
 }
 
-// removeSandbox deletes a sandbox and its state directory. It is safe to
-// call for a sandbox that is already gone.
+// removeSandbox deletes a sandbox and everything of it: supervisor, runsc
+// container and processes, cgroups, network, mounts and state directory. It
+// is safe to call for a sandbox that is partly or wholly gone (a crash can
+// stop it anywhere: it starts with what must not outlive the task, the
+// secrets, and removes the state directory, through which the sweep finds
+// the rest, last).
 func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
+	runtime.ScrubSecrets(sup.Dir)
 	// A supervisor that stored an exit status has deleted the container
 	// already; asking runsc again would only cost a process.
 	if st, _ := sup.ExitStatus(); st == nil || sup.Alive() {
 		sup.Kill()
+		d.killStrays(func(sid string) bool { return sid == id })
 		err := d.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
 		if err != nil && !errors.Is(err, runtime.ErrNotExist) {
 			if exists, xerr := d.runsc.Exists(context.Background(), id); xerr != nil || exists {
@@ -700,11 +710,15 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 			}
 		}
 	}
-	if err := taskCgroup(id).Destroy(); err != nil {
+	d.crashPoint(crashMidDestroy)
+	if _, err := runtime.RemoveCgroupEverywhere(taskCgroup(id).Path); err != nil {
 		return err
 	}
 	if err := d.net.Destroy(id); err != nil {
 		return fmt.Errorf("remove sandbox network: %w", err)
+	}
+	if err := detachMounts(sup.Dir); err != nil {
+		return fmt.Errorf("remove task state: %w", err)
 	}
 	if err := os.RemoveAll(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)

@@ -83,6 +83,10 @@ type ExitStatus struct {
 	CompletedAt time.Time `json:"completed_at"`
 }
 
+// ErrSupervisorLost is Wait's error when the supervisor ended without
+// storing an exit status (it was killed): the task's exit code is lost.
+var ErrSupervisorLost = errors.New("the task's supervisor was killed before the task ended, so its exit code is lost")
+
 // Supervisor is the plugin's view of one task's supervisor process.
 type Supervisor struct {
 	// Dir is the task's state directory.
@@ -166,7 +170,7 @@ func (s *Supervisor) Wait(ctx context.Context) (*ExitStatus, error) {
 			return st, nil
 		}
 		if !s.Alive() {
-			return nil, errors.New("task supervisor is gone and left no exit status")
+			return nil, ErrSupervisorLost
 		}
 		// The connection dropped while the supervisor still runs: it is
 		// writing the status now, or the connection was lost. Wait again.
@@ -397,6 +401,11 @@ func supervise(dir string, ready *os.File) (err error) {
 		st.LogErr = err.Error()
 	}
 	_ = runsc.Delete(context.Background(), spec.ID, DeleteOpts{Force: true})
+	// The bundle's spec holds the task's environment (its secrets), as did
+	// runsc's state that the delete removed; nothing needs it once the
+	// sandbox is gone, so it does not wait for the plugin's DestroyTask,
+	// which a crashed agent may never send.
+	ScrubSecrets(dir)
 	if cg := spec.Cgroup; cg != nil {
 		oom, err := cg.OOMKilled()
 		if err != nil {
@@ -413,6 +422,20 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}
 	return atomicfile.WriteJSON(filepath.Join(dir, exitFile), &st, 0o600)
+}
+
+// ScrubSecrets removes the files of a task's state directory that carry its
+// environment: the bundle's spec and exec's process files (left by an exec
+// cut short). The supervisor calls it when the sandbox has ended, the driver
+// first thing when it removes a task, so that a crash half-way through
+// leaves none behind.
+func ScrubSecrets(dir string) {
+	_ = os.Remove(filepath.Join(dir, BundleDir, "config.json"))
+	if execs, err := filepath.Glob(filepath.Join(dir, "exec-*.json")); err == nil {
+		for _, f := range execs {
+			_ = os.Remove(f)
+		}
+	}
 }
 
 // NetworkFile, next to the bundle, is where the driver keeps a sandbox's
