@@ -182,6 +182,8 @@ func main() {
 		err = ping(os.Args[2])
 	case os.Args[1] == "spoof" && len(os.Args) == 4:
 		err = spoof(os.Args[2], os.Args[3])
+	case os.Args[1] == "flood" && len(os.Args) == 5:
+		err = flood(os.Args[2], os.Args[3], os.Args[4])
 	default:
 		err = fmt.Errorf("unknown probe %q", os.Args[1])
 	}
@@ -275,6 +277,42 @@ func spoof(src, dst string) error {
 		return fmt.Errorf("send: %w", err)
 	}
 	fmt.Printf("sent from %s\n", src)
+	return nil
+}
+
+// flood holds tcp connections to dst open while it sends n DNS queries
+// for unique names, each from a socket (a source port) of its own, without
+// waiting for answers.
+func flood(dst, n, tcp string) error {
+	var count, tcpCount int
+	fmt.Sscan(n, &count)
+	fmt.Sscan(tcp, &tcpCount)
+	var held []net.Conn
+	for i := 0; i < tcpCount; i++ {
+		if c, err := net.DialTimeout("tcp4", dst, 200*time.Millisecond); err == nil {
+			held = append(held, c)
+		}
+	}
+	sent := 0
+	for i := 0; i < count; i++ {
+		c, err := net.Dial("udp4", dst)
+		if err != nil {
+			continue
+		}
+		q := []byte{byte(i >> 8), byte(i), 1, 0, 0, 1, 0, 0, 0, 0, 0, 0}
+		for _, l := range []string{fmt.Sprintf("f%d", i), "flood", "test"} {
+			q = append(append(q, byte(len(l))), l...)
+		}
+		q = append(q, 0, 0, 1, 0, 1)
+		if _, err := c.Write(q); err == nil {
+			sent++
+		}
+		c.Close()
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	fmt.Printf("sent %d queries, held %d tcp connections\n", sent, len(held))
 	return nil
 }
 
@@ -1023,4 +1061,110 @@ func TestDriver_EgressMaxEntries(t *testing.T) {
 	got, err := e.driver.checkEgress(&TaskConfig{Egress: entries(3)})
 	must.NoError(t, err)
 	must.Len(t, 3, got)
+}
+
+// conntrackFrom counts the node's conntrack entries whose source is a.
+func conntrackFrom(t *testing.T, a netip.Addr) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/nf_conntrack")
+	if err != nil {
+		t.Skipf("no /proc/net/nf_conntrack: %v", err)
+	}
+	return strings.Count(string(b), "src="+a.String()+" ")
+}
+
+// TestDriver_EgressDNSFlood: one sandbox floods its DNS service with
+// hundreds of thousands of queries for unique names, each from a new source
+// port, while holding TCP connections to it; a second sandbox keeps
+// resolving its allowlisted name all along. Every one of its lookups
+// succeeds; the flooder's refused-name record, network.json, audit record,
+// conntrack entries and the plugin's heap stay bounded.
+func TestDriver_EgressDNSFlood(t *testing.T) {
+	const queries, tcpConns = 200000, 64
+	ee := newEgressEnv(t, nil, []string{"*.allowed.test:8081", "*.flood.test:8081"}, func(h *testutil.NetHost) map[string]netip.Addr {
+		return map[string]netip.Addr{"api.allowed.test": h.Extra}
+	})
+	gw := "$(awk '/^nameserver/ {print $2; exit}' /etc/resolv.conf)"
+	floodCfg, cleanupF := ee.task(t, "flooder", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", fmt.Sprintf(
+			"echo ready; while [ ! -e /alloc/data/go ]; do sleep 0.05; done; /local/egress-probe flood %s:53 %d %d; echo flood-done; while [ ! -e /alloc/data/finish ]; do sleep 0.05; done; echo finished",
+			gw, queries, tcpConns)},
+		// Listed so that the sandbox has a network; never resolved.
+		Egress:  []string{"api.allowed.test:8081"},
+		Timeout: "300s",
+	}))
+	defer cleanupF()
+	installEgressProbe(t, floodCfg)
+	resolverCfg, cleanupR := ee.task(t, "resolver", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", `echo ready; ok=0; fail=0
+while [ ! -e /alloc/data/go ]; do sleep 0.05; done
+while [ ! -e /alloc/data/stop ]; do
+  if nslookup api.allowed.test 2>&1 | grep -q "Address: ` + ee.host.Extra.String() + `"; then ok=$((ok+1)); else fail=$((fail+1)); fi
+done
+echo "lookups ok=$ok fail=$fail"
+while [ ! -e /alloc/data/finish ]; do sleep 0.05; done; echo finished`},
+		Egress:  []string{"api.allowed.test:8081"},
+		Timeout: "300s",
+	}))
+	defer cleanupR()
+	for _, cfg := range []*drivers.TaskConfig{floodCfg, resolverCfg} {
+		_, _, err := ee.harness.StartTask(cfg)
+		must.NoError(t, err)
+		defer func() {
+			release(cfg, "go", "stop", "finish")
+			_ = ee.harness.DestroyTask(cfg.ID, true)
+		}()
+		waitLog(t, cfg, "stdout", has("ready"))
+	}
+	var before goruntime.MemStats
+	goruntime.GC()
+	goruntime.ReadMemStats(&before)
+	touch(t, floodCfg, "go")
+	touch(t, resolverCfg, "go")
+	// The flood takes a minute or more (gVisor makes a socket per query);
+	// bounded by the task's own timeout and this wait.
+	var out string
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		out = readLog(floodCfg, "stdout")
+		return strings.Contains(out, "flood-done")
+	}), wait.Timeout(4*time.Minute), wait.Gap(time.Second)))
+	t.Logf("flooder: %s", out)
+	must.StrContains(t, out, fmt.Sprintf("sent %d queries", queries))
+	sb, err := ee.driver.net.Get(sandboxID(floodCfg))
+	must.NoError(t, err)
+	ct := conntrackFrom(t, sb.Addr.Addr())
+	var after goruntime.MemStats
+	goruntime.GC()
+	goruntime.ReadMemStats(&after)
+	touch(t, resolverCfg, "stop")
+	res := waitLog(t, resolverCfg, "stdout", has("lookups ok="))
+	t.Logf("resolver: %s", res)
+	m := regexp.MustCompile(`lookups ok=(\d+) fail=(\d+)`).FindStringSubmatch(res)
+	must.SliceLen(t, 3, m)
+	must.NotEq(t, "0", m[1], must.Sprint("the resolver made no lookup during the flood"))
+	must.Eq(t, "0", m[2], must.Sprint("lookups of the allowlisted name failed during the flood"))
+
+	// Conntrack: the DNS rate limit bounds the flood's entries (UDP entries
+	// live 30 s unanswered).
+	t.Logf("conntrack entries from the flooder: %d; plugin heap %d -> %d KiB", ct, before.HeapAlloc/1024, after.HeapAlloc/1024)
+	must.LessEq(t, 2*(netpolicy.DNSPacketRate*60+netpolicy.DNSPacketBurst), ct)
+	must.LessEq(t, int64(64<<20), int64(after.HeapAlloc)-int64(before.HeapAlloc), must.Sprint("the plugin's heap grew by more than 64 MiB"))
+
+	rec := ee.waitNetRecord(t, floodCfg, nil, []string{refusedOther})
+	must.LessEq(t, maxRefusedNames+1, len(rec.RefusedDNS))
+	fi, err := os.Stat(filepath.Join(ee.config.StateDir, sandboxID(floodCfg), runtime.NetworkFile))
+	must.NoError(t, err)
+	t.Logf("network.json: %d bytes, %d refused names, %d denials", fi.Size(), len(rec.RefusedDNS), len(rec.Denials))
+	must.LessEq(t, int64(16<<10), fi.Size())
+	touch(t, resolverCfg, "finish")
+	r := ee.wait(resolverCfg.ID, egDeadline)
+	must.Eq(t, 0, r.ExitCode)
+	must.NoError(t, ee.harness.DestroyTask(resolverCfg.ID, true))
+	exit := ee.finish(t, floodCfg)
+	must.LessEq(t, maxRefusedNames+1, len(exit.RefusedDNS))
+	must.LessEq(t, maxDenialRecords+1, len(exit.EgressDenials))
+	must.Positive(t, exit.RefusedDNS[refusedOther])
+	line, err := json.Marshal(exit)
+	must.NoError(t, err)
+	must.LessEq(t, 32<<10, len(line), must.Sprint("the audit exit record"))
 }

@@ -27,7 +27,59 @@ const (
 	// about them come at most once per denialEventGap.
 	denialPoll     = 5 * time.Second
 	denialEventGap = 30 * time.Second
+
+	// maxRefusedNames distinct refused names are kept per task (in memory,
+	// network.json and the audit record); refusals of any further name are
+	// counted under refusedOther, so a sandbox asking for endless unique
+	// names cannot grow them.
+	maxRefusedNames = 64
+	refusedOther    = "(other names)"
+	// maxDenialRecords denied destinations are kept, those with the most
+	// packets; the rest are summed under deniedOther.
+	maxDenialRecords = 64
+	deniedOther      = "(other destinations)"
 )
+
+// countRefused records one refusal of name in refused, within
+// maxRefusedNames distinct names.
+func countRefused(refused map[string]int, name string) {
+	n := len(refused)
+	if _, ok := refused[refusedOther]; ok {
+		n--
+	}
+	if _, ok := refused[name]; ok || n < maxRefusedNames {
+		refused[name]++
+		return
+	}
+	refused[refusedOther]++
+}
+
+// capDenials keeps the maxDenialRecords destinations of counts with the
+// most packets and sums the others under deniedOther.
+func capDenials(counts map[string]uint64) map[string]uint64 {
+	if len(counts) <= maxDenialRecords {
+		return counts
+	}
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if counts[keys[i]] != counts[keys[j]] {
+			return counts[keys[i]] > counts[keys[j]]
+		}
+		return keys[i] < keys[j]
+	})
+	out := make(map[string]uint64, maxDenialRecords+1)
+	for i, k := range keys {
+		if i < maxDenialRecords {
+			out[k] = counts[k]
+		} else {
+			out[deniedOther] += counts[k]
+		}
+	}
+	return out
+}
 
 // taskNet is a running sandbox's network: its namespace and filter, its DNS
 // service, and what was denied.
@@ -335,7 +387,7 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 		},
 		Refused: func(name string) {
 			tn.mu.Lock()
-			tn.refused[name]++
+			countRefused(tn.refused, name)
 			tn.mu.Unlock()
 		},
 		Client: tn.sb.Addr.Addr(),
@@ -380,6 +432,7 @@ func (d *Driver) collectDenials(ctx context.Context, cfg *drivers.TaskConfig, tn
 		if err != nil {
 			continue
 		}
+		counts = capDenials(counts)
 		tn.mu.Lock()
 		tn.denials = counts
 		refused := make(map[string]int, len(tn.refused))

@@ -112,6 +112,12 @@ type DNSServer struct {
 	// time; beyond it the client gets SERVFAIL. Zero means 64.
 	MaxInflight int
 
+	// MaxTCPConns bounds the TCP connections one listener serves at once;
+	// further ones wait in the kernel's accept queue (and beyond it are
+	// dropped), so a sandbox cannot take the plugin's file descriptors.
+	// Zero means 8.
+	MaxTCPConns int
+
 	Logger hclog.Logger
 }
 
@@ -121,6 +127,7 @@ const (
 	dnsDefaultTimeout         = 4 * time.Second
 	dnsDefaultUpstreamTimeout = 2 * time.Second
 	dnsDefaultMaxInflight     = 64
+	dnsDefaultMaxTCPConns     = 8
 
 	// dnsEDNSSize is the UDP payload size advertised upstream and to clients
 	// (the DNS flag day 2020 value: no IP fragmentation).
@@ -178,7 +185,7 @@ func (s *DNSServer) Listen(ctx context.Context, listen netip.AddrPort, p DNSPoli
 			WriteTimeout: 2 * time.Second,
 		},
 		{
-			Listener:      ln,
+			Listener:      newConnLimiter(ln, s.maxTCPConns()),
 			Handler:       h,
 			ReadTimeout:   2 * time.Second,
 			WriteTimeout:  2 * time.Second,
@@ -262,6 +269,57 @@ func (s *DNSServer) Listen(ctx context.Context, listen netip.AddrPort, p DNSPoli
 
 	h.log.Debug("dns listening", "listen", listen)
 	return tcpAddr, shutdown, nil
+}
+
+func (s *DNSServer) maxTCPConns() int {
+	if s.MaxTCPConns > 0 {
+		return s.MaxTCPConns
+	}
+	return dnsDefaultMaxTCPConns
+}
+
+// connLimiter is a listener that has at most cap(slots) accepted
+// connections open: Accept waits for one of them to close first.
+type connLimiter struct {
+	net.Listener
+	slots  chan struct{}
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newConnLimiter(ln net.Listener, n int) *connLimiter {
+	return &connLimiter{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+}
+
+func (l *connLimiter) Accept() (net.Conn, error) {
+	select {
+	case l.slots <- struct{}{}:
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+}
+
+func (l *connLimiter) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// limitedConn gives its slot back once, on the first Close.
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
 }
 
 func (s *DNSServer) timeout() time.Duration {

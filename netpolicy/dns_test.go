@@ -45,7 +45,7 @@ func (u *dnsTestUpstream) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		u.total++
 		u.mu.Unlock()
 
-		rrs, exists := u.records[name]
+		rrs, exists := u.lookup(name)
 		if !exists {
 			resp.Rcode = dns.RcodeNameError
 		}
@@ -63,7 +63,7 @@ func (u *dnsTestUpstream) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 			if next == "" {
 				break
 			}
-			rrs = u.records[next]
+			rrs, _ = u.lookup(next)
 		}
 	}
 	size := dns.MinMsgSize
@@ -75,6 +75,14 @@ func (u *dnsTestUpstream) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		resp.Truncate(size)
 	}
 	w.WriteMsg(resp)
+}
+
+// lookup reads records under the lock: tests change them between queries.
+func (u *dnsTestUpstream) lookup(name string) ([]dns.RR, bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	rrs, ok := u.records[name]
+	return rrs, ok
 }
 
 func (u *dnsTestUpstream) count(netw, name string, qtype uint16) int {
@@ -755,4 +763,104 @@ func dnsTestMustBeDown(t *testing.T, ap netip.AddrPort) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("%s still answers", ap)
+}
+
+// TestDNSTCPConnLimit: a listener serves at most MaxTCPConns TCP
+// connections at once; a further client is served only once one of them
+// closes.
+func TestDNSTCPConnLimit(t *testing.T) {
+	env := &dnsTestEnv{up: startDNSTestUpstream(t)}
+	env.listen = dnsTestFreePort(t, "127.0.0.1")
+	srv := dnsTestServer(t, env.up.addr)
+	srv.MaxTCPConns = 2
+	stop, err := srv.Serve(context.Background(), env.listen, dnsTestPolicy(env))
+	must.NoError(t, err)
+	t.Cleanup(func() { must.NoError(t, stop()) })
+
+	query := func(c *dns.Conn) error {
+		m := new(dns.Msg)
+		m.SetQuestion("allowed.test.", dns.TypeA)
+		c.SetDeadline(time.Now().Add(time.Second))
+		if err := c.WriteMsg(m); err != nil {
+			return err
+		}
+		_, err := c.ReadMsg()
+		return err
+	}
+	var held []*dns.Conn
+	for i := 0; i < 2; i++ {
+		c, err := dns.Dial("tcp", env.listen.String())
+		must.NoError(t, err)
+		defer c.Close()
+		must.NoError(t, query(c), must.Sprintf("connection %d within the limit", i))
+		held = append(held, c)
+	}
+	extra, err := dns.Dial("tcp", env.listen.String())
+	must.NoError(t, err)
+	defer extra.Close()
+	must.Error(t, query(extra), must.Sprint("a third connection was served while two were open"))
+	held[0].Close()
+	extra2, err := dns.Dial("tcp", env.listen.String())
+	must.NoError(t, err)
+	defer extra2.Close()
+	// The slot goes to the oldest waiting connection (extra, which gave
+	// up); extra2 follows once extra is closed too.
+	extra.Close()
+	must.NoError(t, query(extra2), must.Sprint("served once the others closed"))
+}
+
+// TestDNSBypasses: the answers egress filters are attacked with. A CNAME
+// from an allowlisted name to an internal name whose address is denied is
+// refused; a TTL-0 answer that flips from an allowed to a denied address
+// never grants the denied one (and grants the allowed one for MinTTL);
+// case and trailing-dot variants are the same name, and a punycode
+// look-alike is another name, refused without asking upstream.
+func TestDNSBypasses(t *testing.T) {
+	var entries []Entry
+	for _, s := range []string{"cname-in.test:443", "flip.test:443", "allowed.test:443"} {
+		e, err := ParseEgress(s)
+		must.NoError(t, err)
+		entries = append(entries, e)
+	}
+	env := startDNSTest(t, func(p *DNSPolicy) { p.Allowed = DNSAllowlist(entries) })
+	env.up.mu.Lock()
+	for _, s := range []string{
+		"cname-in.test. 300 IN CNAME db.corp.internal.",
+		"db.corp.internal. 300 IN A 192.168.9.9",
+		"flip.test. 0 IN A 10.199.0.20",
+	} {
+		rr := dnsTestRR(t, s)
+		name := strings.ToLower(rr.Header().Name)
+		env.up.records[name] = append(env.up.records[name], rr)
+	}
+	env.up.mu.Unlock()
+
+	r := dnsTestMustQuery(t, "udp", env.listen, "cname-in.test.", dns.TypeA)
+	must.Eq(t, dns.RcodeRefused, r.Rcode)
+	must.SliceEmpty(t, r.Answer)
+	must.SliceEmpty(t, env.allowed())
+
+	r = dnsTestMustQuery(t, "udp", env.listen, "flip.test.", dns.TypeA)
+	must.Eq(t, []string{"10.199.0.20"}, dnsTestAddrs(r))
+	must.Eq(t, uint32(30), r.Answer[0].Header().Ttl)
+	env.up.mu.Lock()
+	env.up.records["flip.test."] = []dns.RR{dnsTestRR(t, "flip.test. 0 IN A 192.168.9.10")}
+	env.up.mu.Unlock()
+	r = dnsTestMustQuery(t, "udp", env.listen, "flip.test.", dns.TypeA)
+	must.Eq(t, dns.RcodeRefused, r.Rcode)
+	allows := env.allowed()
+	must.Len(t, 1, allows)
+	must.Eq(t, netip.MustParseAddr("10.199.0.20"), allows[0].addr)
+	must.Eq(t, 30*time.Second, allows[0].ttl)
+
+	for _, name := range []string{"ALLOWED.Test.", "allowed.test"} {
+		r = dnsTestMustQuery(t, "udp", env.listen, dns.Fqdn(name), dns.TypeA)
+		must.Eq(t, []string{"10.199.0.10"}, dnsTestAddrs(r), must.Sprint(name))
+	}
+	for _, name := range []string{"xn--llowed-9ya.test.", "allowed.test.evil.test.", "allowed\\.test.evil."} {
+		r = dnsTestMustQuery(t, "udp", env.listen, name, dns.TypeA)
+		must.Eq(t, dns.RcodeRefused, r.Rcode, must.Sprint(name))
+	}
+	must.Eq(t, 0, env.up.count("udp", "xn--llowed-9ya.test", dns.TypeA))
+	must.Eq(t, 0, env.up.count("udp", "allowed.test.evil.test", dns.TypeA))
 }

@@ -31,8 +31,8 @@ import (
 //	  ether type ip6 counter name <b>-ipv6 drop
 //	  ether type != ip counter name <b>-other drop
 //	  ip saddr != <addr> counter name <b>-spoofed drop
-//	  ip daddr <gateway> udp dport 53 accept
-//	  ip daddr <gateway> tcp dport 53 accept
+//	  ip daddr <gateway> udp dport 53 limit rate 200/second burst 400 packets accept
+//	  ip daddr <gateway> tcp dport 53 limit rate 200/second burst 400 packets accept
 //	  fib daddr type { local, broadcast, anycast, multicast } counter name <b>-denied goto <b>-drop
 //	  ip daddr @<b>-block counter name <b>-denied goto <b>-drop
 //	  ip daddr . meta l4proto . th dport @<b>-allow accept
@@ -48,8 +48,26 @@ import (
 //	  drop
 //	}
 //
+// and, in the ip table, after conntrack:
+//
+//	chain <b>-ct { type filter hook prerouting priority -140; policy accept;
+//	  ip saddr <addr> ip daddr != <gateway> ct state new ct count over 2048 counter drop
+//	}
+//
 // All of it is added in one netlink batch, which the kernel applies
 // atomically: a sandbox's chain is there whole or not at all.
+
+// Limits one sandbox cannot exceed, so that it cannot starve the others.
+const (
+	// DNSPacketRate and DNSPacketBurst bound the packets per second (per
+	// protocol) a sandbox sends to its DNS service.
+	DNSPacketRate  = 200
+	DNSPacketBurst = 400
+	// MaxConns bounds the connections (conntrack entries) a sandbox has
+	// open at once to destinations other than its gateway; DNS to the
+	// gateway is bounded by DNSPacketRate instead.
+	MaxConns = 2048
+)
 
 // Registers: the 32-bit registers from NFT_REG32_00, so that a
 // concatenation is built in consecutive ones.
@@ -288,7 +306,11 @@ func (m *Manager) queueFilter(c *nftables.Conn, s *filterSpec) error {
 			verdict(expr.VerdictAccept))
 	}
 	for _, p := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+		// Rate-limited in the kernel, per sandbox and protocol: a flood
+		// beyond it never wakes the plugin; it falls through to the node
+		// rule below and is counted as denied like any other packet.
 		ipRule(ipDst(r0), eq(r0, gw), l4proto(r0), eq(r0, []byte{p}), thDport(r0), eq(r0, be16(53)),
+			&expr.Limit{Type: expr.LimitTypePkts, Rate: DNSPacketRate, Unit: expr.LimitTimeSecond, Burst: DNSPacketBurst},
 			verdict(expr.VerdictAccept))
 	}
 	// The node itself, at whatever addresses it has when the packet
@@ -330,7 +352,32 @@ func (m *Manager) queueFilter(c *nftables.Conn, s *filterSpec) error {
 		}
 	}
 	rule(counterRef(n.cDenied), gotoChain(n.drop))
+	m.queueConnLimit(c, n, s.addr, s.gateway)
 	return nil
+}
+
+// queueConnLimit adds the chain that bounds the sandbox's share of the
+// node's conntrack table: a new connection beyond MaxConns open ones is
+// dropped before conntrack keeps it. The netdev filter sees no conntrack,
+// so this sits in the ip table, after conntrack has looked the packet up;
+// the netdev filter's anti-spoofing makes the source address the sandbox's.
+func (m *Manager) queueConnLimit(c *nftables.Conn, n names, addr, gw netip.Addr) {
+	t := c.AddTable(m.natTable())
+	policy := nftables.ChainPolicyAccept
+	ch := c.AddChain(&nftables.Chain{
+		Table: t, Name: n.base + "-ct", Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(-140), Policy: &policy,
+	})
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+		ipSrc(r0), eq(r0, a4(addr)),
+		ipDst(r0), neq(r0, a4(gw)),
+		&expr.Ct{Register: r0, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: r0, DestRegister: r0, Len: 4,
+			Mask: binary.NativeEndian.AppendUint32(nil, expr.CtStateBitNEW), Xor: []byte{0, 0, 0, 0}},
+		neq(r0, []byte{0, 0, 0, 0}),
+		&expr.Connlimit{Count: MaxConns, Flags: expr.NFT_CONNLIMIT_F_INV},
+		counterExpr(), verdict(expr.VerdictDrop),
+	}})
 }
 
 // queueMasquerade adds to c's batch the ip table and its one postrouting rule:
