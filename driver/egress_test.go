@@ -671,7 +671,7 @@ func TestDriver_EgressNames(t *testing.T) {
 		nodeLn = listenTCP(t, netip.AddrPortFrom(node, 0))
 		port = int(nodeLn.addr().Port())
 	}
-	ee := newEgressEnv(t, []uint16{uint16(port)}, []string{"*.allowed.test:8081", fmt.Sprintf("*.rebind.test:%d", port)},
+	ee := newEgressEnv(t, []uint16{uint16(port), 53, 853}, []string{"*.allowed.test:8081", fmt.Sprintf("*.rebind.test:%d", port)},
 		func(h *testutil.NetHost) map[string]netip.Addr {
 			m := map[string]netip.Addr{
 				"api.allowed.test":  h.Extra,
@@ -687,6 +687,13 @@ func TestDriver_EgressNames(t *testing.T) {
 			return m
 		})
 	h := ee.host
+	// Another resolver over TCP/53 and DNS-over-TLS (853): the test host
+	// serves both (the controls); the sandbox reaches neither.
+	otherDNS := []netip.AddrPort{netip.AddrPortFrom(h.Addr, 53), netip.AddrPortFrom(h.Addr, 853)}
+	for _, a := range otherDNS {
+		_, err := h.ClientGet(a)
+		must.NoError(t, err, must.Sprintf("control: %s", a))
+	}
 	meta := netip.AddrPortFrom(h.Metadata, uint16(port))
 	body, err := h.ClientGet(meta)
 	must.NoError(t, err, must.Sprint("control: metadata address"))
@@ -709,6 +716,8 @@ func TestDriver_EgressNames(t *testing.T) {
 		{"get-meta", wgetCmd("meta.rebind.test", port)},
 		{"get-lo", wgetCmd("lo.rebind.test", port)},
 		{"get-priv", wgetCmd("priv.rebind.test", port)},
+		{"tcp53-other", wgetCmd(h.Addr.String(), 53)},
+		{"dot-other", wgetCmd(h.Addr.String(), 853)},
 	}
 	rebound := []string{"meta.rebind.test", "lo.rebind.test", "priv.rebind.test"}
 	if nodeLn != nil {
@@ -746,7 +755,7 @@ func TestDriver_EgressNames(t *testing.T) {
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPortFrom(h.Addr, egTCP1))))
 
 	must.StrNotContains(t, res["lookup-meta"].out, "Address: "+h.Metadata.String())
-	for _, n := range []string{"get-meta", "get-lo", "get-node", "get-priv"} {
+	for _, n := range []string{"get-meta", "get-lo", "get-node", "get-priv", "tcp53-other", "dot-other"} {
 		if r, ok := res[n]; ok {
 			must.False(t, r.ok(), must.Sprintf("%s reached: %+v", n, r))
 			must.StrNotContains(t, r.out, "hello")
@@ -755,6 +764,9 @@ func TestDriver_EgressNames(t *testing.T) {
 	must.Positive(t, ee.dns.Queries("meta.rebind.test"), must.Sprint("the upstream was asked: the answer is what is refused"))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", meta)))
 	must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", netip.AddrPortFrom(h.Other, uint16(port)))))
+	for _, a := range otherDNS {
+		must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", a)), must.Sprintf("the sandbox reached %s", a))
+	}
 	if nodeLn != nil {
 		must.Eq(t, 0, nodeLn.from(h.Pool), must.Sprint("a sandbox reached the node's own address"))
 	}
@@ -827,6 +839,10 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 		{"metadata-80", wgetCmd(h.Metadata.String(), egHTTP)},
 		{"metadata-8080", wgetCmd(h.Metadata.String(), egTCP1)},
 		{"private", wgetCmd(h.Other.String(), egTCP1)},
+		// IPv4-mapped, 6to4 and NAT64 forms of the metadata address.
+		{"mapped-metadata", wgetCmd("[::ffff:"+h.Metadata.String()+"]", egHTTP)},
+		{"6to4-metadata", wgetCmd("[2002:a9fe:a9fe::1]", egHTTP)},
+		{"nat64-metadata", wgetCmd("[64:ff9b::a9fe:a9fe]", egHTTP)},
 		// The gateway is the sandbox's nameserver.
 		{"gateway", wgetCmd("$(awk '/^nameserver/ {print $2; exit}' /etc/resolv.conf)", int(gwPort))},
 	}
