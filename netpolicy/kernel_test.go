@@ -607,3 +607,60 @@ func TestKernelReconcile(t *testing.T) {
 		}
 	}
 }
+
+// TestKernelConnLimit: a sandbox holds at most MaxConns conntrack entries
+// of its own: a new flow beyond them is dropped.
+func TestKernelConnLimit(t *testing.T) {
+	ktRequireRoot(t)
+	srv := ktStartServer(t, 7)
+	m := ktManager(t, "", nil)
+	const id = "alloc-1/task-connlimit"
+	sb, err := m.Create(context.Background(), id, ktEntries(t, fmt.Sprintf("%s:%d/udp", srv.addr, ktUDP)))
+	ktMust(t, err)
+	t.Cleanup(func() {
+		if err := m.Destroy(id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	dst := netip.AddrPortFrom(srv.addr, ktUDP)
+	if _, err := ktUDPEcho(sb.Netns, dst); err != nil {
+		t.Fatalf("control: UDP echo: %v", err)
+	}
+	// One datagram from each of MaxConns source ports (fixed ones: an
+	// ephemeral port may come back, and with it the same flow): each is a
+	// flow conntrack keeps for 30 s.
+	ktMust(t, ktIn(sb.Netns, func() error {
+		for i := 0; i < MaxConns; i++ {
+			d := net.Dialer{LocalAddr: &net.UDPAddr{Port: 20000 + i}}
+			c, err := d.Dial("udp4", dst.String())
+			if err != nil {
+				return err
+			}
+			_, err = c.Write([]byte("flow"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+	count := func() int {
+		b, err := os.ReadFile("/proc/net/nf_conntrack")
+		if err != nil {
+			t.Skipf("no /proc/net/nf_conntrack: %v", err)
+		}
+		return strings.Count(string(b), "src="+sb.Addr.Addr().String()+" dst="+srv.addr.String()+" ")
+	}
+	ktMust(t, ktEventually(10*time.Second, func() error {
+		if n := count(); n < MaxConns {
+			return fmt.Errorf("%d conntrack entries, want %d", n, MaxConns)
+		}
+		return nil
+	}))
+	if _, err := ktUDPEcho(sb.Netns, dst); err == nil {
+		t.Fatalf("a new flow beyond %d open ones got through", MaxConns)
+	}
+	if n := count(); n > MaxConns {
+		t.Fatalf("%d conntrack entries from the sandbox, more than %d", n, MaxConns)
+	}
+}
