@@ -202,12 +202,12 @@ func TestHostile_ExecOutputBounded(t *testing.T) {
 	res, err := e.driver.ExecTask(cfg.ID, []string{"/bin/sh", "-c",
 		fmt.Sprintf("head -c %d /dev/zero >&2 & head -c %d /dev/zero; wait", printed, printed)}, 2*time.Minute)
 	goruntime.ReadMemStats(&after)
+	allocated := after.TotalAlloc - before.TotalAlloc
+	t.Logf("printed %d MiB on each stream; the plugin allocated %.1f MiB meanwhile", printed>>20, float64(allocated)/(1<<20))
 	must.NoError(t, err)
 	must.Eq(t, 0, res.ExitResult.ExitCode)
 	must.Eq(t, ExecOutputLimit, len(res.Stdout))
 	must.Eq(t, ExecOutputLimit, len(res.Stderr))
-	allocated := after.TotalAlloc - before.TotalAlloc
-	t.Logf("printed %d MiB on each stream; the plugin allocated %.1f MiB meanwhile", printed>>20, float64(allocated)/(1<<20))
 	must.Less(t, uint64(32<<20), allocated, must.Sprint("the plugin must not hold what an exec prints"))
 }
 
@@ -262,5 +262,44 @@ func TestHostile_BadBytesRefusedBeforeAnything(t *testing.T) {
 			must.NoError(t, err)
 			must.SliceNotContains(t, ids, id)
 		})
+	}
+}
+
+// The tokens Nomad writes into secrets/ as root at every start (following
+// links) cannot be written, removed or swapped for a link by the task,
+// which still reads them and still writes the rest of /secrets.
+func TestHostile_SecretsTokensPinned(t *testing.T) {
+	e := newTestEnv(t, nil)
+	script := `
+try() { if sh -c "$1" 2>/dev/null; then echo "WROTE: $1"; else echo "refused: $1"; fi; }
+for f in /secrets/nomad_token /secrets/vault_token; do
+  try "rm -f $f"
+  try "mv $f /secrets/aside"
+  try "ln -sf /etc/passwd $f"
+  try "echo x >> $f"
+done
+cat /secrets/nomad_token; echo
+echo x > /secrets/own && echo "secrets still writable"
+echo done
+`
+	cfg, cleanup := e.task(t, "tokens", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}}))
+	defer cleanup()
+	secrets := cfg.TaskDir().SecretsDir
+	for _, f := range []string{"nomad_token", "vault_token"} {
+		must.NoError(t, os.WriteFile(filepath.Join(secrets, f), []byte("token-"+f), 0o600))
+	}
+	res := e.run(cfg)
+	out := waitLog(t, cfg, "stdout", has("done"))
+	must.Eq(t, 0, res.ExitCode, must.Sprint(out, readLog(cfg, "stderr")))
+	must.StrNotContains(t, out, "WROTE")
+	must.StrContains(t, out, "token-nomad_token")
+	must.StrContains(t, out, "secrets still writable")
+	for _, f := range []string{"nomad_token", "vault_token"} {
+		fi, err := os.Lstat(filepath.Join(secrets, f))
+		must.NoError(t, err)
+		must.True(t, fi.Mode().IsRegular(), must.Sprintf("secrets/%s is now %v", f, fi.Mode()))
+		b, err := os.ReadFile(filepath.Join(secrets, f))
+		must.NoError(t, err)
+		must.Eq(t, "token-"+f, string(b))
 	}
 }

@@ -366,6 +366,9 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}
+	if bc.Pinned, err = pinnedFiles(td.SecretsDir, "/secrets"); err != nil {
+		return nil, err
+	}
 	bc.Resources.PidsLimit = lim.pids
 	if r := cfg.Resources; r != nil && r.LinuxResources != nil {
 		lr := r.LinuxResources
@@ -506,6 +509,30 @@ func resolveTaskRootfs(taskDir, rootfs string) (string, error) {
 		return "", fmt.Errorf("rootfs %q is not a directory", rootfs)
 	}
 	return filepath.Join(realPath(taskDir), rel), nil
+}
+
+// pinnedFiles are the files in secrets/ (dir, bound at taskPath) that Nomad
+// (1.6) writes as root at every start of the task with os.WriteFile, which
+// follows a link: the workload identity token (identity { file = true }) and
+// the Vault token. Those present are to be bound read-only over themselves.
+// One that is there but not a regular file was put there by someone else
+// than Nomad: the start is refused.
+func pinnedFiles(dir, taskPath string) ([]runtime.HostMount, error) {
+	var pinned []runtime.HostMount
+	for _, name := range []string{"nomad_token", "vault_token"} {
+		fi, err := os.Lstat(filepath.Join(dir, name))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("secrets/%s: %w", name, err)
+		}
+		if !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("secrets/%s is not a regular file (%v): Nomad writes its token there; remove what replaced it", name, fi.Mode().Type())
+		}
+		pinned = append(pinned, runtime.HostMount{HostPath: filepath.Join(realPath(dir), name), TaskPath: taskPath + "/" + name, Readonly: true})
+	}
+	return pinned, nil
 }
 
 // realPath is p with the symbolic links in it resolved (p itself when that

@@ -59,8 +59,14 @@ type BundleConfig struct {
 	Dirs           TaskDirs
 	Tmpfs          []string
 	Mounts         []HostMount
-	Resources      Resources
-	CgroupsPath    string
+	// Pinned are files that Nomad writes as root into the task's
+	// directories again at every restart, following links (the workload
+	// identity and Vault tokens in secrets/): each is bound read-only over
+	// itself, so that the task can neither write them nor swap them for a
+	// link to a host file.
+	Pinned      []HostMount
+	Resources   Resources
+	CgroupsPath string
 	// NetnsPath, when set, is the network namespace the sandbox runs in
 	// (runsc --network=sandbox takes over its interface); empty means a
 	// namespace of its own with loopback only.
@@ -195,7 +201,7 @@ func (c *BundleConfig) mounts() []specs.Mount {
 		}
 	}
 	// After every writable mount, so that none covers them.
-	for _, a := range aliases {
+	for _, a := range append(c.Pinned, aliases...) {
 		ms = append(ms, bind(a.HostPath, a.TaskPath, true))
 	}
 	if c.ResolvConf != "" {
