@@ -459,37 +459,33 @@ func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
 // kernel would cut such a string short or fail on it only after the
 // sandbox's state, cgroup and network were made.
 func (tc *TaskConfig) checkBytes() error {
-	for _, f := range []struct {
-		name string
-		val  string
-		path bool
-	}{
-		{"rootfs", tc.Rootfs, true},
-		{"image", tc.Image, true},
-		{"command", tc.Command, true},
-		{"work_dir", tc.WorkDir, true},
-		{"hostname", tc.Hostname, true},
-		{"timeout", tc.Timeout, true},
-		{"auth.username", tc.Auth.Username, true},
-		{"auth.password", tc.Auth.Password, false},
-	} {
-		if err := checkString(f.name, f.val, f.path); err != nil {
-			return err
-		}
-	}
+	one := func(s string) []string { return []string{s} }
 	for _, f := range []struct {
 		name string
 		vals []string
-		path bool
+		// list fields are named with the index of the bad element.
+		list, path bool
 	}{
-		{"args", tc.Args, false},
-		{"entrypoint", tc.Entrypoint, false},
-		{"cap_add", tc.CapAdd, true},
-		{"tmpfs", tc.Tmpfs, true},
-		{"egress", tc.Egress, true},
+		{"rootfs", one(tc.Rootfs), false, true},
+		{"image", one(tc.Image), false, true},
+		{"command", one(tc.Command), false, true},
+		{"work_dir", one(tc.WorkDir), false, true},
+		{"hostname", one(tc.Hostname), false, true},
+		{"timeout", one(tc.Timeout), false, true},
+		{"auth.username", one(tc.Auth.Username), false, true},
+		{"auth.password", one(tc.Auth.Password), false, false},
+		{"args", tc.Args, true, false},
+		{"entrypoint", tc.Entrypoint, true, false},
+		{"cap_add", tc.CapAdd, true, true},
+		{"tmpfs", tc.Tmpfs, true, true},
+		{"egress", tc.Egress, true, true},
 	} {
 		for i, v := range f.vals {
-			if err := checkString(fmt.Sprintf("%s[%d]", f.name, i), v, f.path); err != nil {
+			name := f.name
+			if f.list {
+				name = fmt.Sprintf("%s[%d]", f.name, i)
+			}
+			if err := checkString(name, v, f.path); err != nil {
 				return err
 			}
 		}
