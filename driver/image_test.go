@@ -291,3 +291,45 @@ func TestPluginConfig_ImageSizes(t *testing.T) {
 	must.NoError(t, over.Validate())
 	must.Eq(t, 500<<20, over.imageMaxSizeMB()<<20)
 }
+
+// TestDriver_ImageForeignErrorNotReported: a registry that sends a blob
+// fetch to another host (one the operator allows) cannot get that host's
+// answer into the task's events or the audit log.
+func TestDriver_ImageForeignErrorNotReported(t *testing.T) {
+	const secret = "FOREIGN-SECRET-c41d"
+	var asked atomic.Int64
+	foreign := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.WriteHeader(http.StatusForbidden)
+		w.Write([]byte(`{"errors":[{"code":"DENIED","message":"` + secret + `"}]}`))
+	}))
+	t.Cleanup(foreign.Close)
+	reg := testutil.StartRegistry(t)
+	_, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
+	hook := func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+			http.Redirect(w, r, foreign.URL+"/blob", http.StatusTemporaryRedirect)
+			return true
+		}
+		return false
+	}
+	reg.Hook.Store(&hook)
+	auditPath := filepath.Join(t.TempDir(), "audit.log")
+	e := newTestEnv(t, func(pc *PluginConfig) {
+		pc.AllowedRegistries = []string{reg.Host, strings.TrimPrefix(foreign.URL, "http://")}
+		pc.AuditLog = auditPath
+	})
+	cfg, cleanup := e.taskWithLogs(t, "foreign", TaskConfig{Image: byDigest, ReadonlyRootfs: true}, false)
+	defer cleanup()
+	ev := e.events(t, cfg.ID)
+	_, _, err := e.harness.StartTask(cfg)
+	must.ErrorContains(t, err, "403")
+	must.StrNotContains(t, err.Error(), secret)
+	must.StrNotContains(t, ev.waitFor(t, "Sandbox refused: "), secret)
+	must.Positive(t, asked.Load(), must.Sprint("the blob host was never asked: the test proves nothing"))
+	b, err := os.ReadFile(auditPath)
+	must.NoError(t, err)
+	must.StrContains(t, string(b), "403")
+	must.StrNotContains(t, string(b), secret)
+	must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
+}

@@ -32,6 +32,9 @@ type Registry struct {
 	// User and Password, when set, are required (HTTP basic auth) for
 	// every request but the test's own pushes.
 	User, Password string
+	// Hook, when set, sees every request first and answers it instead of
+	// the registry by returning true (a misbehaving registry).
+	Hook atomic.Pointer[func(http.ResponseWriter, *http.Request) bool]
 }
 
 // StartRegistry starts an in-memory registry on loopback, stopped when the
@@ -50,6 +53,9 @@ func StartRegistry(t testing.TB) *Registry {
 		}
 		if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/manifests/") {
 			r.Manifests.Add(1)
+		}
+		if h := r.Hook.Load(); h != nil && (*h)(w, req) {
+			return
 		}
 		reg.ServeHTTP(w, req)
 	}))
