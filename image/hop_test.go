@@ -274,6 +274,10 @@ func TestCachedImageNeedsItsBlobs(t *testing.T) {
 	}
 	_, err := e.store.Get(ctx, "oci-layout:local/stolen", nil, Policy{}, e.taskDir)
 	mustContain(t, err, "cached on this node", "does not hold all of it", "is missing")
+	// The same as a tar.
+	tarDir(t, dir, filepath.Join(e.taskDir, "local", "stolen.tar"))
+	_, err = e.store.Get(ctx, "oci-archive:local/stolen.tar", nil, Policy{}, e.taskDir)
+	mustContain(t, err, "cached on this node", "does not hold all of it", "is missing")
 
 	// A layout whose blobs are there but one is not what it claims.
 	tampered := writeLayout(t, e.taskDir, "local/tampered", map[string]v1.Image{"": img})
