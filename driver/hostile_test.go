@@ -303,3 +303,22 @@ echo done
 		must.Eq(t, "token-"+f, string(b))
 	}
 }
+
+// runsc makes the mount points of the driver's binds (/etc/hosts,
+// /etc/resolv.conf, /alloc, /local, /secrets) in the root filesystem when it
+// lacks them; a job-supplied rootfs whose etc is a link to a host directory
+// must not get them made there.
+func TestHostile_MountPointsStayInRootfs(t *testing.T) {
+	e := newTestEnv(t, nil)
+	cfg, cleanup := e.task(t, "mountpoints", readonlyDefault(TaskConfig{Rootfs: "local/rootfs", Command: "/bin/true"}))
+	defer cleanup()
+	rootfs := testutil.MakeRootfs(t, filepath.Join(cfg.TaskDir().LocalDir, "rootfs"))
+	hostDir := t.TempDir()
+	must.NoError(t, os.RemoveAll(filepath.Join(rootfs, "etc")))
+	must.NoError(t, os.Symlink(hostDir, filepath.Join(rootfs, "etc")))
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode, must.Sprint(res.Err))
+	entries, err := os.ReadDir(hostDir)
+	must.NoError(t, err)
+	must.SliceEmpty(t, entries, must.Sprint("runsc made files in a host directory through the rootfs's etc link"))
+}
