@@ -362,7 +362,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		User:           user,
 		Caps:           tc.CapAdd,
 		Hostname:       hostname,
-		Dirs:           runtime.TaskDirs{Alloc: realPath(td.SharedAllocDir), Local: realPath(td.LocalDir), Secrets: realPath(td.SecretsDir), Logs: realPath(td.LogDir)},
+		Dirs:           runtime.TaskDirs{Alloc: realPath(td.SharedAllocDir), Local: realPath(td.LocalDir), Secrets: realPath(td.SecretsDir), Logs: logDir(td.LogDir)},
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}
@@ -533,6 +533,15 @@ func pinnedFiles(dir, taskPath string) ([]runtime.HostMount, error) {
 		pinned = append(pinned, runtime.HostMount{HostPath: filepath.Join(realPath(dir), name), TaskPath: taskPath + "/" + name, Readonly: true})
 	}
 	return pinned, nil
+}
+
+// logDir is the allocation's log directory, to be bound read-only, or ""
+// when Nomad made none (it always does when it collects logs).
+func logDir(p string) string {
+	if fi, err := os.Lstat(p); err != nil || !fi.IsDir() {
+		return ""
+	}
+	return realPath(p)
 }
 
 // realPath is p with the symbolic links in it resolved (p itself when that
