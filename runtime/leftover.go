@@ -19,25 +19,40 @@ import (
 // Each function touches only what its caller names, so that plugins (and
 // tests) sharing the /nomad-sandbox cgroup parent never remove each other's.
 
+// mountEntry is one line of /proc/self/mountinfo: where and what.
+type mountEntry struct{ point, fstype string }
+
+// mounts lists this process's mounts in mount order.
+func mounts() ([]mountEntry, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []mountEntry
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		fields, fs := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(fields) < 5 || len(fs) < 1 {
+			continue
+		}
+		out = append(out, mountEntry{point: unescapeMount(fields[4]), fstype: fs[0]})
+	}
+	return out, sc.Err()
+}
+
 // cgroupMounts lists the cgroup hierarchies mounted under root.
 func cgroupMounts(root string) ([]string, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	ms, err := mounts()
 	if err != nil {
 		return nil, err
 	}
 	var dirs []string
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok {
-			continue
-		}
-		f, pf := strings.Fields(pre), strings.Fields(post)
-		if len(f) < 5 || len(pf) < 1 || (pf[0] != "cgroup" && pf[0] != "cgroup2") {
-			continue
-		}
-		mp := unescapeMount(f[4])
-		if mp == root || strings.HasPrefix(mp, root+"/") {
-			dirs = append(dirs, mp)
+	for _, m := range ms {
+		if (m.fstype == "cgroup" || m.fstype == "cgroup2") && (m.point == root || strings.HasPrefix(m.point, root+"/")) {
+			dirs = append(dirs, m.point)
 		}
 	}
 	return dirs, nil
@@ -175,29 +190,18 @@ func ContainerOf(root string, args []string) string {
 // that they can be detached before dir is removed: removing a directory
 // tree that has a mount in it would delete what is mounted there.
 func MountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := mounts()
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
 	var out []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
-	}
 	// Later entries are mounted on top of earlier ones.
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
+	for i := len(ms) - 1; i >= 0; i-- {
+		if p := ms[i].point; p == dir || strings.HasPrefix(p, dir+"/") {
+			out = append(out, p)
+		}
 	}
-	return out, sc.Err()
+	return out, nil
 }
 
 // unescapeMount undoes mountinfo's octal escapes (\040 for a space).
