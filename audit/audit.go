@@ -28,6 +28,7 @@ type Record struct {
 	Job       string `json:"job"`
 	ParentJob string `json:"parent_job,omitempty"`
 	AllocID   string `json:"alloc_id"`
+	TaskGroup string `json:"task_group,omitempty"`
 	Task      string `json:"task"`
 	TaskID    string `json:"task_id"`
 	Node      string `json:"node"`
@@ -51,11 +52,30 @@ type Record struct {
 	Signal      int        `json:"signal,omitempty"`
 	OOMKilled   bool       `json:"oom_killed,omitempty"`
 	TimedOut    bool       `json:"time_limit_exceeded,omitempty"`
-	Error       string     `json:"error,omitempty"`
+	// DiskLimitReached says which disk limit (disk_limit, disk_inodes)
+	// the task's local/ had reached when it ended.
+	DiskLimitReached string `json:"disk_limit_reached,omitempty"`
+	Error            string `json:"error,omitempty"`
 
 	// Network observations; filled once the sandbox has a network.
 	EgressDenials map[string]uint64 `json:"egress_denials,omitempty"`
 	RefusedDNS    map[string]int    `json:"refused_dns,omitempty"`
+
+	// Trail sums up the task's trail (trace_log), when it had one.
+	Trail *Trail `json:"trail,omitempty"`
+}
+
+// Trail is the shape of a run as its trail saw it, for the exited record:
+// how many of each point were seen, what was dropped, and the first few
+// distinct programs and destinations.
+type Trail struct {
+	Log          string            `json:"log"`
+	Counts       map[string]uint64 `json:"counts"`
+	Written      uint64            `json:"written"`
+	Dropped      map[string]uint64 `json:"dropped,omitempty"`
+	Executables  []string          `json:"executables,omitempty"`
+	Destinations []string          `json:"destinations,omitempty"`
+	Error        string            `json:"error,omitempty"`
 }
 
 // Policy is the effective policy a sandbox ran under.

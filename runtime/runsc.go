@@ -135,6 +135,10 @@ type RunOpts struct {
 	LogFile string
 	// PanicLog receives Go runtime messages of the sandbox (--panic-log).
 	PanicLog string
+	// PodInitConfig is --pod-init-config: the trail's trace session. The
+	// supervisor sets it when the task has a trail; empty, runsc starts
+	// no trace session.
+	PodInitConfig string
 }
 
 // Args returns the global-position flags and the verb flags for `run`.
@@ -158,6 +162,9 @@ func (o RunOpts) Args(id string) (global, verb []string) {
 	}
 	if o.PanicLog != "" {
 		global = append(global, "--panic-log", o.PanicLog)
+	}
+	if o.PodInitConfig != "" {
+		global = append(global, "--pod-init-config", o.PodInitConfig)
 	}
 	verb = []string{"--bundle", o.Bundle, id}
 	return global, verb

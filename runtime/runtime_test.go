@@ -30,6 +30,45 @@ type sandboxRun struct {
 // runsc, and removes everything it made.
 func runSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) sandboxRun {
 	t.Helper()
+	return runSandboxSpec(t, mutate, nil, args...)
+}
+
+// runSandboxSpec is runSandbox with a last say on the supervisor's spec.
+func runSandboxSpec(t *testing.T, mutate func(*BundleConfig), mutateSpec func(*SupervisorSpec), args ...string) sandboxRun {
+	t.Helper()
+	tsb := newTestSandbox(t, mutate, args...)
+	base, r, id, sup := tsb.base, tsb.runsc, tsb.spec.ID, tsb.sup
+	stdout, stderr := filepath.Join(base, "stdout"), filepath.Join(base, "stderr")
+	outCh, errCh := readFIFO(t, stdout), readFIFO(t, stderr)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec := tsb.spec
+	spec.Stdout, spec.Stderr = stdout, stderr
+	if mutateSpec != nil {
+		mutateSpec(spec)
+	}
+	must.NoError(t, sup.Start(ctx, spec))
+	st, err := sup.Wait(ctx)
+	must.NoError(t, err)
+	out, errb := recvFIFO(t, outCh), recvFIFO(t, errCh)
+	exists, err := r.Exists(context.Background(), id)
+	must.NoError(t, err)
+	must.False(t, exists, must.Sprint("the supervisor must delete the container when it ends"))
+	return sandboxRun{stdout: string(out), stderr: string(errb), status: st}
+}
+
+// testSandbox is a sandbox made ready to start: its bundle is written, and
+// the supervisor, runsc's root and the container go at cleanup.
+type testSandbox struct {
+	base, stateDir string
+	dirs           TaskDirs
+	runsc          Runsc
+	sup            *Supervisor
+	spec           *SupervisorSpec
+}
+
+func newTestSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) *testSandbox {
+	t.Helper()
 	testutil.RequireRoot(t)
 	base := t.TempDir()
 	rootfs := testutil.MakeRootfs(t, filepath.Join(base, "rootfs"))
@@ -64,25 +103,13 @@ func runSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) sandbo
 		sup.Kill()
 		must.NoError(t, r.ReleaseRoot())
 	})
-	stdout, stderr := filepath.Join(base, "stdout"), filepath.Join(base, "stderr")
-	outCh, errCh := readFIFO(t, stdout), readFIFO(t, stderr)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	must.NoError(t, sup.Start(ctx, &SupervisorSpec{
+	spec := &SupervisorSpec{
 		ID:      id,
 		Runsc:   r,
 		Run:     RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
-		Stdout:  stdout,
-		Stderr:  stderr,
 		LogRoot: base,
-	}))
-	st, err := sup.Wait(ctx)
-	must.NoError(t, err)
-	out, errb := recvFIFO(t, outCh), recvFIFO(t, errCh)
-	exists, err := r.Exists(context.Background(), id)
-	must.NoError(t, err)
-	must.False(t, exists, must.Sprint("the supervisor must delete the container when it ends"))
-	return sandboxRun{stdout: string(out), stderr: string(errb), status: st}
+	}
+	return &testSandbox{base: base, stateDir: stateDir, dirs: dirs, runsc: r, sup: sup, spec: spec}
 }
 
 func TestSandbox_ExitCodeAndStreams(t *testing.T) {

@@ -22,6 +22,7 @@ import (
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/trace"
 )
 
 // SupervisorArg is the first argument that turns the plugin binary into a
@@ -65,6 +66,10 @@ type SupervisorSpec struct {
 	// by the supervisor the moment it sees it (the plugin may be down).
 	AuditLog string        `json:"audit_log,omitempty"`
 	Audit    *audit.Record `json:"audit,omitempty"`
+	// Trace, when set, is the task's trail (trace_log): the supervisor
+	// receives gVisor's points and writes them, so the trail outlives the
+	// plugin; its summary goes into the exited audit record.
+	Trace *trace.Config `json:"trace,omitempty"`
 }
 
 // ExitStatus is the task's end as the supervisor saw it.
@@ -78,7 +83,10 @@ type ExitStatus struct {
 	AuditErr string `json:"audit_error,omitempty"`
 	// LogErr says why the task's output was dropped (a log path that is
 	// not a FIFO).
-	LogErr      string    `json:"log_error,omitempty"`
+	LogErr string `json:"log_error,omitempty"`
+	// DiskFull says which disk limit the task's local/ had reached when
+	// it ended (see DiskFull).
+	DiskFull    string    `json:"disk_full,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	CompletedAt time.Time `json:"completed_at"`
 }
@@ -328,6 +336,26 @@ func supervise(dir string, ready *os.File) (err error) {
 	defer ln.Close()
 	go acceptAndHold(ln)
 
+	// The trail's receiver listens before runsc starts: runsc connects to
+	// it while it creates the sandbox. A task whose trail cannot be kept
+	// does not start.
+	var trail *trace.Receiver
+	stopTrail := func() *audit.Trail {
+		if trail == nil {
+			return nil
+		}
+		t := trail.Close(5 * time.Second)
+		trail = nil
+		return t
+	}
+	defer stopTrail()
+	if spec.Trace != nil {
+		if trail, err = trace.Listen(dir, *spec.Trace); err != nil {
+			return fmt.Errorf("%w: the sandbox was not started without its trail", err)
+		}
+		spec.Run.PodInitConfig = trail.ConfigPath()
+	}
+
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("stdout pipe: %w", err)
@@ -396,6 +424,7 @@ func supervise(dir string, ready *os.File) (err error) {
 			st.Signal = st.ExitCode - 128
 		}
 	}
+	trailSummary := stopTrail()
 	waitRelays(outDone, errDone)
 	if err := errors.Join(outDone.failure(), errDone.failure()); err != nil {
 		st.LogErr = err.Error()
@@ -406,6 +435,7 @@ func supervise(dir string, ready *os.File) (err error) {
 	// sandbox is gone, so it does not wait for the plugin's DestroyTask,
 	// which a crashed agent may never send.
 	ScrubSecrets(dir)
+	st.DiskFull = DiskFull(dir)
 	if cg := spec.Cgroup; cg != nil {
 		oom, err := cg.OOMKilled()
 		if err != nil {
@@ -417,7 +447,9 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}
 	if spec.AuditLog != "" && spec.Audit != nil {
-		if err := (&audit.Log{Path: spec.AuditLog}).Write(exitRecord(dir, spec.Audit, &st), true); err != nil {
+		rec := exitRecord(dir, spec.Audit, &st)
+		rec.Trail = trailSummary
+		if err := (&audit.Log{Path: spec.AuditLog}).Write(rec, true); err != nil {
 			st.AuditErr = err.Error()
 		}
 	}
@@ -463,6 +495,7 @@ func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	started, completed, code := st.StartedAt, st.CompletedAt, st.ExitCode
 	r.StartedAt, r.CompletedAt, r.ExitCode = &started, &completed, &code
 	r.Signal, r.OOMKilled, r.TimedOut, r.Error = st.Signal, st.OOMKilled, st.TimedOut, st.Err
+	r.DiskLimitReached = st.DiskFull
 	return &r
 }
 
