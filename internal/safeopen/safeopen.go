@@ -82,6 +82,11 @@ func (h *Handle) Open(flags int) (int, error) {
 // Close releases the O_PATH descriptor.
 func (h *Handle) Close() error { return unix.Close(h.fd) }
 
+// ProcPath names the resolved inode itself (its /proc/self/fd link), for
+// calls that take a path, such as mount(2): the name is not looked up again.
+// It is valid until Close.
+func (h *Handle) ProcPath() string { return "/proc/self/fd/" + strconv.Itoa(h.fd) }
+
 // ReadRegular opens rel beneath dir under mode for reading, only if it is a
 // regular file: a FIFO, device or socket is refused before it is opened, so
 // none can hang or disturb the caller.
