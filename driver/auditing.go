@@ -25,6 +25,7 @@ func (d *Driver) auditRecord(cfg *drivers.TaskConfig) *audit.Record {
 		Job:          cfg.JobID,
 		ParentJob:    parent,
 		AllocID:      cfg.AllocID,
+		TaskGroup:    cfg.TaskGroupName,
 		Task:         cfg.Name,
 		TaskID:       cfg.ID,
 		Node:         cfg.NodeName,

@@ -57,6 +57,11 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"max_timeout":     hclspec.NewAttr("max_timeout", "string", false),
 	"max_sandboxes":   hclspec.NewAttr("max_sandboxes", "number", false),
 	"audit_log":       hclspec.NewAttr("audit_log", "string", false),
+	"trace_log":       hclspec.NewAttr("trace_log", "string", false),
+	"trace_points": hclspec.NewDefault(
+		hclspec.NewAttr("trace_points", "list(string)", false), hclspec.NewLiteral(`["exec", "connect", "exit"]`)),
+	"trace_rate":        hclspec.NewAttr("trace_rate", "number", false),
+	"trace_max_records": hclspec.NewAttr("trace_max_records", "number", false),
 	"deny_env_identity": hclspec.NewDefault(
 		hclspec.NewAttr("deny_env_identity", "bool", false), hclspec.NewLiteral(`false`)),
 	"allow_task_api": hclspec.NewDefault(
@@ -139,6 +144,10 @@ type PluginConfig struct {
 	MaxTimeout          string   `codec:"max_timeout"`
 	MaxSandboxes        int      `codec:"max_sandboxes"`
 	AuditLog            string   `codec:"audit_log"`
+	TraceLog            string   `codec:"trace_log"`
+	TracePoints         []string `codec:"trace_points"`
+	TraceRate           int64    `codec:"trace_rate"`
+	TraceMaxRecords     int64    `codec:"trace_max_records"`
 	DenyEnvIdentity     bool     `codec:"deny_env_identity"`
 	AllowTaskAPI        bool     `codec:"allow_task_api"`
 	ImageDir            string   `codec:"image_dir"`
@@ -301,6 +310,9 @@ func (c *PluginConfig) Validate() error {
 	}
 	if c.MaxSandboxes < 0 {
 		return fmt.Errorf("plugin config: max_sandboxes must not be negative (0 means no limit)")
+	}
+	if err := c.validateTrace(); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
 	}
 	if c.MaxEgressEntries < 0 {
 		return fmt.Errorf("plugin config: max_egress_entries must not be negative (0 means the default, %d)", defaultMaxEgressEntries)

@@ -219,6 +219,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 		KillGrace: timeoutKillGrace,
 		AuditLog:  d.config.AuditLog,
 		Audit:     rec,
+		Trace:     d.config.traceConfig(rec),
 	}
 	sup := &runtime.Supervisor{Dir: dir, Exe: d.supervisorExe}
 	cu.Add(func() {
