@@ -52,7 +52,10 @@ type Record struct {
 	Signal      int        `json:"signal,omitempty"`
 	OOMKilled   bool       `json:"oom_killed,omitempty"`
 	TimedOut    bool       `json:"time_limit_exceeded,omitempty"`
-	Error       string     `json:"error,omitempty"`
+	// DiskLimitReached says which disk limit (disk_limit, disk_inodes)
+	// the task's local/ had reached when it ended.
+	DiskLimitReached string `json:"disk_limit_reached,omitempty"`
+	Error            string `json:"error,omitempty"`
 
 	// Network observations; filled once the sandbox has a network.
 	EgressDenials map[string]uint64 `json:"egress_denials,omitempty"`

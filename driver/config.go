@@ -88,6 +88,14 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("max_egress_entries", "number", false), hclspec.NewLiteral(`256`)),
 	"network_subnet": hclspec.NewDefault(
 		hclspec.NewAttr("network_subnet", "string", false), hclspec.NewLiteral(`"10.89.0.0/16"`)),
+	"default_disk_limit": hclspec.NewDefault(
+		hclspec.NewAttr("default_disk_limit", "string", false), hclspec.NewLiteral(`"1GiB"`)),
+	"max_disk_limit": hclspec.NewDefault(
+		hclspec.NewAttr("max_disk_limit", "string", false), hclspec.NewLiteral(`"16GiB"`)),
+	"default_disk_inodes": hclspec.NewAttr("default_disk_inodes", "number", false),
+	"max_disk_inodes":     hclspec.NewAttr("max_disk_inodes", "number", false),
+	"disk_dir": hclspec.NewDefault(
+		hclspec.NewAttr("disk_dir", "string", false), hclspec.NewLiteral(`"/var/lib/nomad-sandbox/disks"`)),
 	"image_gc": hclspec.NewBlock("image_gc", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"max_age":     hclspec.NewAttr("max_age", "string", false),
 		"max_size_mb": hclspec.NewAttr("max_size_mb", "number", false),
@@ -104,12 +112,14 @@ var taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"cap_add":    hclspec.NewAttr("cap_add", "list(string)", false),
 	"readonly_rootfs": hclspec.NewDefault(
 		hclspec.NewAttr("readonly_rootfs", "bool", false), hclspec.NewLiteral(`true`)),
-	"tmpfs":      hclspec.NewDefault(hclspec.NewAttr("tmpfs", "list(string)", false), hclspec.NewLiteral(`["/tmp"]`)),
-	"hostname":   hclspec.NewAttr("hostname", "string", false),
-	"pids_limit": hclspec.NewAttr("pids_limit", "number", false),
-	"timeout":    hclspec.NewAttr("timeout", "string", false),
-	"image":      hclspec.NewAttr("image", "string", false),
-	"egress":     hclspec.NewAttr("egress", "list(string)", false),
+	"tmpfs":       hclspec.NewDefault(hclspec.NewAttr("tmpfs", "list(string)", false), hclspec.NewLiteral(`["/tmp"]`)),
+	"hostname":    hclspec.NewAttr("hostname", "string", false),
+	"pids_limit":  hclspec.NewAttr("pids_limit", "number", false),
+	"disk_limit":  hclspec.NewAttr("disk_limit", "string", false),
+	"disk_inodes": hclspec.NewAttr("disk_inodes", "number", false),
+	"timeout":     hclspec.NewAttr("timeout", "string", false),
+	"image":       hclspec.NewAttr("image", "string", false),
+	"egress":      hclspec.NewAttr("egress", "list(string)", false),
 	"auth": hclspec.NewBlock("auth", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"username": hclspec.NewAttr("username", "string", false),
 		"password": hclspec.NewAttr("password", "string", false),
@@ -163,6 +173,14 @@ type PluginConfig struct {
 	NetworkSubnet       string   `codec:"network_subnet"`
 	AllowHostNetwork    bool     `codec:"allow_host_network"`
 	MaxEgressEntries    int      `codec:"max_egress_entries"`
+	// Disk limits (see runtime/disk.go): sizes with a unit; "0" for
+	// default_disk_limit means no limit for tasks that set none, for
+	// max_disk_limit no ceiling.
+	DefaultDiskLimit  string `codec:"default_disk_limit"`
+	MaxDiskLimit      string `codec:"max_disk_limit"`
+	DefaultDiskInodes int64  `codec:"default_disk_inodes"`
+	MaxDiskInodes     int64  `codec:"max_disk_inodes"`
+	DiskDir           string `codec:"disk_dir"`
 }
 
 // defaultMaxEgressEntries applies when max_egress_entries is 0: every entry
@@ -314,6 +332,9 @@ func (c *PluginConfig) Validate() error {
 	if err := c.validateTrace(); err != nil {
 		return fmt.Errorf("plugin config: %w", err)
 	}
+	if err := c.validateDisk(); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
 	if c.MaxEgressEntries < 0 {
 		return fmt.Errorf("plugin config: max_egress_entries must not be negative (0 means the default, %d)", defaultMaxEgressEntries)
 	}
@@ -344,6 +365,8 @@ type TaskConfig struct {
 	Tmpfs          []string `codec:"tmpfs"`
 	Hostname       string   `codec:"hostname"`
 	PidsLimit      int64    `codec:"pids_limit"`
+	DiskLimit      string   `codec:"disk_limit"`
+	DiskInodes     int64    `codec:"disk_inodes"`
 	Timeout        string   `codec:"timeout"`
 	Image          string   `codec:"image"`
 	Auth           TaskAuth `codec:"auth"`
@@ -367,6 +390,9 @@ type taskLimits struct {
 	egress []netpolicy.Entry
 	// net is where the sandbox's network comes from.
 	net netMode
+	// diskBytes and diskInodes size the task's disk (local/); 0 bytes
+	// means no limit.
+	diskBytes, diskInodes int64
 }
 
 // netMode is where a sandbox's network comes from.
@@ -460,6 +486,9 @@ func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
 	default:
 		lim.timeout = timeout
 	}
+	if err := tc.diskLimits(pc, lim); err != nil {
+		return err
+	}
 	if tc.Hostname != "" && !validHostname(tc.Hostname) {
 		return fmt.Errorf("hostname %q is not a valid host name: use letters, digits and '-', at most 63 characters per label", tc.Hostname)
 	}
@@ -484,6 +513,7 @@ func (tc *TaskConfig) checkBytes() error {
 		{"work_dir", one(tc.WorkDir), false, true},
 		{"hostname", one(tc.Hostname), false, true},
 		{"timeout", one(tc.Timeout), false, true},
+		{"disk_limit", one(tc.DiskLimit), false, true},
 		{"auth.username", one(tc.Auth.Username), false, true},
 		{"auth.password", one(tc.Auth.Password), false, false},
 		{"args", tc.Args, true, false},

@@ -138,6 +138,7 @@ func (d *Driver) sweep(ctx context.Context, graceOver bool) {
 		d.logger.Info("removed leftover runsc container", "sandbox_id", id, "reason", "no state directory")
 	}
 	d.killStrays(func(id string) bool { return !keep[id] })
+	d.sweepDisks()
 }
 
 // leftover reads a state directory's task record and says why the

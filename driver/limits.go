@@ -54,6 +54,9 @@ func (d *Driver) watch(h *taskHandle) {
 			"timeout": h.spec.Timeout.String(),
 		})
 	}
+	if st.DiskFull != "" {
+		d.emitEvent(cfg, "Disk limit reached: "+st.DiskFull+"; writes failed with ENOSPC. Raise the task's disk_limit (or disk_inodes), up to the node's max_disk_limit.", nil)
+	}
 	if st.OOMKilled {
 		limit := "its memory limit"
 		if r := cfg.Resources; r != nil && r.LinuxResources != nil && r.LinuxResources.MemoryLimitBytes > 0 {
@@ -81,6 +84,11 @@ func limitsSummary(r runtime.Resources, lim taskLimits, pinned bool) string {
 		parts = append(parts, fmt.Sprintf("pids %d", lim.pids))
 	} else {
 		parts = append(parts, "pids unlimited")
+	}
+	if lim.diskBytes > 0 {
+		parts = append(parts, fmt.Sprintf("disk %s, %d inodes", runtime.FormatSize(lim.diskBytes), lim.diskInodes))
+	} else {
+		parts = append(parts, "disk unlimited")
 	}
 	if lim.timeout > 0 {
 		parts = append(parts, "timeout "+lim.timeout.String())

@@ -83,7 +83,10 @@ type ExitStatus struct {
 	AuditErr string `json:"audit_error,omitempty"`
 	// LogErr says why the task's output was dropped (a log path that is
 	// not a FIFO).
-	LogErr      string    `json:"log_error,omitempty"`
+	LogErr string `json:"log_error,omitempty"`
+	// DiskFull says which disk limit the task's local/ had reached when
+	// it ended (see DiskFull).
+	DiskFull    string    `json:"disk_full,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	CompletedAt time.Time `json:"completed_at"`
 }
@@ -432,6 +435,7 @@ func supervise(dir string, ready *os.File) (err error) {
 	// sandbox is gone, so it does not wait for the plugin's DestroyTask,
 	// which a crashed agent may never send.
 	ScrubSecrets(dir)
+	st.DiskFull = DiskFull(dir)
 	if cg := spec.Cgroup; cg != nil {
 		oom, err := cg.OOMKilled()
 		if err != nil {
@@ -491,6 +495,7 @@ func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	started, completed, code := st.StartedAt, st.CompletedAt, st.ExitCode
 	r.StartedAt, r.CompletedAt, r.ExitCode = &started, &completed, &code
 	r.Signal, r.OOMKilled, r.TimedOut, r.Error = st.Signal, st.OOMKilled, st.TimedOut, st.Err
+	r.DiskLimitReached = st.DiskFull
 	return &r
 }
 

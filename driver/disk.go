@@ -1,0 +1,159 @@
+package driver
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/hashicorp/nomad/plugins/drivers"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+// minDiskLimit is the smallest disk_limit: ext4 needs room for its journal
+// and tables before the task gets any.
+const minDiskLimit = 8 << 20
+
+// parseDiskLimit parses a plugin disk setting, where "0" or "" means none.
+func parseDiskLimit(field, s string) (int64, error) {
+	if s == "" || s == "0" {
+		return 0, nil
+	}
+	return runtime.ParseSize(field, s)
+}
+
+// validateDisk checks the plugin's disk settings.
+func (c *PluginConfig) validateDisk() error {
+	def, err := parseDiskLimit("default_disk_limit", c.DefaultDiskLimit)
+	if err != nil {
+		return err
+	}
+	max, err := parseDiskLimit("max_disk_limit", c.MaxDiskLimit)
+	if err != nil {
+		return err
+	}
+	switch {
+	case def > 0 && def < minDiskLimit:
+		return fmt.Errorf("default_disk_limit %q is below the smallest disk of %s: raise it, or write \"0\" for no limit", c.DefaultDiskLimit, runtime.FormatSize(minDiskLimit))
+	case max > 0 && def > max:
+		return fmt.Errorf("default_disk_limit %s is above max_disk_limit %s", c.DefaultDiskLimit, c.MaxDiskLimit)
+	case c.DefaultDiskInodes < 0 || c.MaxDiskInodes < 0:
+		return errors.New("default_disk_inodes and max_disk_inodes must not be negative (0: the default)")
+	case c.MaxDiskInodes > 0 && c.DefaultDiskInodes > c.MaxDiskInodes:
+		return fmt.Errorf("default_disk_inodes %d is above max_disk_inodes %d", c.DefaultDiskInodes, c.MaxDiskInodes)
+	case c.DiskDir != "" && !filepath.IsAbs(c.DiskDir):
+		return fmt.Errorf("disk_dir %q must be an absolute path (a directory on the node's data disk, not tmpfs)", c.DiskDir)
+	}
+	return nil
+}
+
+// defaultDiskDir holds the disk images when disk_dir is unset: the node's
+// data disk, never /run (tmpfs, that is memory).
+const defaultDiskDir = "/var/lib/nomad-sandbox/disks"
+
+// diskDir is where the task's disk images live.
+func (c *PluginConfig) diskDir() string {
+	if c.DiskDir == "" {
+		return defaultDiskDir
+	}
+	return c.DiskDir
+}
+
+// diskLimits sets the task's disk limits from disk_limit and disk_inodes,
+// the plugin's defaults and its ceilings.
+func (tc *TaskConfig) diskLimits(pc *PluginConfig, lim *taskLimits) error {
+	def, _ := parseDiskLimit("default_disk_limit", pc.DefaultDiskLimit)
+	max, _ := parseDiskLimit("max_disk_limit", pc.MaxDiskLimit)
+	size := def
+	if tc.DiskLimit != "" {
+		var err error
+		if size, err = runtime.ParseSize("disk_limit", tc.DiskLimit); err != nil {
+			return err
+		}
+		if size < minDiskLimit {
+			return fmt.Errorf("disk_limit %q is below the smallest disk of %s: ask for more", tc.DiskLimit, runtime.FormatSize(minDiskLimit))
+		}
+		if max > 0 && size > max {
+			return fmt.Errorf("disk_limit %s is above this node's ceiling of %s (the plugin's max_disk_limit): ask for %s or less", tc.DiskLimit, runtime.FormatSize(max), runtime.FormatSize(max))
+		}
+	}
+	switch {
+	case tc.DiskInodes < 0:
+		return fmt.Errorf("disk_inodes %d must be positive", tc.DiskInodes)
+	case tc.DiskInodes > 0 && size == 0:
+		return errors.New("disk_inodes needs a disk_limit: this node sets no default_disk_limit, so set disk_limit too")
+	case size == 0:
+		return nil
+	}
+	inodes := tc.DiskInodes
+	if inodes == 0 {
+		inodes = pc.DefaultDiskInodes
+		if inodes == 0 {
+			inodes = runtime.DefaultInodes(size)
+		}
+		// A default never refuses a task that asked for nothing.
+		inodes = min(inodes, runtime.MaxInodes(size))
+		if pc.MaxDiskInodes > 0 {
+			inodes = min(inodes, pc.MaxDiskInodes)
+		}
+	}
+	if pc.MaxDiskInodes > 0 && inodes > pc.MaxDiskInodes {
+		return fmt.Errorf("disk_inodes %d is above this node's ceiling of %d (the plugin's max_disk_inodes): ask for %d or less", inodes, pc.MaxDiskInodes, pc.MaxDiskInodes)
+	}
+	if m := runtime.MaxInodes(size); inodes > m {
+		return fmt.Errorf("disk_inodes %d is more than a disk of %s holds (at most %d): raise disk_limit or lower disk_inodes", inodes, runtime.FormatSize(size), m)
+	}
+	lim.diskBytes, lim.diskInodes = size, inodes
+	return nil
+}
+
+// diskImage is where a task's disk image lives: named after the allocation
+// and the task, so that a restart of the task finds what it wrote before.
+func (d *Driver) diskImage(cfg *drivers.TaskConfig) string {
+	sum := sha256.Sum256([]byte(cfg.AllocID + "/" + cfg.Name))
+	return filepath.Join(d.config.diskDir(), fmt.Sprintf("%s-%s-%s.img", sanitize(cfg.AllocID, 36), sanitize(cfg.Name, 40), hex.EncodeToString(sum[:6])))
+}
+
+// mountDisk gives the task's local/ its disk (see runtime.Disk) in the
+// state directory dir. The image is recorded with its task directory first,
+// so that the sweep removes it once Nomad removes the allocation.
+func (d *Driver) mountDisk(ctx context.Context, cfg *drivers.TaskConfig, dir string, lim taskLimits) error {
+	disk := &runtime.Disk{Image: d.diskImage(cfg), SizeBytes: lim.diskBytes, Inodes: lim.diskInodes}
+	td := cfg.TaskDir()
+	if err := os.MkdirAll(d.config.diskDir(), 0o700); err != nil {
+		return fmt.Errorf("disk_dir: %w", err)
+	}
+	if err := runtime.WriteImageOwner(disk.Image, realPath(td.Dir)); err != nil {
+		return err
+	}
+	if _, err := disk.Prepare(ctx); err != nil {
+		return err
+	}
+	return disk.Mount(dir, realPath(td.Dir), filepath.Base(td.LocalDir))
+}
+
+// sweepDisks removes the disk images of task directories Nomad removed (an
+// image is kept while its task directory exists: a restart reuses it).
+func (d *Driver) sweepDisks() {
+	images, err := runtime.DiskImages(d.config.diskDir())
+	if err != nil {
+		d.logger.Warn("cannot read disk_dir", "path", d.config.diskDir(), "error", err)
+		return
+	}
+	for image, taskDir := range images {
+		if taskDir != "" {
+			if _, err := os.Lstat(taskDir); !errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+		}
+		if err := runtime.RemoveImage(image); err != nil {
+			d.logger.Warn("failed to remove disk image", "path", image, "error", err)
+			continue
+		}
+		d.logger.Info("removed disk image", "path", image, "reason", "Nomad removed the task directory")
+	}
+}
