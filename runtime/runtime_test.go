@@ -67,7 +67,7 @@ type testSandbox struct {
 	spec           *SupervisorSpec
 }
 
-func newTestSandbox(t *testing.T, mutate func(*BundleConfig), args ...string) *testSandbox {
+func newTestSandbox(t testing.TB, mutate func(*BundleConfig), args ...string) *testSandbox {
 	t.Helper()
 	testutil.RequireRoot(t)
 	base := t.TempDir()
