@@ -90,6 +90,7 @@ func TestPluginConfig_ParseHCLAndDefaults(t *testing.T) {
 		DeniedEgress:      []string{},
 		DNSServers:        []string{},
 		NetworkSubnet:     "10.89.0.0/16",
+		TracePoints:       []string{"exec", "connect", "exit"},
 	}, pc)
 	must.NoError(t, pc.Validate())
 

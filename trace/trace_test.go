@@ -1,0 +1,197 @@
+package trace
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+func TestValidatePoints(t *testing.T) {
+	must.NoError(t, ValidatePoints(DefaultPoints()))
+	must.NoError(t, ValidatePoints([]string{"exec", "connect", "exit", "open_write", "bind"}))
+	for _, bad := range [][]string{{}, {"exec", "exec"}, {"execve"}} {
+		err := ValidatePoints(bad)
+		must.ErrorContains(t, err, "trace_points")
+	}
+}
+
+func TestPodInitConfig(t *testing.T) {
+	b, err := PodInitConfig("/proc/1/fd/3/trace.sock", DefaultPoints())
+	must.NoError(t, err)
+	var c struct {
+		TraceSession sessionConfig `json:"trace_session"`
+	}
+	must.NoError(t, json.Unmarshal(b, &c))
+	var names []string
+	for _, p := range c.TraceSession.Points {
+		names = append(names, p.Name)
+	}
+	must.Eq(t, []string{"sentry/execve", "syscall/connect/enter", "syscall/connect/exit", "syscall/socket/exit", "sentry/task_exit"}, names)
+	must.Eq(t, "Default", c.TraceSession.Name)
+	must.Eq(t, []sinkConfig{{Name: "remote", Config: map[string]any{"endpoint": "/proc/1/fd/3/trace.sock"}}}, c.TraceSession.Sinks)
+	_, err = PodInitConfig("/x", []string{"nope"})
+	must.Error(t, err)
+}
+
+// msg builds a remote-sink message: header, then the protobuf fields.
+type msg struct{ b []byte }
+
+func (m *msg) varint(num protowire.Number, v uint64) *msg {
+	m.b = protowire.AppendTag(m.b, num, protowire.VarintType)
+	m.b = protowire.AppendVarint(m.b, v)
+	return m
+}
+
+func (m *msg) bytes(num protowire.Number, v []byte) *msg {
+	m.b = protowire.AppendTag(m.b, num, protowire.BytesType)
+	m.b = protowire.AppendBytes(m.b, v)
+	return m
+}
+
+func ctxMsg(tid, pid int32, cwd, process string) []byte {
+	cred := (&msg{}).varint(2, 1000).varint(5, 1000).b
+	return (&msg{}).varint(1, uint64(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC).UnixNano())).
+		varint(2, uint64(tid)).varint(4, uint64(pid)).bytes(7, cred).bytes(8, []byte(cwd)).
+		bytes(9, []byte(process)).varint(10, 1).b
+}
+
+func frame(msgType uint16, dropped uint32, payload []byte) []byte {
+	h := make([]byte, headerSize)
+	binary.LittleEndian.PutUint16(h[0:], headerSize)
+	binary.LittleEndian.PutUint16(h[2:], msgType)
+	binary.LittleEndian.PutUint32(h[4:], dropped)
+	return append(h, payload...)
+}
+
+func sockaddrIn(ip [4]byte, port uint16) []byte {
+	b := make([]byte, 16)
+	binary.NativeEndian.PutUint16(b, unix.AF_INET)
+	binary.BigEndian.PutUint16(b[2:], port)
+	copy(b[4:], ip[:])
+	return b
+}
+
+func readLines(t *testing.T, path string) []Record {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	must.NoError(t, err)
+	var out []Record
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		var r Record
+		must.NoError(t, json.Unmarshal(sc.Bytes(), &r))
+		out = append(out, r)
+	}
+	return out
+}
+
+// The receiver's decoding of each point, fed the wire format directly.
+func TestReceiver_Points(t *testing.T) {
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	r, err := Listen(dir, Config{Log: log, Points: []string{"exec", "connect", "exit", "open_write"}, Identity: Identity{Job: "j", SandboxID: "sb"}})
+	must.NoError(t, err)
+
+	exec := (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "sh")).bytes(2, []byte("/bin/busybox"))
+	for i := range 40 {
+		exec.bytes(3, []byte("arg"+strconv.Itoa(i)))
+	}
+	exec.bytes(8, []byte{0xab, 0xcd})
+	r.handle(frame(msgExec, 0, exec.b))
+	// socket() = 3 (TCP), then a refused connect on it, then one that
+	// never returns.
+	r.handle(frame(msgSocket, 0, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).bytes(2, (&msg{}).varint(1, 3).b).
+		varint(4, unix.AF_INET).varint(5, unix.SOCK_STREAM).b))
+	addr := sockaddrIn([4]byte{10, 0, 0, 1}, 443)
+	enter := (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).varint(4, 3).bytes(6, addr).b
+	r.handle(frame(msgConnect, 0, enter))
+	r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).bytes(2, (&msg{}).varint(1, ^uint64(0)).varint(2, uint64(unix.ECONNREFUSED)).b).varint(4, 3).bytes(6, addr).b))
+	r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctxMsg(8, 7, "/w", "nc")).varint(4, 3).bytes(6, sockaddrIn([4]byte{10, 0, 0, 2}, 80)).b))
+	// A read-only open is not written; a relative create is, made absolute.
+	r.handle(frame(msgOpen, 0, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "sh")).bytes(2, []byte{}).bytes(6, []byte("ro")).varint(7, unix.O_RDONLY).b))
+	r.handle(frame(msgOpen, 0, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "sh")).bytes(2, []byte{}).varint(4, uint64(0xffffffffffffff9c)).bytes(6, []byte("out.txt")).varint(7, unix.O_WRONLY|unix.O_CREAT).b))
+	// A thread's exit is not the process's; the leader's, by signal 9, is.
+	r.handle(frame(msgTaskExit, 0, (&msg{}).bytes(1, ctxMsg(8, 7, "/w", "nc")).b))
+	r.handle(frame(msgTaskExit, 5, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).varint(2, 9).b))
+	r.handle([]byte{1, 2})
+	sum := r.Close(0)
+
+	recs := readLines(t, log)
+	must.Len(t, 7, recs, must.Sprint(recs))
+	ex := recs[0]
+	must.Eq(t, "exec", ex.Point)
+	must.Eq(t, Identity{Job: "j", SandboxID: "sb"}, ex.Identity)
+	must.Eq(t, "/bin/busybox", ex.Path)
+	must.Len(t, maxArgs, ex.Argv)
+	must.Eq(t, 40-maxArgs, ex.ArgvDropped)
+	must.Eq(t, "abcd", ex.SHA256)
+	must.Eq(t, int32(7), ex.PID)
+	must.Eq(t, int32(1), ex.PPID)
+	must.Eq(t, uint32(1000), *ex.UID)
+	must.Eq(t, "/w", ex.Cwd)
+	must.Eq(t, time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), ex.Time)
+
+	c := recs[1]
+	must.Eq(t, "connect", c.Point)
+	must.Eq(t, "10.0.0.1", c.Address)
+	must.Eq(t, 443, *c.Port)
+	must.Eq(t, "tcp", c.Protocol)
+	must.Eq(t, "ECONNREFUSED", c.Result)
+
+	o := recs[2]
+	must.Eq(t, "open_write", o.Point)
+	must.Eq(t, "/w/out.txt", o.Path)
+	must.Eq(t, "O_WRONLY|O_CREAT", o.Flags)
+	must.Eq(t, "ok", o.Result)
+
+	d := recs[3]
+	must.Eq(t, "dropped", d.Point)
+	must.Eq(t, map[string]uint64{"sandbox": 5}, d.Dropped)
+	e := recs[4]
+	must.Eq(t, "exit", e.Point)
+	must.Eq(t, 9, e.Signal)
+	must.Nil(t, e.ExitCode)
+
+	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, recs[5].Dropped)
+	nr := recs[6]
+	must.Eq(t, "connect", nr.Point)
+	must.Eq(t, "10.0.0.2", nr.Address)
+	must.Eq(t, "no_return", nr.Result)
+	for i, rec := range recs {
+		must.Eq(t, uint64(i+1), rec.Seq)
+	}
+	must.Eq(t, map[string]uint64{"exec": 1, "connect": 2, "open_write": 1, "exit": 1}, sum.Counts)
+	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, sum.Dropped)
+	must.Eq(t, []string{"10.0.0.1:443/tcp", "10.0.0.2:80/tcp"}, sum.Destinations)
+	must.Eq(t, "", sum.Error)
+	_, err = os.Stat(filepath.Join(dir, sockName))
+	must.True(t, os.IsNotExist(err))
+}
+
+// A total of 3: the fourth and later points are counted, not written, and
+// the count is the last line.
+func TestReceiver_Total(t *testing.T) {
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	r, err := Listen(dir, Config{Log: log, Points: DefaultPoints(), MaxRecords: 3})
+	must.NoError(t, err)
+	for range 10 {
+		r.handle(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/true")).b))
+	}
+	sum := r.Close(0)
+	recs := readLines(t, log)
+	must.Len(t, 4, recs)
+	must.Eq(t, "dropped", recs[3].Point)
+	must.Eq(t, map[string]uint64{"total": 7}, recs[3].Dropped)
+	must.Eq(t, uint64(10), sum.Counts["exec"])
+}
