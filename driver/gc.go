@@ -168,6 +168,7 @@ func leftover(dir string, graceOver bool) (meta taskMeta, why string) {
 // whose runsc state is gone.
 func (d *Driver) killStrays(stray func(id string) bool) {
 	stateDir, root := filepath.Clean(d.config.StateDir), filepath.Clean(d.config.RunscRoot)
+	ids := map[string]bool{}
 	for _, p := range runtime.Processes(func(args []string) bool {
 		if dir := runtime.SupervisorOf(args); dir != "" {
 			return filepath.Dir(dir) == stateDir && stray(filepath.Base(dir))
@@ -175,10 +176,20 @@ func (d *Driver) killStrays(stray func(id string) bool) {
 		id := runtime.ContainerOf(root, args)
 		return id != "" && stray(id)
 	}) {
-		if err := unix.Kill(p.Pid, unix.SIGKILL); err != nil {
+		if err := p.Kill(10 * time.Second); err != nil {
+			d.logger.Warn("failed to kill leftover process", "pid", p.Pid, "args", p.Args, "error", err)
 			continue
 		}
 		d.logger.Info("killed leftover process", "pid", p.Pid, "args", p.Args)
+		id := runtime.ContainerOf(root, p.Args)
+		if id == "" {
+			id = filepath.Base(runtime.SupervisorOf(p.Args))
+		}
+		ids[id] = true
+	}
+	// Their sandbox's cgroups, which nothing else names any more.
+	for id := range ids {
+		d.removeCgroups(id)
 	}
 }
 

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -81,5 +82,45 @@ func unmountUnder(t *testing.T, dir string) {
 		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
 			must.NoError(t, unix.Unmount(f[1], unix.MNT_DETACH))
 		}
+	}
+}
+
+// TestDriver_SweepStraysWithoutStateDir: a running sandbox whose state
+// directory is gone (removed by hand while the plugin was down), and runsc's
+// state too in the second case, is found through runsc and the process
+// list: its container, supervisor, sandbox and gofer processes and cgroups
+// are removed by a sweep, even within the grace.
+func TestDriver_SweepStraysWithoutStateDir(t *testing.T) {
+	for _, runscStateToo := range []bool{false, true} {
+		t.Run(fmt.Sprintf("runsc state removed %v", runscStateToo), func(t *testing.T) {
+			e := newTestEnv(t, nil)
+			cfg, cleanup := e.task(t, "stray", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo ready; while :; do sleep 0.05; done`}}))
+			defer cleanup()
+			_, _, err := e.harness.StartTask(cfg)
+			must.NoError(t, err)
+			waitLog(t, cfg, "stdout", has("ready"))
+			tr := e.tracesOf(t, cfg, false)
+			must.True(t, (&runtime.Supervisor{Dir: tr.stateDir}).Alive())
+
+			e.driver.Shutdown()
+			must.NoError(t, os.RemoveAll(tr.stateDir))
+			want := 5 // runsc container, cgroups, supervisor, sandbox, gofer
+			if runscStateToo {
+				files, err := filepath.Glob(filepath.Join(e.config.RunscRoot, "*"+tr.id+"*"))
+				must.NoError(t, err)
+				must.SliceNotEmpty(t, files)
+				for _, f := range files {
+					must.NoError(t, os.Remove(f))
+				}
+				want = 4
+			}
+			// Control: everything else of the task is still there.
+			must.SliceLen(t, want, e.leftOf(tr), must.Sprintf("%v", e.leftOf(tr)))
+
+			fresh := e.newDriver()
+			e.driver = fresh
+			fresh.sweep(context.Background(), false)
+			e.assertGone(t, tr)
+		})
 	}
 }

@@ -154,6 +154,31 @@ func Processes(match func(args []string) bool) []Process {
 	return out
 }
 
+// Kill sends the process SIGKILL and waits, up to timeout, until it has
+// ended (a zombie counts as ended: it holds nothing but its exit status),
+// so that whoever removes what it used finds it gone.
+func (p Process) Kill(timeout time.Duration) error {
+	if err := unix.Kill(p.Pid, unix.SIGKILL); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return nil
+		}
+		return fmt.Errorf("kill %d: %w", p.Pid, err)
+	}
+	deadline := time.Now().Add(timeout)
+	backoff := time.Millisecond
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p.Pid))
+		if err != nil || len(b) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("process %d did not end within %s of SIGKILL", p.Pid, timeout)
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 100*time.Millisecond)
+	}
+}
+
 // SupervisorOf returns the state directory a supervisor's argv names, or ""
 // when args is not a supervisor's.
 func SupervisorOf(args []string) string {
