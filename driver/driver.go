@@ -133,9 +133,12 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		}
 		d.supervisorExe = exe
 	}
-	if pc.AuditLog != "" {
-		if err := os.MkdirAll(filepath.Dir(pc.AuditLog), 0o700); err != nil {
-			return fmt.Errorf("plugin config: audit_log: %w", err)
+	for _, f := range []struct{ name, path string }{{"audit_log", pc.AuditLog}, {"trace_log", pc.TraceLog}} {
+		if f.path == "" {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
+			return fmt.Errorf("plugin config: %s: %w", f.name, err)
 		}
 	}
 	d.images = &image.Store{Dir: pc.ImageDir, AuthConfig: pc.AuthConfig, MaxImageSize: pc.imageMaxSizeMB() << 20, Logger: d.logger.Named("image")}
