@@ -1,6 +1,7 @@
 package image
 
 import (
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/vishvananda/netlink"
 )
 
 // foreignHost is a server on another loopback port standing in for a
@@ -229,6 +231,7 @@ func TestNonPublic(t *testing.T) {
 		"169.254.169.254": true, "100.64.0.1": true, "0.0.0.0": true, "224.0.0.1": true,
 		"::1": true, "::": true, "fe80::1": true, "fd00::1": true,
 		"::ffff:127.0.0.1": true, "2002:7f00:1::": true, "64:ff9b::a9fe:a9fe": true,
+		"::1%lo": true, "fe80::1%eth0": true, "fd00::1%2": true,
 		"8.8.8.8": false, "2606:4700::1111": false, "2002:0808:0808::": false, "64:ff9b::808:808": false,
 	} {
 		if got := nonPublic(netip.MustParseAddr(s)); got != want {
@@ -345,4 +348,80 @@ func mustMediaType(t *testing.T, img v1.Image) string {
 		t.Fatal(err)
 	}
 	return string(mt)
+}
+
+// TestDialRefusesZonedAndNodeAddresses: with allowed_registries empty, a
+// hop (a redirect or a token realm from a registry the job chose) may not
+// reach the node through an IPv6 address written with a zone
+// ([::1%lo]: the zone hides it from a prefix match, the kernel ignores it
+// for loopback), nor through an address the node owns that is not in a
+// private range (here one the test adds to lo). Neither
+// listener may see a connection.
+func TestDialRefusesZonedAndNodeAddresses(t *testing.T) {
+	node := netip.MustParseAddr("198.51.100.77")
+	addNodeAddr(t, node)
+	var hits atomic.Int64
+	listen := func(addr string) string {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				hits.Add(1)
+				c.Close()
+			}
+		}()
+		_, port, _ := net.SplitHostPort(ln.Addr().String())
+		return port
+	}
+	p := newHopPolicy("registry.example", Policy{}, isLoopback)
+	for _, target := range []string{
+		"[::1%lo]:" + listen("[::1]:0"),
+		"[::1%1]:" + listen("[::1]:0"),
+		net.JoinHostPort(node.String(), listen(net.JoinHostPort(node.String(), "0"))),
+	} {
+		c, err := p.dial(ctxT(t), "tcp", target)
+		if err == nil {
+			c.Close()
+			t.Errorf("dial %s: connected", target)
+			continue
+		}
+		mustContain(t, err, "refused", "allowed_registries")
+	}
+	if n := hits.Load(); n != 0 {
+		t.Errorf("the node's listeners accepted %d connections", n)
+	}
+	// The operator may still name such a host.
+	listed := newHopPolicy("registry.example", Policy{AllowedRegistries: []string{node.String() + ":" + "1"}}, isLoopback)
+	if err := listed.checkAddr(node.String()+":1", node); err != nil {
+		t.Errorf("listed node address refused: %v", err)
+	}
+}
+
+// addNodeAddr gives the node addr on its loopback interface for the test's
+// lifetime: an address of the node that no private range covers.
+func addNodeAddr(t *testing.T, addr netip.Addr) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to add an address")
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: addr.AsSlice(), Mask: net.CIDRMask(addr.BitLen(), addr.BitLen())}}
+	if err := netlink.AddrAdd(lo, a); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := netlink.AddrDel(lo, a); err != nil {
+			t.Errorf("remove %s from lo: %v", addr, err)
+		}
+	})
 }

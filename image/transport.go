@@ -15,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -88,10 +90,31 @@ func (p *hopPolicy) checkURL(scheme, host string) error {
 // the plugin, which runs as root on the node, talk to the node itself or
 // to its private networks.
 func (p *hopPolicy) checkAddr(hostport string, ip netip.Addr) error {
-	if !nonPublic(ip) || names(p.listed, hostport) {
+	if names(p.listed, hostport) {
 		return nil
 	}
-	return fmt.Errorf("connection to %s (%s) refused: it is a loopback, private or otherwise non-public address, which only registries named in the plugin's allowed_registries may use", hostport, ip)
+	if nonPublic(ip) {
+		return fmt.Errorf("connection to %s (%s) refused: it is a loopback, private or otherwise non-public address, which only registries named in the plugin's allowed_registries may use", hostport, ip)
+	}
+	if nodeAddr(ip) {
+		return fmt.Errorf("connection to %s (%s) refused: it is an address of this node, which only registries named in the plugin's allowed_registries may use", hostport, ip)
+	}
+	return nil
+}
+
+// nodeAddr reports whether the kernel routes ip to the node itself (a
+// local, broadcast or anycast route): the node's public addresses are no
+// more a registry's to use than loopback. It is asked at every dial, so an
+// address the node gained after the plugin started counts too. A failed
+// lookup counts as the node's: there is no route to connect over anyway.
+func nodeAddr(ip netip.Addr) bool {
+	routes, err := netlink.RouteGet(ip.WithZone("").Unmap().AsSlice())
+	if err != nil {
+		return true
+	}
+	return slices.ContainsFunc(routes, func(r netlink.Route) bool {
+		return r.Type == unix.RTN_LOCAL || r.Type == unix.RTN_BROADCAST || r.Type == unix.RTN_ANYCAST
+	})
 }
 
 // nonPublicPrefixes are the ranges a pull may reach only for registries the
@@ -117,7 +140,9 @@ var nonPublicPrefixes = []netip.Prefix{
 // multicast or reserved, also when written as an IPv4-mapped, 6to4 or NAT64
 // address.
 func nonPublic(ip netip.Addr) bool {
-	ip = ip.Unmap()
+	// A zone ([::1%lo]) makes every prefix match fail, and the kernel
+	// ignores it for any address but a link-local one.
+	ip = ip.WithZone("").Unmap()
 	if ip.Is6() {
 		b := ip.As16()
 		switch {
