@@ -313,3 +313,41 @@ func TestTrail_SurvivesPluginKill(t *testing.T) {
 	must.Len(t, 2+3, recs, must.Sprint("two execs, their exits and the shell's"))
 	must.Eq(t, map[string]uint64{"exec": 2, "exit": 3}, lastAudit(t, auditLog).Trail.Counts)
 }
+
+// open_write and bind through real runsc: a file created for writing is on
+// the trail, one only read is not; the listener's bind is, with its port.
+func TestTrail_OpenWriteBind(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	script := `
+echo x > /tmp/out
+read -r line < /etc/passwd
+nc -l -p 9000 </dev/null >/dev/null &
+ready() { while read -r _ l _ st _; do [ "$l" != "${l%:2328}" ] && [ "$st" = 0A ] && return 0; done < /proc/net/tcp6; return 1; }
+until ready; do :; done
+nc 127.0.0.1 9000 </dev/null
+wait
+`
+	res := runSandboxSpec(t, nil, func(s *SupervisorSpec) {
+		withTrail(log, filepath.Join(dir, "audit.jsonl"), 0, 0, 0)(s)
+		// Every point at once: connect and bind share gVisor's socket
+		// point, which the session must name only once.
+		s.Trace.Points = []string{trace.PointExec, trace.PointConnect, trace.PointExit, trace.PointOpenWrite, trace.PointBind}
+	}, "/bin/sh", "-c", script)
+	must.Eq(t, 0, res.status.ExitCode, must.Sprint(res.stderr))
+	recs := readTrail(t, log)
+	checkSeq(t, recs)
+	var opened []string
+	for _, r := range byPoint(recs, trace.PointOpenWrite) {
+		opened = append(opened, r.Path+" "+r.Flags+" "+r.Result)
+	}
+	must.SliceContains(t, opened, "/tmp/out O_WRONLY|O_CREAT|O_TRUNC ok")
+	must.False(t, slices.ContainsFunc(opened, func(s string) bool { return strings.HasPrefix(s, "/etc/passwd") }), must.Sprint(opened))
+	binds := byPoint(recs, trace.PointBind)
+	must.Len(t, 1, binds, must.Sprint(recs))
+	must.Eq(t, 9000, *binds[0].Port)
+	must.Eq(t, "tcp", binds[0].Protocol)
+	must.Eq(t, "ok", binds[0].Result)
+	must.Eq(t, "nc", binds[0].Process)
+}

@@ -83,7 +83,7 @@ func gvisorPoints(p string) []pointConfig {
 		return []pointConfig{
 			{Name: "syscall/connect/enter", ContextFields: ctx},
 			{Name: "syscall/connect/exit", ContextFields: ctx},
-			{Name: "syscall/socket/exit", ContextFields: []string{"group_id"}},
+			socketPoint(),
 		}
 	case PointExit:
 		return []pointConfig{{Name: "sentry/task_exit", ContextFields: ctx}}
@@ -96,9 +96,15 @@ func gvisorPoints(p string) []pointConfig {
 			{Name: "syscall/creat/exit", ContextFields: ctx},
 		}
 	case PointBind:
-		return []pointConfig{{Name: "syscall/bind/exit", ContextFields: ctx}}
+		return []pointConfig{{Name: "syscall/bind/exit", ContextFields: ctx}, socketPoint()}
 	}
 	return nil
+}
+
+// socketPoint tells the receiver each socket's protocol, for connect and
+// bind; it writes no line of its own.
+func socketPoint() pointConfig {
+	return pointConfig{Name: "syscall/socket/exit", ContextFields: []string{"group_id"}}
 }
 
 // PodInitConfig is the content of runsc's --pod-init-config file: one trace
@@ -112,7 +118,13 @@ func PodInitConfig(endpoint string, points []string) ([]byte, error) {
 	}
 	s := sessionConfig{Name: "Default", Sinks: []sinkConfig{{Name: "remote", Config: map[string]any{"endpoint": endpoint}}}}
 	for _, p := range points {
-		s.Points = append(s.Points, gvisorPoints(p)...)
+		for _, gp := range gvisorPoints(p) {
+			// connect and bind share the socket point; a session
+			// names each point once.
+			if !slices.ContainsFunc(s.Points, func(q pointConfig) bool { return q.Name == gp.Name }) {
+				s.Points = append(s.Points, gp)
+			}
+		}
 	}
 	return json.Marshal(struct {
 		TraceSession sessionConfig `json:"trace_session"`

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -39,6 +40,9 @@ func TestPodInitConfig(t *testing.T) {
 	must.Eq(t, []string{"sentry/execve", "syscall/connect/enter", "syscall/connect/exit", "syscall/socket/exit", "sentry/task_exit"}, names)
 	must.Eq(t, "Default", c.TraceSession.Name)
 	must.Eq(t, []sinkConfig{{Name: "remote", Config: map[string]any{"endpoint": "/proc/1/fd/3/trace.sock"}}}, c.TraceSession.Sinks)
+	b, err = PodInitConfig("/x", []string{"connect", "bind"})
+	must.NoError(t, err)
+	must.Eq(t, 1, strings.Count(string(b), "syscall/socket/exit"))
 	_, err = PodInitConfig("/x", []string{"nope"})
 	must.Error(t, err)
 }
