@@ -185,7 +185,7 @@ func (s *DNSServer) Listen(ctx context.Context, listen netip.AddrPort, p DNSPoli
 			WriteTimeout: 2 * time.Second,
 		},
 		{
-			Listener:      newConnLimiter(ln, s.maxTCPConns()),
+			Listener:      newConnLimiter(ln, s.maxTCPConns(), p.Client),
 			Handler:       h,
 			ReadTimeout:   2 * time.Second,
 			WriteTimeout:  2 * time.Second,
@@ -279,16 +279,21 @@ func (s *DNSServer) maxTCPConns() int {
 }
 
 // connLimiter is a listener that has at most cap(slots) accepted
-// connections open: Accept waits for one of them to close first.
+// connections open: Accept waits for one of them to close first. When
+// client is set, a connection from any other address is closed as soon as
+// it is accepted and takes no slot: the listener is on an address of the
+// node, which any local user can connect to, and such connections held
+// open would starve the sandbox's own.
 type connLimiter struct {
 	net.Listener
+	client netip.Addr
 	slots  chan struct{}
 	closed chan struct{}
 	once   sync.Once
 }
 
-func newConnLimiter(ln net.Listener, n int) *connLimiter {
-	return &connLimiter{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+func newConnLimiter(ln net.Listener, n int, client netip.Addr) *connLimiter {
+	return &connLimiter{Listener: ln, client: client.Unmap(), slots: make(chan struct{}, n), closed: make(chan struct{})}
 }
 
 func (l *connLimiter) Accept() (net.Conn, error) {
@@ -297,12 +302,20 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 	case <-l.closed:
 		return nil, net.ErrClosed
 	}
-	c, err := l.Listener.Accept()
-	if err != nil {
-		<-l.slots
-		return nil, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			<-l.slots
+			return nil, err
+		}
+		if l.client.IsValid() {
+			if a, ok := c.RemoteAddr().(*net.TCPAddr); !ok || a.AddrPort().Addr().Unmap() != l.client {
+				c.Close()
+				continue
+			}
+		}
+		return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
 	}
-	return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
 }
 
 func (l *connLimiter) Close() error {

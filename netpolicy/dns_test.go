@@ -3,6 +3,7 @@ package netpolicy
 import (
 	"context"
 	"fmt"
+	"io"
 	"math/rand"
 	"net"
 	"net/netip"
@@ -917,4 +918,49 @@ func BenchmarkDNSUnderFlood(b *testing.B) {
 	b.StopTimer()
 	close(done)
 	b.ReportMetric(float64(<-flooded)/float64(b.N), "flood-queries/op")
+}
+
+// TestDNSTCPSlotsOnlyForTheClient: the sandbox's DNS listener sits on an
+// address of the node, so any local user can connect to it. Connections
+// from any other source than the sandbox's are closed when accepted and
+// take none of the MaxTCPConns slots, so they cannot starve the sandbox's
+// DNS over TCP.
+func TestDNSTCPSlotsOnlyForTheClient(t *testing.T) {
+	env := &dnsTestEnv{up: startDNSTestUpstream(t)}
+	env.listen = dnsTestFreePort(t, "127.0.0.1")
+	srv := dnsTestServer(t, env.up.addr)
+	srv.MaxTCPConns = 2
+	p := dnsTestPolicy(env)
+	p.Client = netip.MustParseAddr("127.0.0.2")
+	stop, err := srv.Serve(context.Background(), env.listen, p)
+	must.NoError(t, err)
+	t.Cleanup(func() { must.NoError(t, stop()) })
+
+	dial := func(from string) *dns.Conn {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: time.Second}
+		nc, err := d.Dial("tcp", env.listen.String())
+		must.NoError(t, err)
+		c := &dns.Conn{Conn: nc}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	m := new(dns.Msg)
+	m.SetQuestion("allowed.test.", dns.TypeA)
+	var foreign []*dns.Conn
+	for i := 0; i < 2; i++ {
+		c := dial("127.0.0.3")
+		must.NoError(t, c.WriteMsg(m))
+		foreign = append(foreign, c)
+	}
+	own := dial("127.0.0.2")
+	own.SetDeadline(time.Now().Add(3 * time.Second))
+	must.NoError(t, own.WriteMsg(m))
+	r, err := own.ReadMsg()
+	must.NoError(t, err, must.Sprint("the sandbox was not served while foreign connections were open"))
+	must.Eq(t, []string{"10.199.0.10"}, dnsTestAddrs(r))
+	for i, c := range foreign {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err := c.ReadMsg()
+		must.ErrorIs(t, err, io.EOF, must.Sprintf("foreign connection %d was not closed", i))
+	}
 }
