@@ -296,11 +296,13 @@ func (r *Receiver) handle(msg []byte) {
 		return
 	}
 	// The sandbox counts, wrapping, what it could not send (the socket
-	// was full): add what is new since the last message.
-	if d := h.dropped - r.sandboxDrop; d > 0 {
+	// was full): add what is new since the last message. A count that
+	// goes back (more than half the range) is not believed, only taken
+	// as the new base.
+	if d := h.dropped - r.sandboxDrop; d > 0 && d < 1<<31 {
 		r.dropped["sandbox"] += uint64(d)
-		r.sandboxDrop = h.dropped
 	}
+	r.sandboxDrop = h.dropped
 	ev, err := decode(h.msgType, payload)
 	if err != nil {
 		r.dropped["malformed"]++
@@ -317,6 +319,13 @@ func (r *Receiver) handle(msg []byte) {
 		}
 		r.emit(rec, PointExec)
 	case msgTaskExit:
+		// A thread that exits inside connect (killed while the egress
+		// filter drops its packets, say) never returns from it.
+		if p, ok := r.pending[ev.ctx.tid]; ok {
+			delete(r.pending, ev.ctx.tid)
+			p.Result = "no_return"
+			r.emit(p, PointConnect)
+		}
 		// Every thread's exit is a point; a process ends with its leader.
 		if ev.ctx.tid != ev.ctx.pid {
 			return

@@ -127,11 +127,13 @@ func TestReceiver_Points(t *testing.T) {
 	// A thread's exit is not the process's; the leader's, by signal 9, is.
 	r.handle(frame(msgTaskExit, 0, (&msg{}).bytes(1, ctxMsg(8, 7, "/w", "nc")).b))
 	r.handle(frame(msgTaskExit, 5, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).varint(2, 9).b))
+	// A connect still blocked when the sandbox ends is written at Close.
+	r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctxMsg(9, 9, "/w", "nc")).varint(4, 4).bytes(6, sockaddrIn([4]byte{10, 0, 0, 3}, 22)).b))
 	r.handle([]byte{1, 2})
 	sum := r.Close(0)
 
 	recs := readLines(t, log)
-	must.Len(t, 7, recs, must.Sprint(recs))
+	must.Len(t, 8, recs, must.Sprint(recs))
 	ex := recs[0]
 	must.Eq(t, "exec", ex.Point)
 	must.Eq(t, Identity{Job: "j", SandboxID: "sb"}, ex.Identity)
@@ -158,25 +160,30 @@ func TestReceiver_Points(t *testing.T) {
 	must.Eq(t, "O_WRONLY|O_CREAT", o.Flags)
 	must.Eq(t, "ok", o.Result)
 
-	d := recs[3]
+	// Thread 8 exited inside its connect.
+	nr := recs[3]
+	must.Eq(t, "connect", nr.Point)
+	must.Eq(t, "10.0.0.2", nr.Address)
+	must.Eq(t, "no_return", nr.Result)
+	must.Eq(t, int32(8), nr.TID)
+
+	d := recs[4]
 	must.Eq(t, "dropped", d.Point)
 	must.Eq(t, map[string]uint64{"sandbox": 5}, d.Dropped)
-	e := recs[4]
+	e := recs[5]
 	must.Eq(t, "exit", e.Point)
 	must.Eq(t, 9, e.Signal)
 	must.Nil(t, e.ExitCode)
 
-	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, recs[5].Dropped)
-	nr := recs[6]
-	must.Eq(t, "connect", nr.Point)
-	must.Eq(t, "10.0.0.2", nr.Address)
-	must.Eq(t, "no_return", nr.Result)
+	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, recs[6].Dropped)
+	must.Eq(t, "10.0.0.3", recs[7].Address)
+	must.Eq(t, "no_return", recs[7].Result)
 	for i, rec := range recs {
 		must.Eq(t, uint64(i+1), rec.Seq)
 	}
-	must.Eq(t, map[string]uint64{"exec": 1, "connect": 2, "open_write": 1, "exit": 1}, sum.Counts)
+	must.Eq(t, map[string]uint64{"exec": 1, "connect": 3, "open_write": 1, "exit": 1}, sum.Counts)
 	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, sum.Dropped)
-	must.Eq(t, []string{"10.0.0.1:443/tcp", "10.0.0.2:80/tcp"}, sum.Destinations)
+	must.Eq(t, []string{"10.0.0.1:443/tcp", "10.0.0.2:80/tcp", "10.0.0.3:22"}, sum.Destinations)
 	must.Eq(t, "", sum.Error)
 	_, err = os.Stat(filepath.Join(dir, sockName))
 	must.True(t, os.IsNotExist(err))
