@@ -397,6 +397,11 @@ func TestDialRefusesZonedAndNodeAddresses(t *testing.T) {
 	if n := hits.Load(); n != 0 {
 		t.Errorf("the node's listeners accepted %d connections", n)
 	}
+	// A route lookup only, nothing is sent: a public address is not the
+	// node's.
+	if node, err := nodeAddr(netip.MustParseAddr("8.8.8.8")); err != nil || node {
+		t.Errorf("nodeAddr(8.8.8.8) = %v, %v", node, err)
+	}
 	// The operator may still name such a host.
 	listed := newHopPolicy("registry.example", Policy{AllowedRegistries: []string{node.String() + ":" + "1"}}, isLoopback)
 	if err := listed.checkAddr(node.String()+":1", node); err != nil {

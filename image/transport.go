@@ -96,7 +96,11 @@ func (p *hopPolicy) checkAddr(hostport string, ip netip.Addr) error {
 	if nonPublic(ip) {
 		return fmt.Errorf("connection to %s (%s) refused: it is a loopback, private or otherwise non-public address, which only registries named in the plugin's allowed_registries may use", hostport, ip)
 	}
-	if nodeAddr(ip) {
+	node, err := nodeAddr(ip)
+	if err != nil {
+		return fmt.Errorf("connection to %s (%s) refused: cannot tell whether it is an address of this node: %w", hostport, ip, err)
+	}
+	if node {
 		return fmt.Errorf("connection to %s (%s) refused: it is an address of this node, which only registries named in the plugin's allowed_registries may use", hostport, ip)
 	}
 	return nil
@@ -106,15 +110,16 @@ func (p *hopPolicy) checkAddr(hostport string, ip netip.Addr) error {
 // local, broadcast or anycast route): the node's public addresses are no
 // more a registry's to use than loopback. It is asked at every dial, so an
 // address the node gained after the plugin started counts too. A failed
-// lookup counts as the node's: there is no route to connect over anyway.
-func nodeAddr(ip netip.Addr) bool {
+// lookup is an error, and the dial is refused: there would be no route to
+// connect over anyway.
+func nodeAddr(ip netip.Addr) (bool, error) {
 	routes, err := netlink.RouteGet(ip.WithZone("").Unmap().AsSlice())
 	if err != nil {
-		return true
+		return false, fmt.Errorf("route lookup: %w", err)
 	}
 	return slices.ContainsFunc(routes, func(r netlink.Route) bool {
 		return r.Type == unix.RTN_LOCAL || r.Type == unix.RTN_BROADCAST || r.Type == unix.RTN_ANYCAST
-	})
+	}), nil
 }
 
 // nonPublicPrefixes are the ranges a pull may reach only for registries the
