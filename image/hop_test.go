@@ -399,8 +399,10 @@ func TestDialRefusesZonedAndNodeAddresses(t *testing.T) {
 	}
 	// A route lookup only, nothing is sent: a public address is not the
 	// node's.
-	if node, err := nodeAddr(netip.MustParseAddr("8.8.8.8")); err != nil || node {
-		t.Errorf("nodeAddr(8.8.8.8) = %v, %v", node, err)
+	if node, err := nodeAddr(netip.MustParseAddr("8.8.8.8")); err != nil {
+		t.Logf("no route to a public address on this machine: %v", err)
+	} else if node {
+		t.Error("8.8.8.8 taken for an address of the node")
 	}
 	// The operator may still name such a host.
 	listed := newHopPolicy("registry.example", Policy{AllowedRegistries: []string{node.String() + ":" + "1"}}, isLoopback)
