@@ -74,8 +74,9 @@ type Record struct {
 	Flags string `json:"flags,omitempty"`
 
 	// Result is what the call returned to the task: "ok", the errno's
-	// name ("ECONNREFUSED", "ETIMEDOUT", ...), or "no_return" for a
-	// connect still blocked when the sandbox ended.
+	// name ("ECONNREFUSED", "ETIMEDOUT", ...), "interrupted" (a signal
+	// came first), or "no_return" for a connect whose thread or sandbox
+	// ended before it returned.
 	Result string `json:"result,omitempty"`
 
 	// exit
@@ -100,6 +101,11 @@ func resultOf(ev *event) string {
 		return ""
 	case ev.errno == 0:
 		return "ok"
+	case ev.errno >= 512 && ev.errno <= 516:
+		// ERESTARTSYS and kin, the kernel's own: a signal came before
+		// the call completed (a connect that hung until its program was
+		// killed or timed out).
+		return "interrupted"
 	}
 	if name := unix.ErrnoName(unix.Errno(ev.errno)); name != "" {
 		return name
