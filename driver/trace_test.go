@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
+	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
@@ -86,15 +87,8 @@ func TestDriver_TrailEgress(t *testing.T) {
 		Egress:  []string{allowed.String()},
 		Timeout: "60s",
 	}))
-	defer cleanup()
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true)
-	}()
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	res := parseProbes(t, out, probes)
+	t.Cleanup(cleanup) // after startProbes' cleanup, which destroys the task
+	out, res := ee.startProbes(t, cfg, probes)
 	must.True(t, res["allowed"].ok(), must.Sprint(out))
 	must.False(t, res["denied"].ok(), must.Sprint(out))
 	exit := ee.finish(t, cfg)
@@ -122,4 +116,19 @@ func TestDriver_TrailEgress(t *testing.T) {
 		must.Sprint("the egress filter's drop shows as a connect that never succeeded"))
 	must.NotNil(t, exit.Trail)
 	must.SliceContainsAll(t, []string{allowed.String() + "/tcp", denied.String() + "/tcp"}, exit.Trail.Destinations)
+}
+
+// startProbes starts a task running probeScript(probes) and returns its
+// output and results once the probes are done; the task is released and
+// destroyed at cleanup whatever happens.
+func (ee *egressEnv) startProbes(t *testing.T, cfg *drivers.TaskConfig, probes []probe) (string, map[string]probeResult) {
+	t.Helper()
+	_, _, err := ee.harness.StartTask(cfg)
+	must.NoError(t, err)
+	t.Cleanup(func() {
+		release(cfg, "finish")
+		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
+	})
+	out := waitLog(t, cfg, "stdout", has("probes-done"))
+	return out, parseProbes(t, out, probes)
 }
