@@ -21,6 +21,7 @@ require (
 	github.com/vishvananda/netns v0.0.4
 	github.com/zclconf/go-cty v1.12.1
 	golang.org/x/sys v0.28.0
+	google.golang.org/protobuf v1.31.0
 )
 
 require (
@@ -148,7 +149,6 @@ require (
 	google.golang.org/appengine v1.6.7 // indirect
 	google.golang.org/genproto v0.0.0-20230110181048-76db0878b65f // indirect
 	google.golang.org/grpc v1.53.0 // indirect
-	google.golang.org/protobuf v1.31.0 // indirect
 	gopkg.in/fsnotify.v1 v1.4.7 // indirect
 	gopkg.in/square/go-jose.v2 v2.6.0 // indirect
 	gopkg.in/tomb.v1 v1.0.0-20141024135613-dd632973f1e7 // indirect
