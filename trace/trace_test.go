@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -205,4 +207,51 @@ func TestReceiver_Total(t *testing.T) {
 	must.Eq(t, "dropped", recs[3].Point)
 	must.Eq(t, map[string]uint64{"total": 7}, recs[3].Dropped)
 	must.Eq(t, uint64(10), sum.Counts["exec"])
+}
+
+// The socket: only root may connect (mode 0600 in a root-only directory),
+// the first (root) connection is the trail's, and the
+// listener is gone from then on, so nothing can join or feed the trail
+// later.
+func TestReceiver_OneConnection(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	r, err := Listen(dir, Config{Log: log, Points: DefaultPoints()})
+	must.NoError(t, err)
+	fi, err := os.Stat(filepath.Join(dir, sockName))
+	must.NoError(t, err)
+	must.Eq(t, os.FileMode(0o600), fi.Mode().Perm())
+	pic, err := os.ReadFile(r.ConfigPath())
+	must.NoError(t, err)
+	must.StrContains(t, string(pic), r.endpoint())
+
+	conn, err := net.Dial("unixpacket", r.endpoint())
+	must.NoError(t, err)
+	defer conn.Close()
+	_, err = conn.Write((&msg{}).varint(1, 1).b)
+	must.NoError(t, err)
+	reply := make([]byte, 64)
+	n, err := conn.Read(reply)
+	must.NoError(t, err)
+	must.Eq(t, []byte{0x08, 0x01}, reply[:n])
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		_, err := os.Stat(filepath.Join(dir, sockName))
+		return os.IsNotExist(err)
+	}), wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)))
+	_, err = net.Dial("unixpacket", filepath.Join(dir, sockName))
+	must.Error(t, err, must.Sprint("a second connection after the sandbox's"))
+
+	_, err = conn.Write(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/id")).b))
+	must.NoError(t, err)
+	conn.Close()
+	sum := r.Close(5 * time.Second)
+	must.Eq(t, uint64(1), sum.Counts["exec"])
+	recs := readLines(t, log)
+	must.Len(t, 1, recs)
+	must.Eq(t, "/bin/id", recs[0].Path)
+	_, err = os.Stat(r.ConfigPath())
+	must.True(t, os.IsNotExist(err), must.Sprint("the session file goes at Close"))
 }
