@@ -664,3 +664,70 @@ func TestKernelConnLimit(t *testing.T) {
 		t.Fatalf("%d conntrack entries from the sandbox, more than %d", n, MaxConns)
 	}
 }
+
+// TestKernelDNSTCPConnLimit: TCP connections to the sandbox's DNS service
+// are not under MaxConns (the gateway is left out of it), and the service
+// accepts only a few at a time: the rest would wait in the listener's
+// accept queue, each an established conntrack entry (kept for days) for as
+// long as the sandbox holds it. A sandbox has at most MaxDNSTCPConns of
+// them open; one more is dropped.
+func TestKernelDNSTCPConnLimit(t *testing.T) {
+	ktRequireRoot(t)
+	m := ktManager(t, "", nil)
+	const id = "alloc-1/task-dnstcp"
+	sb, err := m.Create(context.Background(), id, ktEntries(t, "10.199.9.2:443"))
+	ktMust(t, err)
+	t.Cleanup(func() {
+		if err := m.Destroy(id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	// A listener on the gateway that never accepts: every connection
+	// stays in its accept queue.
+	ln, err := net.Listen("tcp4", netip.AddrPortFrom(sb.Gateway, 53).String())
+	ktMust(t, err)
+	t.Cleanup(func() { ln.Close() })
+
+	var open []net.Conn
+	t.Cleanup(func() {
+		for _, c := range open {
+			c.Close()
+		}
+	})
+	const extra = 3
+	failed := 0
+	ktMust(t, ktIn(sb.Netns, func() error {
+		for i := 0; i < MaxDNSTCPConns+extra; i++ {
+			d := net.Dialer{Timeout: 500 * time.Millisecond}
+			c, err := d.Dial("tcp4", ln.Addr().String())
+			if err != nil {
+				failed++
+				continue
+			}
+			open = append(open, c)
+		}
+		return nil
+	}))
+	if len(open) > MaxDNSTCPConns {
+		t.Fatalf("%d TCP connections to the DNS service open at once, more than %d", len(open), MaxDNSTCPConns)
+	}
+	if len(open) < MaxDNSTCPConns {
+		t.Fatalf("only %d TCP connections to the DNS service, want %d (%d failed)", len(open), MaxDNSTCPConns, failed)
+	}
+	// Closing one (with a reset: conntrack then forgets it at once) frees
+	// its place.
+	open[0].(*net.TCPConn).SetLinger(0)
+	open[0].Close()
+	open = open[1:]
+	ktMust(t, ktEventually(10*time.Second, func() error {
+		return ktIn(sb.Netns, func() error {
+			d := net.Dialer{Timeout: 500 * time.Millisecond}
+			c, err := d.Dial("tcp4", ln.Addr().String())
+			if err != nil {
+				return err
+			}
+			open = append(open, c)
+			return nil
+		})
+	}))
+}

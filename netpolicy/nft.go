@@ -52,6 +52,7 @@ import (
 //
 //	chain <b>-ct { type filter hook prerouting priority -140; policy accept;
 //	  ip saddr <addr> ip daddr != <gateway> ct state new ct count over 2048 counter drop
+//	  ip saddr <addr> ip daddr <gateway> tcp dport 53 ct state new ct count over 32 counter drop
 //	}
 //
 // All of it is added in one netlink batch, which the kernel applies
@@ -67,6 +68,9 @@ const (
 	// open at once to destinations other than its gateway; DNS to the
 	// gateway is bounded by DNSPacketRate instead.
 	MaxConns = 2048
+	// MaxDNSTCPConns bounds the TCP connections a sandbox has open at once
+	// to its DNS service.
+	MaxDNSTCPConns = 32
 )
 
 // Registers: the 32-bit registers from NFT_REG32_00, so that a
@@ -376,6 +380,22 @@ func (m *Manager) queueConnLimit(c *nftables.Conn, n names, addr, gw netip.Addr)
 			Mask: binary.NativeEndian.AppendUint32(nil, expr.CtStateBitNEW), Xor: []byte{0, 0, 0, 0}},
 		neq(r0, []byte{0, 0, 0, 0}),
 		&expr.Connlimit{Count: MaxConns, Flags: expr.NFT_CONNLIMIT_F_INV},
+		counterExpr(), verdict(expr.VerdictDrop),
+	}})
+	// TCP to the DNS service is outside MaxConns (the gateway is), and
+	// the service accepts only a few connections at a time: without this
+	// ceiling the sandbox would keep a full accept queue of established
+	// conntrack entries, each kept for days.
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+		ipSrc(r0), eq(r0, a4(addr)),
+		ipDst(r0), eq(r0, a4(gw)),
+		l4proto(r0), eq(r0, []byte{unix.IPPROTO_TCP}),
+		thDport(r0), eq(r0, be16(53)),
+		&expr.Ct{Register: r0, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: r0, DestRegister: r0, Len: 4,
+			Mask: binary.NativeEndian.AppendUint32(nil, expr.CtStateBitNEW), Xor: []byte{0, 0, 0, 0}},
+		neq(r0, []byte{0, 0, 0, 0}),
+		&expr.Connlimit{Count: MaxDNSTCPConns, Flags: expr.NFT_CONNLIMIT_F_INV},
 		counterExpr(), verdict(expr.VerdictDrop),
 	}})
 }
