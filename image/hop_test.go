@@ -7,9 +7,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"unicode"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/vishvananda/netlink"
@@ -431,4 +433,44 @@ func addNodeAddr(t *testing.T, addr netip.Addr) {
 			t.Errorf("remove %s from lo: %v", addr, err)
 		}
 	})
+}
+
+// TestErrorTextHasNoControlCharacters: a registry's error body reaches the
+// task's events, which the operator reads in a terminal (`nomad alloc
+// status`). Terminal escapes (clearing the screen, writing the clipboard
+// with OSC 52), C1 controls, newlines that forge further lines and
+// bidirectional overrides are shown escaped, not passed through.
+func TestErrorTextHasNoControlCharacters(t *testing.T) {
+	const evil = "\x1b[2J\x1b]52;c;ZXZpbA==\x07 line\nforged \u009b31m \u202egnp.exe\r"
+	for name, body := range map[string]string{
+		"raw body":  evil,
+		"json body": `{"errors":[{"code":"DENIED","message":` + strconv.Quote(evil) + `}]}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			var armed atomic.Bool
+			reg := startRegistry(t, func(h http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if armed.Load() && strings.Contains(r.URL.Path, "/manifests/") {
+						w.Header().Set("Content-Type", "application/json")
+						w.WriteHeader(http.StatusBadRequest)
+						if r.Method != http.MethodHead {
+							w.Write([]byte(body))
+						}
+						return
+					}
+					h.ServeHTTP(w, r)
+				})
+			})
+			push(t, reg.host+"/busybox:latest", busyboxImage(t))
+			armed.Store(true)
+			_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+			mustContain(t, err, "400", "ZXZpbA==")
+			for _, r := range err.Error() {
+				if unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) {
+					t.Fatalf("control character %U in the error text: %q", r, err.Error())
+				}
+			}
+		})
+	}
 }

@@ -9,9 +9,11 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -272,14 +274,41 @@ type cappedError struct {
 func (e *cappedError) Error() string { return e.msg }
 func (e *cappedError) Unwrap() error { return e.err }
 
+// capError makes err's text safe to show: control characters and
+// bidirectional overrides (a registry's error body may carry terminal
+// escapes for whoever reads the task's events) are written escaped, and
+// the text is capped at maxErrorText.
 func capError(err error) error {
-	msg := err.Error()
-	if len(msg) <= maxErrorText {
+	orig := err.Error()
+	msg := escapeControls(orig)
+	if len(msg) > maxErrorText {
+		cut := maxErrorText
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut] + " ... (truncated)"
+	}
+	if msg == orig {
 		return err
 	}
-	cut := maxErrorText
-	for cut > 0 && !utf8.RuneStart(msg[cut]) {
-		cut--
+	return &cappedError{err: err, msg: msg}
+}
+
+// escapeControls writes control characters and bidirectional formatting
+// characters of s as Go escapes (\x1b, \u202e), and keeps the rest.
+func escapeControls(s string) string {
+	unsafe := func(r rune) bool { return unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) }
+	if !strings.ContainsFunc(s, unsafe) {
+		return s
 	}
-	return &cappedError{err: err, msg: msg[:cut] + " ... (truncated)"}
+	var b strings.Builder
+	for _, r := range s {
+		if unsafe(r) {
+			q := strconv.QuoteRuneToASCII(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }
