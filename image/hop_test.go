@@ -14,6 +14,7 @@ import (
 	"unicode"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/vishvananda/netlink"
 )
 
@@ -472,5 +473,84 @@ func TestErrorTextHasNoControlCharacters(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestTokenAnswerIsBounded: go-containerregistry reads a token answer
+// whole. A registry whose token realm has "/blobs/" in its path (here its
+// own host) must not have that answer taken for a blob's, which is bounded
+// only by its descriptor: it is cut at the 4 MiB of any answer.
+func TestTokenAnswerIsBounded(t *testing.T) {
+	e := newEnv(t)
+	var armed atomic.Bool
+	var reg *testRegistry
+	reg = startRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !armed.Load() {
+				h.ServeHTTP(w, r)
+				return
+			}
+			if r.URL.Path == "/v2/token/blobs/sha256:"+strings.Repeat("0", 64) {
+				// 16 MiB of a token answer: finite, so that an
+				// uncapped read ends too.
+				w.Header().Set("Content-Type", "application/json")
+				chunk := []byte(strings.Repeat("A", 64<<10))
+				for i := 0; i < 256; i++ {
+					if _, err := w.Write(chunk); err != nil {
+						return
+					}
+				}
+				return
+			}
+			if r.Header.Get("Authorization") == "" {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+reg.host+`/v2/token/blobs/sha256:`+strings.Repeat("0", 64)+`",service="x"`)
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	push(t, reg.host+"/busybox:latest", busyboxImage(t))
+	armed.Store(true)
+	_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+	mustContain(t, err, "is larger than 4194304 bytes")
+	assertCacheEmpty(t, e.store)
+}
+
+// TestLargeBlobIsNotCapped: a layer larger than the 4 MiB every other
+// answer is held to is read to its descriptor's size, also when the blob
+// request is redirected.
+func TestLargeBlobIsNotCapped(t *testing.T) {
+	e := newEnv(t)
+	img, err := random.Image(6<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, _ := img.Layers()
+	size, _ := layers[0].Size()
+	if size <= maxResponseSize {
+		t.Fatalf("the test layer is %d bytes, not above %d", size, maxResponseSize)
+	}
+	var armed atomic.Bool
+	reg := startRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if armed.Load() && strings.Contains(r.URL.Path, "/blobs/") && r.URL.Query().Get("moved") == "" {
+				http.Redirect(w, r, r.URL.Path+"?moved=1", http.StatusTemporaryRedirect)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	push(t, reg.host+"/big:1", img)
+	armed.Store(true)
+	got, err := e.store.Get(ctxT(t), reg.host+"/big:1", nil, reg.policy(), e.taskDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.Pulled {
+		t.Error("not pulled")
+	}
+	if n := reg.count("GET", "/blobs/"); n < 2 {
+		t.Errorf("%d blob requests: the redirect was not taken", n)
 	}
 }

@@ -120,7 +120,7 @@ func (r *remoteSource) manifest(ctx context.Context, d v1.Descriptor) ([]byte, e
 
 func (r *remoteSource) blob(ctx context.Context, d v1.Descriptor) (io.ReadCloser, error) {
 	what := "blob " + d.Digest.String()
-	l, err := r.puller.Layer(ctx, r.repo.Digest(d.Digest.String()))
+	l, err := r.puller.Layer(withBlob(ctx, d), r.repo.Digest(d.Digest.String()))
 	if err != nil {
 		return nil, r.explain(err, what)
 	}

@@ -16,6 +16,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -216,26 +217,56 @@ func (t *hopTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			break
 		}
 		resp.Body = &cappedBody{rc: resp.Body, left: maxErrorBody, truncate: true}
-	case !isBlobRequest(req):
-		resp.Body = &cappedBody{rc: resp.Body, left: maxResponseSize, host: req.URL.Host}
+	default:
+		limit, ok := blobLimit(req)
+		if !ok {
+			limit = maxResponseSize
+		}
+		resp.Body = &cappedBody{rc: resp.Body, left: limit, limit: limit, host: req.URL.Host}
 	}
 	return resp, nil
 }
 
-// isBlobRequest reports whether req, or the request whose redirect led to
-// it, asked for a blob: blob bodies are bounded by their descriptors.
-func isBlobRequest(req *http.Request) bool {
+type blobKey struct{}
+
+// blobWant is the blob a fetch is for.
+type blobWant struct {
+	path string // "/blobs/<digest>", the end of its URL's path
+	size int64
+}
+
+// withBlob marks ctx as the fetch of the blob d: its answer may run to
+// d's size. Every other answer (manifests, token answers, which
+// go-containerregistry reads whole, also when the token is asked for in
+// the middle of a blob fetch) is held to maxResponseSize.
+func withBlob(ctx context.Context, d v1.Descriptor) context.Context {
+	return context.WithValue(ctx, blobKey{}, blobWant{path: "/blobs/" + d.Digest.String(), size: d.Size})
+}
+
+// blobLimit returns the size of the blob req fetches: req, or the request
+// whose redirect led to it, asks for the blob its context is marked with.
+// A URL's path alone does not make a blob request (a token realm may have
+// "/blobs/" in it too).
+func blobLimit(req *http.Request) (int64, bool) {
+	w, ok := req.Context().Value(blobKey{}).(blobWant)
+	if !ok || w.size < 0 {
+		return 0, false
+	}
 	for req.Response != nil && req.Response.Request != nil {
 		req = req.Response.Request
 	}
-	return strings.Contains(req.URL.Path, "/blobs/")
+	if !strings.HasSuffix(req.URL.Path, w.path) {
+		return 0, false
+	}
+	return w.size, true
 }
 
 // cappedBody reads at most left bytes: past that it ends the body
-// (truncate) or fails naming the host.
+// (truncate) or fails naming the host and the limit.
 type cappedBody struct {
 	rc       io.ReadCloser
 	left     int64
+	limit    int64
 	truncate bool
 	host     string
 }
@@ -252,7 +283,7 @@ func (c *cappedBody) Read(p []byte) (int, error) {
 		if n, _ := c.rc.Read(one[:]); n == 0 {
 			return 0, io.EOF
 		}
-		return 0, fmt.Errorf("the answer from %s is larger than %d bytes: %w", c.host, maxResponseSize, errResponseTooLarge)
+		return 0, fmt.Errorf("the answer from %s is larger than %d bytes: %w", c.host, c.limit, errResponseTooLarge)
 	}
 	if int64(len(p)) > c.left {
 		p = p[:c.left]
