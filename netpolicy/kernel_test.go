@@ -16,6 +16,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // TestMain checks, after the tests, that nothing of theirs is left on the
@@ -730,4 +731,81 @@ func TestKernelDNSTCPConnLimit(t *testing.T) {
 			return nil
 		})
 	}))
+}
+
+// TestKernelBroadcastAndMulticastToTheNode: even with every address
+// allowlisted for a port, datagrams to the limited broadcast address, the
+// broadcast address of the sandbox's own link and of another link of the
+// node, and to the all-hosts multicast group never reach a listener of the
+// node on that port.
+func TestKernelBroadcastAndMulticastToTheNode(t *testing.T) {
+	ktRequireRoot(t)
+	srv := ktStartServer(t, 8)
+	pc, err := net.ListenPacket("udp4", "0.0.0.0:0")
+	ktMust(t, err)
+	t.Cleanup(func() { pc.Close() })
+	port := uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+	got := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			got <- fmt.Sprintf("%q from %s", buf[:n], from)
+		}
+	}()
+	// Control: the listener hears a datagram from the node itself.
+	c, err := net.Dial("udp4", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String())
+	ktMust(t, err)
+	c.Write([]byte("control"))
+	c.Close()
+	select {
+	case <-got:
+	case <-time.After(ktTimeout):
+		t.Fatal("control: the listener heard nothing")
+	}
+
+	m := ktManager(t, "", nil)
+	const id = "alloc-1/task-bcast"
+	sb, err := m.Create(context.Background(), id, ktEntries(t, fmt.Sprintf("0.0.0.0/0:%d/udp", port)))
+	ktMust(t, err)
+	t.Cleanup(func() {
+		if err := m.Destroy(id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	ownBcast := netip.PrefixFrom(sb.Addr.Addr(), sb.Addr.Bits()).Masked().Addr()
+	for i := 0; i < 1<<(32-sb.Addr.Bits())-1; i++ {
+		ownBcast = ownBcast.Next()
+	}
+	other := srv.hostAddr.As4()
+	other[3] |= 3 // the broadcast address of its /30
+	targets := []netip.Addr{
+		netip.MustParseAddr("255.255.255.255"),
+		ownBcast,
+		netip.AddrFrom4(other),
+		netip.MustParseAddr("224.0.0.1"),
+	}
+	ktMust(t, ktIn(sb.Netns, func() error {
+		for _, dst := range targets {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+			if err != nil {
+				return err
+			}
+			unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1)
+			err = unix.Sendto(fd, []byte("from the sandbox to "+dst.String()), 0, &unix.SockaddrInet4{Port: int(port), Addr: dst.As4()})
+			unix.Close(fd)
+			if err != nil {
+				t.Logf("send to %s: %v", dst, err)
+			}
+		}
+		return nil
+	}))
+	select {
+	case s := <-got:
+		t.Fatalf("the node's listener got %s", s)
+	case <-time.After(ktTimeout):
+	}
 }
