@@ -91,6 +91,10 @@ func TestPluginConfig_ParseHCLAndDefaults(t *testing.T) {
 		DNSServers:        []string{},
 		NetworkSubnet:     "10.89.0.0/16",
 		TracePoints:       []string{"exec", "connect", "exit"},
+		MaxEgressEntries:  256,
+		DefaultDiskLimit:  "1GiB",
+		MaxDiskLimit:      "16GiB",
+		DiskDir:           "/var/lib/nomad-sandbox/disks",
 	}, pc)
 	must.NoError(t, pc.Validate())
 
