@@ -176,6 +176,11 @@ func (d *Driver) killStrays(stray func(id string) bool) {
 		id := runtime.ContainerOf(root, args)
 		return id != "" && stray(id)
 	}) {
+		if p.Uid != 0 {
+			// Another user's process dressed as ours: killing it, or
+			// the cgroups its argv names, is not for its argv to decide.
+			continue
+		}
 		if err := p.Kill(10 * time.Second); err != nil {
 			d.logger.Warn("failed to kill leftover process", "pid", p.Pid, "args", p.Args, "error", err)
 			continue

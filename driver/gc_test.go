@@ -4,9 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/shoenig/test/must"
 	"golang.org/x/sys/unix"
@@ -121,6 +124,56 @@ func TestDriver_SweepStraysWithoutStateDir(t *testing.T) {
 			e.driver = fresh
 			fresh.sweep(context.Background(), false)
 			e.assertGone(t, tr)
+		})
+	}
+}
+
+// TestDriver_SweepIgnoresOtherUsersLookalikes: anyone can run a process
+// whose argv reads like one of this driver's sandboxes. The sweep kills such
+// a process, and removes the cgroup it names, only when it is root's (the
+// control); another user's lookalike, naming the cgroup of a sandbox that is
+// not this driver's, is left alone, and so is that cgroup.
+func TestDriver_SweepIgnoresOtherUsersLookalikes(t *testing.T) {
+	e := newTestEnv(t, nil)
+	for _, c := range []struct {
+		name string
+		uid  uint32
+		gone bool
+	}{
+		{"root", 0, true},
+		{"nobody", 65534, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			id := fmt.Sprintf("nomad-lookalike-%s-%d", c.name, os.Getpid())
+			cg := filepath.Join(runtime.CgroupRoot, "memory", "nomad-sandbox", id)
+			must.NoError(t, os.MkdirAll(cg, 0o755))
+			t.Cleanup(func() { _ = unix.Rmdir(cg) })
+			cmd := exec.Command("/bin/sh", "-c", "sleep 600; exit 0", "runsc-sandbox", "--root="+filepath.Clean(e.config.RunscRoot), "boot", id)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: &syscall.Credential{Uid: c.uid, Gid: c.uid}}
+			must.NoError(t, cmd.Start())
+			exited := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(exited) }()
+			t.Cleanup(func() {
+				_ = unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+				<-exited
+			})
+
+			e.driver.sweep(context.Background(), true)
+
+			_, err := os.Stat(cg)
+			if c.gone {
+				select {
+				case <-exited:
+				case <-time.After(10 * time.Second):
+					t.Fatal("root's leftover sandbox process was not killed")
+				}
+				must.True(t, os.IsNotExist(err), must.Sprint("the cgroup a killed leftover named was kept"))
+				return
+			}
+			// Alive, not a zombie: its command line is still there.
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
+			must.StrContains(t, string(b), id, must.Sprint("another user's process was killed"))
+			must.NoError(t, err, must.Sprint("the cgroup another user's process named was removed"))
 		})
 	}
 }

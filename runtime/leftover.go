@@ -122,10 +122,13 @@ func cgroupPids(dir string) []int {
 	return pids
 }
 
-// Process is a running process and its argv.
+// Process is a running process, its argv and its effective uid.
 type Process struct {
 	Pid  int
 	Args []string
+	// Uid matters because anyone can make a process with any argv: only
+	// root's processes can be the driver's.
+	Uid uint32
 }
 
 // Processes lists the processes for which match is true (a process that
@@ -147,9 +150,14 @@ func Processes(match func(args []string) bool) []Process {
 			continue
 		}
 		args := strings.Split(string(bytes.TrimRight(b, "\x00")), "\x00")
-		if match(args) {
-			out = append(out, Process{Pid: pid, Args: args})
+		if !match(args) {
+			continue
 		}
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join("/proc", e.Name()), &st) != nil {
+			continue
+		}
+		out = append(out, Process{Pid: pid, Args: args, Uid: st.Uid})
 	}
 	return out
 }
