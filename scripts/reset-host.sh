@@ -9,7 +9,9 @@
 #               bin/runsc (sandboxes, gofers) and of any other runsc whose
 #               --root is one of ours
 #   mounts      anything mounted under the directories below or on one of
-#               our network namespaces
+#               our network namespaces, and the disk_limit overlays over
+#               task directories (source nomad-sandbox-disk:*; their loop
+#               devices detach themselves once unmounted)
 #   directories /run/nomad-sandbox (state_dir, runsc_root), /run/nomad-driver-sandbox,
 #               /var/lib/nomad-sandbox (image cache, demo rootfs),
 #               /var/log/nomad-sandbox
@@ -58,7 +60,11 @@ for _ in $(seq 50); do
 	sleep 0.1
 done
 
-# 2. Mounts under our directories and on our namespaces, deepest first.
+# 2. Disk overlays over task directories (wherever Nomad's data dir is),
+# then mounts under our directories and on our namespaces, deepest first.
+awk '$1 ~ /^nomad-sandbox-disk:/ {print $2}' /proc/mounts | sort -r | while read -r m; do
+	say "unmounting $m"; umount -l "$m" 2>/dev/null
+done
 awk '{print $2}' /proc/mounts | sort -r | while read -r m; do
 	for d in "${dirs[@]}"; do
 		case "$m" in "$d"/*|"$d") say "unmounting $m"; umount -l "$m" 2>/dev/null ;; esac
