@@ -484,6 +484,9 @@ func TestDriver_CrashMatrix(t *testing.T) {
 			tc.Rootfs = e.rootfs
 			cfg, cleanup := e.task(t, "crash", tc)
 			defer cleanup()
+			// When a cell fails half-way: what the env's own cleanup
+			// does not know of (cgroups of every hierarchy, processes).
+			t.Cleanup(func() { e.forceRemove(sandboxID(cfg)) })
 			cfg.Env = secretEnv
 			var h *drivers.TaskHandle
 			var ch *child
@@ -515,6 +518,27 @@ func TestDriver_CrashMatrix(t *testing.T) {
 			e.assertGone(t, tr)
 		})
 	}
+}
+
+// forceRemove removes what a task may have left, by its sandbox id, without
+// the code under test's sweep.
+func (e *testEnv) forceRemove(id string) {
+	root := filepath.Clean(e.config.RunscRoot)
+	dir := filepath.Join(e.config.StateDir, id)
+	for _, p := range runtime.Processes(func(args []string) bool {
+		return runtime.SupervisorOf(args) == dir || runtime.ContainerOf(root, args) == id
+	}) {
+		_ = unix.Kill(p.Pid, unix.SIGKILL)
+	}
+	_ = e.driver.runsc.Delete(context.Background(), id, runtime.DeleteOpts{Force: true})
+	_, _ = runtime.RemoveCgroupEverywhere(taskCgroup(id).Path)
+	_ = e.driver.net.Destroy(id)
+	_ = runtime.UnmountDisk(dir)
+	mounts, _ := runtime.MountsUnder(dir)
+	for _, mp := range mounts {
+		_ = unix.Unmount(mp, unix.MNT_DETACH)
+	}
+	_ = os.RemoveAll(dir)
 }
 
 // assertNoSecret fails if any file under dir holds secret.
