@@ -99,6 +99,7 @@ func TestDriver_SweepStraysWithoutStateDir(t *testing.T) {
 			e := newTestEnv(t, nil)
 			cfg, cleanup := e.task(t, "stray", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo ready; while :; do sleep 0.05; done`}}))
 			defer cleanup()
+			t.Cleanup(func() { e.forceRemove(sandboxID(cfg)) })
 			_, _, err := e.harness.StartTask(cfg)
 			must.NoError(t, err)
 			waitLog(t, cfg, "stdout", has("ready"))
