@@ -18,6 +18,10 @@ import (
 // and tables before the task gets any.
 const minDiskLimit = 8 << 20
 
+// minDiskInodes is the fewest inodes a task's disk is made with (ext4
+// needs some for itself).
+const minDiskInodes = 64
+
 // parseDiskLimit parses a plugin disk setting, where "0" or "" means none.
 func parseDiskLimit(field, s string) (int64, error) {
 	if s == "" || s == "0" {
@@ -122,8 +126,20 @@ func (d *Driver) diskImage(cfg *drivers.TaskConfig) string {
 // state directory dir. The image is recorded with its task directory first,
 // so that the sweep removes it once Nomad removes the allocation.
 func (d *Driver) mountDisk(ctx context.Context, cfg *drivers.TaskConfig, dir string, lim taskLimits) error {
-	disk := &runtime.Disk{Image: d.diskImage(cfg), SizeBytes: lim.diskBytes, Inodes: lim.diskInodes}
 	td := cfg.TaskDir()
+	// Everything in local/ counts: what Nomad put there and what earlier
+	// runs of the task wrote (copied back when they ended), so restarts
+	// cannot add up to more than the limit.
+	used, entries, err := runtime.DirUsage(td.LocalDir)
+	if err != nil {
+		return fmt.Errorf("measure local/: %w", err)
+	}
+	disk := &runtime.Disk{Image: d.diskImage(cfg), SizeBytes: lim.diskBytes - used, Inodes: lim.diskInodes - entries, LimitBytes: lim.diskBytes}
+	if disk.SizeBytes < minDiskLimit || disk.Inodes < minDiskInodes {
+		return fmt.Errorf("local/ holds %s in %d files already (artifacts, templates, what earlier runs wrote), too much of the task's %s and %d inodes: raise disk_limit (or disk_inodes)", runtime.FormatSize(used), entries, runtime.FormatSize(lim.diskBytes), lim.diskInodes)
+	}
+	disk.SizeBytes -= disk.SizeBytes % 4096
+	disk.Inodes = min(disk.Inodes, runtime.MaxInodes(disk.SizeBytes))
 	if err := os.MkdirAll(d.config.diskDir(), 0o700); err != nil {
 		return fmt.Errorf("disk_dir: %w", err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/shoenig/test/wait"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 // diskEnv is a driver whose disk images and audit log are the test's.
@@ -139,9 +140,14 @@ func TestDisk_NomadFilesRestartAndCleanup(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, "written\n", string(b))
 	must.NoError(t, e.harness.DestroyTask(cfg.ID, true))
+	// After the end, local/ on the host holds what the task wrote (Nomad
+	// shows it), and the image is gone.
+	b, err = os.ReadFile(filepath.Join(cfg.TaskDir().LocalDir, "mine"))
+	must.NoError(t, err)
+	must.Eq(t, "written\n", string(b))
 	image := e.driver.diskImage(cfg)
 	_, err = os.Stat(image)
-	must.NoError(t, err, must.Sprint("the image is kept for a restart"))
+	must.True(t, os.IsNotExist(err), must.Sprintf("image left after the task ended: %v", err))
 	assertNoDiskLeft(t, filepath.Dir(e.config.DiskDir))
 
 	// A restart: same allocation and task, a new task ID.
@@ -154,14 +160,75 @@ func TestDisk_NomadFilesRestartAndCleanup(t *testing.T) {
 		return string(b) == "written\nagain\n"
 	}), wait.Timeout(15*time.Second), wait.Gap(20*time.Millisecond)), must.Sprint("the restarted task did not see what it wrote before"))
 	must.NoError(t, e.harness.DestroyTask(cfg.ID, true))
+	b, err = os.ReadFile(filepath.Join(cfg.TaskDir().LocalDir, "mine"))
+	must.NoError(t, err)
+	must.Eq(t, "written\nagain\n", string(b))
 
-	// Nomad removes the allocation: the sweep removes the image.
+	// An image whose copy failed is kept with its task directory; once
+	// Nomad removes that, the sweep removes the image.
+	must.NoError(t, os.WriteFile(image, nil, 0o600))
+	must.NoError(t, runtime.WriteImageOwner(image, cfg.TaskDir().Dir))
+	e.driver.sweep(t.Context(), false)
+	_, err = os.Stat(image)
+	must.NoError(t, err, must.Sprint("the sweep removed the image of a task directory that is still there"))
 	cleanup()
-	_, err = os.Stat(cfg.TaskDir().Dir)
-	must.True(t, os.IsNotExist(err))
 	e.driver.sweep(t.Context(), false)
 	_, err = os.Stat(image)
 	must.True(t, os.IsNotExist(err), must.Sprintf("image left after its task directory went: %v", err))
+}
+
+// What the task leaves in local/ is copied back to the host when it ends,
+// and the copy is no bigger on the node's disk than the task's disk: a 1
+// TiB sparse file stays sparse, 200 hard links to one 4 MiB file stay one
+// file; a link to a host file is copied as a link (never followed), set-id
+// bits are dropped, FIFOs and devices left out, and restarts cannot add up
+// past the limit.
+func TestDisk_CopyBackIsBounded(t *testing.T) {
+	e := diskEnv(t, nil)
+	script := `cd /local
+dd if=/dev/zero of=sparse bs=1 count=1 seek=1099511627775 2>/dev/null
+dd if=/dev/zero of=big bs=1M count=4 2>/dev/null
+i=0; while [ $i -lt 200 ]; do ln big l$i; i=$((i+1)); done
+ln -s /etc/shadow shadow
+echo x > suid; chmod 4755 suid
+mkfifo fifo
+echo done`
+	cfg, cleanup := e.task(t, "bounded", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, DiskLimit: "16MiB"}))
+	defer cleanup()
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode, must.Sprintf("stderr: %s", readLog(cfg, "stderr")))
+	local := cfg.TaskDir().LocalDir
+	used, _, err := runtime.DirUsage(local)
+	must.NoError(t, err)
+	must.Less(t, int64(16<<20), used, must.Sprint("the copy took more of the node's disk than the task's disk"))
+	fi, err := os.Stat(filepath.Join(local, "sparse"))
+	must.NoError(t, err)
+	must.Eq(t, int64(1<<40), fi.Size())
+	big, err := os.Stat(filepath.Join(local, "big"))
+	must.NoError(t, err)
+	l7, err := os.Stat(filepath.Join(local, "l7"))
+	must.NoError(t, err)
+	must.True(t, os.SameFile(big, l7), must.Sprint("hard links were copied as separate files"))
+	to, err := os.Readlink(filepath.Join(local, "shadow"))
+	must.NoError(t, err)
+	must.Eq(t, "/etc/shadow", to)
+	fi, err = os.Stat(filepath.Join(local, "suid"))
+	must.NoError(t, err)
+	must.Eq(t, os.FileMode(0o755), fi.Mode())
+	_, err = os.Lstat(filepath.Join(local, "fifo"))
+	must.True(t, os.IsNotExist(err))
+
+	// A restart gets what is left of the limit: 8 MiB more does not fit.
+	cfg.ID += "-2"
+	tc := readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", "dd if=/dev/zero of=/local/more bs=1M count=12; echo dd=$? > /local/rc"}, DiskLimit: "16MiB", Rootfs: e.rootfs, Tmpfs: []string{"/tmp"}})
+	must.NoError(t, cfg.EncodeConcreteDriverConfig(&tc))
+	e.run(cfg)
+	rc, err := os.ReadFile(filepath.Join(local, "rc"))
+	must.NoError(t, err)
+	must.StrNotContains(t, string(rc), "dd=0")
+	used, _, err = runtime.DirUsage(local)
+	must.NoError(t, err)
+	must.Less(t, int64(16<<20), used, must.Sprint("restarts added up past the limit"))
 }
 
 func TestDisk_RefusedAboveMax(t *testing.T) {

@@ -24,10 +24,11 @@ import (
 // kernel refuses a block beyond it with ENOSPC however fast the task
 // writes, so nothing overshoots. The task's local/ becomes an overlay whose
 // upper layer is on that file system and whose lower layer is what Nomad
-// put there before the start (artifacts, templates): nothing is copied, what
-// the task writes counts, and the overlay is mounted over the host's local/
-// so that Nomad (alloc fs, templates re-rendered while the task runs) sees
-// what the sandbox sees.
+// put there before the start (artifacts, templates): nothing is copied at
+// the start, and the overlay is mounted over the host's local/ so that Nomad
+// (alloc fs, templates re-rendered while the task runs) sees what the
+// sandbox sees. When the sandbox is gone, the overlay's content is copied
+// back into a plain local/ (see copyBack) and the image removed.
 
 const (
 	// DiskFile, in a task's state directory, records its mounted disk
@@ -50,20 +51,23 @@ const (
 
 // Disk is the size-limited file system of one task.
 type Disk struct {
-	// Image is the image file's path; it is kept across restarts of the
-	// task (a restarted task sees what it wrote before).
+	// Image is the image file's path.
 	Image string
-	// SizeBytes and Inodes are the limits it is made with.
+	// SizeBytes and Inodes are what it is made with: the task's limits
+	// less what its local/ holds already.
 	SizeBytes int64
 	Inodes    int64
+	// LimitBytes is the task's disk_limit, for messages.
+	LimitBytes int64
 }
 
 // DiskRecord is DiskFile.
 type DiskRecord struct {
 	Image     string `json:"image"`
 	Target    string `json:"target"`
-	SizeBytes int64  `json:"size_bytes"`
-	Inodes    int64  `json:"inodes"`
+	SizeBytes  int64  `json:"size_bytes"`
+	Inodes     int64  `json:"inodes"`
+	LimitBytes int64  `json:"limit_bytes"`
 }
 
 // DefaultInodes is the inode count of a disk of size bytes whose task set
@@ -104,17 +108,16 @@ func ParseSize(field, s string) (int64, error) {
 }
 
 // Prepare makes the image when it does not exist yet: a sparse file of
-// SizeBytes formatted ext4 with Inodes inodes. An image that exists is
-// reused when it is a regular file of exactly SizeBytes (the task's limit
-// cannot change under a restart, but a job update can: a changed size is an
-// error that says so). The directory holding images is the operator's.
+// SizeBytes formatted ext4 with Inodes inodes. An image that exists (its
+// content could not be copied back when the task last ended) is used again.
+// The directory holding images is the operator's.
 func (d *Disk) Prepare(ctx context.Context) (created bool, err error) {
 	fi, err := os.Lstat(d.Image)
 	switch {
-	case err == nil && fi.Mode().IsRegular() && fi.Size() == d.SizeBytes:
+	case err == nil && fi.Mode().IsRegular():
 		return false, nil
 	case err == nil:
-		return false, fmt.Errorf("disk image %s exists with another size or type (%v, %d bytes): the task's disk_limit changed; stop the allocation to start over", d.Image, fi.Mode().Type(), fi.Size())
+		return false, fmt.Errorf("disk image %s is not a regular file (%v): remove it", d.Image, fi.Mode().Type())
 	case !errors.Is(err, os.ErrNotExist):
 		return false, fmt.Errorf("disk image: %w", err)
 	}
@@ -170,7 +173,7 @@ func (d *Disk) Mount(dir, root, rel string) error {
 		return fmt.Errorf("task directory %s is not a directory", rel)
 	}
 	target := filepath.Join(root, rel)
-	if err := atomicfile.WriteJSON(filepath.Join(dir, DiskFile), DiskRecord{Image: d.Image, Target: target, SizeBytes: d.SizeBytes, Inodes: d.Inodes}, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(dir, DiskFile), DiskRecord{Image: d.Image, Target: target, SizeBytes: d.SizeBytes, Inodes: d.Inodes, LimitBytes: d.LimitBytes}, 0o600); err != nil {
 		return err
 	}
 	mnt := filepath.Join(dir, diskMountDir)
@@ -266,9 +269,12 @@ func ReadDiskRecord(dir string) *DiskRecord {
 	return &r
 }
 
-// UnmountDisk removes the task's overlay from its local/ and unmounts its
-// file system (whose loop device then detaches itself); the image stays
-// for a restart. Safe to call for a disk partly or wholly unmounted.
+// UnmountDisk copies what the task's local/ holds back to the host
+// directory, removes the task's overlay from it and unmounts its file
+// system (whose loop device then detaches itself), then removes the image.
+// It must be called only when the sandbox is gone. When the copy fails, the
+// image is kept (a restart uses it again; the sweep removes it with the
+// task directory). Safe to call for a disk partly or wholly unmounted.
 func UnmountDisk(dir string) error {
 	rec := ReadDiskRecord(dir)
 	if rec == nil {
@@ -277,11 +283,29 @@ func UnmountDisk(dir string) error {
 	var errs []error
 	// Only an overlay of this task's own: whatever else is mounted there
 	// is not ours to remove.
-	if src, err := mountSource(rec.Target); err == nil && src == overlaySourcePrefix+filepath.Base(dir) {
+	ours := func() bool {
+		src, err := mountSource(rec.Target)
+		return err == nil && src == overlaySourcePrefix+filepath.Base(dir)
+	}
+	unmountOverlay := func() error {
 		if err := unix.Unmount(rec.Target, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
 			// Busy (Nomad reading it): detached now, freed when done.
 			if err := unix.Unmount(rec.Target, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
-				errs = append(errs, fmt.Errorf("unmount disk overlay %s: %w", rec.Target, err))
+				return fmt.Errorf("unmount disk overlay %s: %w", rec.Target, err)
+			}
+		}
+		return nil
+	}
+	copied := false
+	if ours() {
+		if err := copyBack(rec.Target, unmountOverlay); err != nil {
+			errs = append(errs, err)
+		} else {
+			copied = true
+		}
+		if ours() {
+			if err := unmountOverlay(); err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}
@@ -289,6 +313,11 @@ func UnmountDisk(dir string) error {
 	if err := unix.Unmount(mnt, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		if err := unix.Unmount(mnt, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
 			errs = append(errs, fmt.Errorf("unmount disk %s: %w", mnt, err))
+		}
+	}
+	if copied && len(errs) == 0 {
+		if err := RemoveImage(rec.Image); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
@@ -333,7 +362,7 @@ func DiskFull(dir string) string {
 	case st.Ffree == 0:
 		return fmt.Sprintf("inode limit reached: local/ holds its %d files and directories (disk_inodes)", rec.Inodes)
 	case free < max(256<<10, int64(st.Blocks)*st.Bsize/100):
-		return fmt.Sprintf("disk limit reached: local/ is full at %s (disk_limit)", FormatSize(rec.SizeBytes))
+		return fmt.Sprintf("disk limit reached: local/ is full at %s (disk_limit)", FormatSize(rec.LimitBytes))
 	}
 	return ""
 }
