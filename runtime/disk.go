@@ -63,8 +63,8 @@ type Disk struct {
 
 // DiskRecord is DiskFile.
 type DiskRecord struct {
-	Image     string `json:"image"`
-	Target    string `json:"target"`
+	Image      string `json:"image"`
+	Target     string `json:"target"`
 	SizeBytes  int64  `json:"size_bytes"`
 	Inodes     int64  `json:"inodes"`
 	LimitBytes int64  `json:"limit_bytes"`
