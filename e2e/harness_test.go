@@ -608,6 +608,15 @@ func (h *harness) leftovers(prefix string) []string {
 	for _, cg := range h.sandboxCgroups(prefix) {
 		out = append(out, "cgroup "+cg)
 	}
+	// A task's disk (disk_limit): the overlay over its local/ is named
+	// after its sandbox.
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, " nomad-sandbox-disk:"+prefix) {
+				out = append(out, "disk overlay "+line)
+			}
+		}
+	}
 	return out
 }
 
