@@ -88,7 +88,7 @@ echo done
 func TestHostile_RootfsReadOnlyEverywhere(t *testing.T) {
 	e := newTestEnv(t, nil)
 
-	check := func(t *testing.T, cfg *drivers.TaskConfig, rootfs string) {
+	check := func(t *testing.T, e *testEnv, cfg *drivers.TaskConfig, rootfs string) {
 		// runsc makes the mount points of the binds it is given, empty,
 		// where the rootfs lacks them; made here, they are part of what
 		// must not change.
@@ -121,7 +121,21 @@ func TestHostile_RootfsReadOnlyEverywhere(t *testing.T) {
 		}))
 		defer cleanup()
 		rootfs := testutil.MakeRootfs(t, filepath.Join(cfg.TaskDir().LocalDir, "rootfs"))
-		check(t, cfg, rootfs)
+		check(t, e, cfg, rootfs)
+	})
+
+	t.Run("local/rootfs under a disk limit", func(t *testing.T) {
+		// local/ is then an overlay whose writes are copied back into
+		// the task directory when the task ends.
+		ed := newTestEnv(t, func(pc *PluginConfig) { pc.DefaultDiskLimit = "256MiB" })
+		cfg, cleanup := ed.task(t, "rootfs-disk", readonlyDefault(TaskConfig{
+			Rootfs:  "local/rootfs",
+			Command: "/bin/sh",
+			Args:    []string{"-c", rewriteScript("/local/rootfs", "/local")},
+		}))
+		defer cleanup()
+		rootfs := testutil.MakeRootfs(t, filepath.Join(cfg.TaskDir().LocalDir, "rootfs"))
+		check(t, ed, cfg, rootfs)
 	})
 
 	t.Run("host rootfs in a writable volume", func(t *testing.T) {
@@ -132,7 +146,7 @@ func TestHostile_RootfsReadOnlyEverywhere(t *testing.T) {
 		}))
 		defer cleanup()
 		cfg.Mounts = []*drivers.MountConfig{{TaskPath: "/vol", HostPath: filepath.Dir(e.rootfs)}}
-		check(t, cfg, e.rootfs)
+		check(t, e, cfg, e.rootfs)
 	})
 }
 
