@@ -1,6 +1,8 @@
 package runtime
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -58,12 +60,15 @@ func DirUsage(dir string) (bytes, entries int64, err error) {
 // overlay between the copy and the swap.
 func copyBack(target string, unmount func() error) error {
 	parent, base := filepath.Dir(target), filepath.Base(target)
-	tmp, old := "."+base+".sandbox-new", "."+base+".sandbox-old"
-	for _, n := range []string{tmp, old} {
-		if err := os.RemoveAll(filepath.Join(parent, n)); err != nil {
-			return err
-		}
+	// Names nobody can guess: the job's templates may write anywhere in
+	// the task directory, and must not be able to put a link where the
+	// copy will be renamed from. A crash leaves them to Nomad, which
+	// removes the task directory with the allocation.
+	var r [8]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		return err
 	}
+	tmp, old := "."+base+".sandbox-new-"+hex.EncodeToString(r[:]), "."+base+".sandbox-old-"+hex.EncodeToString(r[:])
 	var rootSt unix.Stat_t
 	if err := unix.Stat(target, &rootSt); err != nil {
 		return err
