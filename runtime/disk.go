@@ -381,7 +381,9 @@ func FormatSize(n int64) string {
 }
 
 // DiskImages lists the image files in dir with the task directory each was
-// made for (read from its name's record), for the sweep.
+// made for (read from its name's record), for the sweep. A record without
+// its image (a start that failed before making it) is listed as the image
+// it names.
 func DiskImages(dir string) (map[string]string, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -393,6 +395,9 @@ func DiskImages(dir string) (map[string]string, error) {
 	out := map[string]string{}
 	for _, e := range entries {
 		name := e.Name()
+		if rec, ok := strings.CutSuffix(name, ".json"); ok {
+			name = rec + ".img"
+		}
 		if !strings.HasSuffix(name, ".img") {
 			continue
 		}
