@@ -88,6 +88,8 @@ type Policy struct {
 	CPUShares      uint64   `json:"cpu_shares,omitempty"`
 	Cpuset         string   `json:"cpuset,omitempty"`
 	PidsLimit      int64    `json:"pids_limit,omitempty"`
+	DiskLimit      int64    `json:"disk_limit_bytes,omitempty"`
+	DiskInodes     int64    `json:"disk_inodes,omitempty"`
 	Timeout        string   `json:"timeout,omitempty"`
 	Network        string   `json:"network"`
 	Egress         []string `json:"egress,omitempty"`

@@ -56,6 +56,8 @@ func auditPolicy(rec *audit.Record, id string, bc *runtime.BundleConfig, lim tas
 		CPUShares:      bc.Resources.CPUShares,
 		Cpuset:         bc.Resources.CpusetCpus,
 		PidsLimit:      lim.pids,
+		DiskLimit:      lim.diskBytes,
+		DiskInodes:     lim.diskInodes,
 		Network:        "none", // launch sets what the sandbox got
 		Egress:         egressStrings(lim.egress),
 		Mounts: []audit.Mount{

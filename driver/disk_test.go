@@ -118,6 +118,8 @@ func TestDisk_WritersStopAtTheLimit(t *testing.T) {
 
 	recs := exitRecords(t, e.config.AuditLog)
 	must.StrContains(t, recs[fast.ID].DiskLimitReached, "disk limit reached")
+	must.Eq(t, 16<<20, recs[fast.ID].Policy.DiskLimit)
+	must.Eq(t, 1024, recs[fast.ID].Policy.DiskInodes)
 	must.StrContains(t, recs[small.ID].DiskLimitReached, "inode limit reached")
 	must.Eq(t, "", recs[nb.ID].DiskLimitReached)
 }
