@@ -140,7 +140,7 @@ func (d *Disk) Prepare(ctx context.Context) (created bool, err error) {
 		// No reserved blocks (the limit is all the task's), no discard
 		// (the file is sparse already), inode tables left uninitialised
 		// so that formatting writes little and the image stays sparse.
-		cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-m", "0",
+		cmd := exec.CommandContext(ctx, mkfsPath(), "-q", "-F", "-m", "0",
 			"-N", strconv.FormatInt(d.Inodes, 10), "-I", strconv.Itoa(ext4InodeSize),
 			"-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", tmp)
 		if out, cerr := cmd.CombinedOutput(); cerr != nil {
@@ -155,6 +155,20 @@ func (d *Disk) Prepare(ctx context.Context) (created bool, err error) {
 		return false, fmt.Errorf("disk image %s: %w", d.Image, err)
 	}
 	return true, nil
+}
+
+// mkfsPath finds mkfs.ext4 (e2fsprogs): in PATH, else where Debian puts it,
+// since an agent started by an init system may have no sbin in its PATH.
+func mkfsPath() string {
+	if p, err := exec.LookPath("mkfs.ext4"); err == nil {
+		return p
+	}
+	for _, p := range []string{"/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"} {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return "mkfs.ext4 (not found: install e2fsprogs)"
 }
 
 // Mount mounts the disk's file system in the state directory dir and an
