@@ -119,7 +119,12 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create task state: %w", err)
 	}
-	cu := cleanup.Make(func() { _ = os.RemoveAll(dir) })
+	cu := cleanup.Make(func() {
+		// Never down into a task path still pinned there.
+		if runtime.UnpinPaths(dir) == nil {
+			_ = os.RemoveAll(dir)
+		}
+	})
 	defer cu.Clean()
 
 	bundle := filepath.Join(dir, runtime.BundleDir)
@@ -190,7 +195,10 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf(dns, search, opts), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
 	}
-	if err := runtime.WriteBundle(bundle, bc); err != nil {
+	// runsc is to open exactly the task paths checked here, whatever
+	// the node's other users do to them meanwhile.
+	cu.Add(func() { _ = runtime.UnpinPaths(dir) })
+	if err := runtime.WritePinnedBundle(bundle, bc, realPath(cfg.AllocDir), dir); err != nil {
 		return nil, nil, err
 	}
 
@@ -239,6 +247,12 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	defer cancel()
 	if err := sup.Start(ctx, spec); err != nil {
 		return nil, nil, err
+	}
+	// runsc has bound the task's paths into the sandbox: the pins have
+	// done their work, and the state directory holds none of the task's
+	// directories from here on (what fails here, removeSandbox retries).
+	if err := runtime.UnpinPaths(dir); err != nil {
+		d.logger.Warn("failed to remove the task's path pins", "sandbox_id", id, "error", err)
 	}
 	d.crashPoint(crashBeforeHandle)
 	st := taskState{SandboxID: id, StateDir: dir, StartedAt: time.Now().UTC()}
@@ -371,11 +385,11 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		User:           user,
 		Caps:           tc.CapAdd,
 		Hostname:       hostname,
-		Dirs:           runtime.TaskDirs{Alloc: realPath(td.SharedAllocDir), Local: realPath(td.LocalDir), Secrets: realPath(td.SecretsDir), Logs: logDir(td.LogDir)},
+		Dirs:           runtime.TaskDirs{Alloc: allocPath(cfg, td.SharedAllocDir), Local: allocPath(cfg, td.LocalDir), Secrets: allocPath(cfg, td.SecretsDir), Logs: logDir(cfg, td.LogDir)},
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}
-	if bc.Pinned, err = pinnedFiles(td.SecretsDir, "/secrets"); err != nil {
+	if bc.Pinned, err = pinnedFiles(allocPath(cfg, td.SecretsDir), "/secrets"); err != nil {
 		return nil, err
 	}
 	bc.Resources.PidsLimit = lim.pids
@@ -539,18 +553,31 @@ func pinnedFiles(dir, taskPath string) ([]runtime.HostMount, error) {
 		if !fi.Mode().IsRegular() {
 			return nil, fmt.Errorf("secrets/%s is not a regular file (%v): Nomad writes its token there; remove what replaced it", name, fi.Mode().Type())
 		}
-		pinned = append(pinned, runtime.HostMount{HostPath: filepath.Join(realPath(dir), name), TaskPath: taskPath + "/" + name, Readonly: true})
+		pinned = append(pinned, runtime.HostMount{HostPath: filepath.Join(dir, name), TaskPath: taskPath + "/" + name, Readonly: true})
 	}
 	return pinned, nil
 }
 
 // logDir is the allocation's log directory, to be bound read-only, or ""
 // when Nomad made none (it always does when it collects logs).
-func logDir(p string) string {
+func logDir(cfg *drivers.TaskConfig, p string) string {
 	if fi, err := os.Lstat(p); err != nil || !fi.IsDir() {
 		return ""
 	}
-	return realPath(p)
+	return allocPath(cfg, p)
+}
+
+// allocPath is p, a path inside the allocation directory, as the
+// allocation directory's real path joined with p's own components, which are
+// not resolved: the node's other users can replace them (Nomad makes the task
+// and shared alloc directories world-writable), so they are resolved, without
+// following links, only when they are pinned (runtime.PinPaths).
+func allocPath(cfg *drivers.TaskConfig, p string) string {
+	rel, err := filepath.Rel(cfg.AllocDir, p)
+	if err != nil || !filepath.IsLocal(rel) {
+		return realPath(p)
+	}
+	return filepath.Join(realPath(cfg.AllocDir), rel)
 }
 
 // realPath is p with the symbolic links in it resolved (p itself when that
@@ -761,6 +788,9 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	}
 	if err := d.net.Destroy(id); err != nil {
 		return fmt.Errorf("remove sandbox network: %w", err)
+	}
+	if err := runtime.UnpinPaths(sup.Dir); err != nil {
+		return fmt.Errorf("remove task state: %w", err)
 	}
 	if err := runtime.UnmountDisk(sup.Dir); err != nil {
 		return fmt.Errorf("remove task disk: %w", err)

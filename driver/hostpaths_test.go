@@ -1,0 +1,137 @@
+package driver
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/shoenig/test/must"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
+)
+
+// The task directory and the shared alloc directory are world-writable on
+// the host (Nomad makes them 0777 so that a task of any user can write
+// them), so a local user can replace local/, alloc/logs, a token in
+// secrets/ or a rootfs under local/ with a link to a host file or
+// directory, before the start or while it is under way. runsc would then
+// bind what the link names into the sandbox (local/ writable). Neither a
+// link there before the start nor a swap after the driver's checks may
+// reach the sandbox: the start is refused, or the sandbox sees what was
+// checked.
+func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
+	e := newTestEnv(t, nil)
+	script := `for d in / /local /alloc/logs /local/rootfs; do echo x > $d/pwned; ls $d; done > /alloc/listing 2>&1; cat /secrets/nomad_token >> /alloc/listing`
+	for _, tc := range []struct {
+		name string
+		rel  string // beneath the task directory
+		// hostRootfs: the task's rootfs is the node's (allow_host_rootfs)
+		// rather than local/rootfs, which the local/ swap would move.
+		hostRootfs bool
+		// late: swapped after the driver's checks (just before the
+		// sandbox starts) rather than before StartTask.
+		late bool
+	}{
+		{name: "local", rel: "local", hostRootfs: true},
+		{name: "logs", rel: "../alloc/logs"},
+		{name: "token", rel: "secrets/nomad_token"},
+		{name: "local late", rel: "local", late: true, hostRootfs: true},
+		{name: "logs late", rel: "../alloc/logs", late: true},
+		{name: "token late", rel: "secrets/nomad_token", late: true},
+		{name: "rootfs late", rel: "local/rootfs", late: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rootfs := "local/rootfs"
+			if tc.hostRootfs {
+				rootfs = e.rootfs
+			}
+			cfg, cleanup := e.taskWithLogs(t, "swap", readonlyDefault(TaskConfig{Rootfs: rootfs, Command: "/bin/sh", Args: []string{"-c", script}}), false)
+			defer cleanup()
+			td := cfg.TaskDir().Dir
+			testutil.MakeRootfs(t, filepath.Join(td, "local", "rootfs"))
+			must.NoError(t, os.WriteFile(filepath.Join(td, "secrets", "nomad_token"), []byte("token"), 0o600))
+			must.NoError(t, os.MkdirAll(filepath.Join(cfg.AllocDir, "alloc", "logs"), 0o777))
+			// A host directory with a file the task must not see, a
+			// rootfs in it for the rootfs swap.
+			host := t.TempDir()
+			must.NoError(t, os.WriteFile(filepath.Join(host, "host-secret"), []byte("host-secret"), 0o600))
+			hostRootfs := testutil.MakeRootfs(t, filepath.Join(host, "rootfs"))
+			must.NoError(t, os.WriteFile(filepath.Join(hostRootfs, "host-secret"), []byte("host-secret"), 0o600))
+			target := filepath.Join(td, tc.rel)
+			link := host
+			switch tc.rel {
+			case "secrets/nomad_token":
+				link = filepath.Join(host, "host-secret")
+			case "local/rootfs":
+				link = hostRootfs
+			}
+			aside := target + ".aside"
+			swapped := errors.New("not swapped")
+			do := func() {
+				if swapped = os.Rename(target, aside); swapped == nil {
+					swapped = os.Symlink(link, target)
+				}
+			}
+			defer func() {
+				if fi, err := os.Lstat(target); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+					_ = os.Remove(target)
+					_ = os.Rename(aside, target)
+				}
+			}()
+			if tc.late {
+				e.driver.crashHook = func(point string) {
+					if point == crashBeforeRun {
+						do()
+					}
+				}
+				defer func() { e.driver.crashHook = nil }()
+			} else {
+				do()
+			}
+			_, _, err := e.harness.StartTask(cfg)
+			must.NoError(t, swapped)
+			if err == nil {
+				res := e.wait(cfg.ID, 60*time.Second)
+				t.Logf("exit %d", res.ExitCode)
+				must.NoError(t, e.harness.DestroyTask(cfg.ID, true))
+			} else {
+				t.Logf("refused: %v", err)
+			}
+			for _, d := range []string{host, hostRootfs} {
+				_, err = os.Lstat(filepath.Join(d, "pwned"))
+				must.True(t, os.IsNotExist(err), must.Sprint("the task wrote into a host directory through a swapped task path"))
+			}
+			listing, _ := os.ReadFile(filepath.Join(cfg.AllocDir, "alloc", "listing"))
+			must.StrNotContains(t, string(listing), "host-secret", must.Sprint("the task read a host file through a swapped task path"))
+		})
+	}
+}
+
+// The pins hold the task's paths only while runsc starts the sandbox: once
+// it runs, the state directory holds none of them, and the sandbox still
+// reads and writes the task's real directories.
+func TestDriver_TaskPathsPinnedOnlyForTheStart(t *testing.T) {
+	e := newTestEnv(t, nil)
+	script := `while [ ! -e /local/go ]; do sleep 0.05; done; cat /local/go > /local/ok; cat /local/go > /alloc/ok; cat /secrets/nomad_token > /secrets/ok`
+	cfg, cleanup := e.task(t, "pins", readonlyDefault(TaskConfig{Rootfs: "local/rootfs", Command: "/bin/sh", Args: []string{"-c", script}}))
+	defer cleanup()
+	td := cfg.TaskDir()
+	testutil.MakeRootfs(t, filepath.Join(td.LocalDir, "rootfs"))
+	must.NoError(t, os.WriteFile(filepath.Join(td.SecretsDir, "nomad_token"), []byte("token"), 0o600))
+	_, _, err := e.harness.StartTask(cfg)
+	must.NoError(t, err)
+	defer func() { must.NoError(t, e.harness.DestroyTask(cfg.ID, true)) }()
+	_, err = os.Lstat(filepath.Join(e.config.StateDir, sandboxID(cfg), runtime.PinDir))
+	must.True(t, os.IsNotExist(err), must.Sprint("pins left in the state directory of a running task"))
+	must.NoError(t, os.WriteFile(filepath.Join(td.LocalDir, "go"), []byte("go"), 0o644))
+	res := e.wait(cfg.ID, 60*time.Second)
+	must.Eq(t, 0, res.ExitCode)
+	for _, f := range []string{filepath.Join(td.LocalDir, "ok"), filepath.Join(td.SharedAllocDir, "ok"), filepath.Join(td.SecretsDir, "ok")} {
+		b, err := os.ReadFile(f)
+		must.NoError(t, err)
+		must.StrContains(t, "go token", string(b))
+	}
+}
