@@ -285,3 +285,31 @@ func TestDiskLimits_Validate(t *testing.T) {
 	must.ErrorContains(t, (&TaskConfig{DiskInodes: 10}).diskLimits(&PluginConfig{}, &lim), "disk_inodes needs a disk_limit")
 	must.ErrorContains(t, (&PluginConfig{DefaultDiskLimit: "2GiB", MaxDiskLimit: "1GiB"}).validateDisk(), "above max_disk_limit")
 }
+
+// After a plugin crash (its task never recovered), the sweep removes the
+// task's disk as it removes its sandbox: the overlay and the file system
+// are unmounted, the loop device detached, what the task wrote is in the
+// host's local/, and the image is gone.
+func TestDisk_SweepAfterPluginCrash(t *testing.T) {
+	e := diskEnv(t, nil)
+	cfg, cleanup := e.task(t, "crash", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo kept > /local/out; sleep 600"}, DiskLimit: "16MiB"}))
+	defer cleanup()
+	_, _, err := e.harness.StartTask(cfg)
+	must.NoError(t, err)
+	out := filepath.Join(cfg.TaskDir().LocalDir, "out")
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		b, _ := os.ReadFile(out)
+		return string(b) == "kept\n"
+	}), wait.Timeout(15*time.Second), wait.Gap(20*time.Millisecond)))
+	// The plugin goes away without destroying anything; a new one never
+	// hears of the task again.
+	e.driver.Shutdown()
+	e.driver = e.newDriver()
+	e.driver.sweep(t.Context(), true)
+	assertNoDiskLeft(t, filepath.Dir(e.config.DiskDir))
+	b, err := os.ReadFile(out)
+	must.NoError(t, err)
+	must.Eq(t, "kept\n", string(b))
+	_, err = os.Stat(e.driver.diskImage(cfg))
+	must.True(t, os.IsNotExist(err), must.Sprintf("image left: %v", err))
+}
