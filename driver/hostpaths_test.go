@@ -135,3 +135,27 @@ func TestDriver_TaskPathsPinnedOnlyForTheStart(t *testing.T) {
 		must.StrContains(t, "go token", string(b))
 	}
 }
+
+// From Nomad 1.7 each named identity with file = true is written, as root and
+// following links, to secrets/nomad_<name>.jwt at every start and renewal:
+// those are pinned like nomad_token, and one that is a link is refused.
+func TestPinnedFiles_NamedIdentities(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"nomad_token", "nomad_db.jwt", "nomad_vault_default.jwt", "own.jwt"} {
+		must.NoError(t, os.WriteFile(filepath.Join(dir, f), []byte("t"), 0o600))
+	}
+	pinned, err := pinnedFiles(dir, "/secrets")
+	must.NoError(t, err)
+	var got []string
+	for _, p := range pinned {
+		must.True(t, p.Readonly)
+		must.Eq(t, filepath.Join(dir, filepath.Base(p.TaskPath)), p.HostPath)
+		got = append(got, p.TaskPath)
+	}
+	must.SliceContainsAll(t, []string{"/secrets/nomad_token", "/secrets/nomad_db.jwt", "/secrets/nomad_vault_default.jwt"}, got)
+
+	must.NoError(t, os.Remove(filepath.Join(dir, "nomad_db.jwt")))
+	must.NoError(t, os.Symlink("/etc/passwd", filepath.Join(dir, "nomad_db.jwt")))
+	_, err = pinnedFiles(dir, "/secrets")
+	must.ErrorContains(t, err, "nomad_db.jwt is not a regular file")
+}

@@ -535,14 +535,21 @@ func resolveTaskRootfs(taskDir, rootfs string) (string, error) {
 }
 
 // pinnedFiles are the files in secrets/ (dir, bound at taskPath) that Nomad
-// (1.6) writes as root at every start of the task with os.WriteFile, which
-// follows a link: the workload identity token (identity { file = true }) and
-// the Vault token. Those present are to be bound read-only over themselves.
-// One that is there but not a regular file was put there by someone else
-// than Nomad: the start is refused.
+// writes as root at every start of the task (and at every renewal while it
+// runs) with os.WriteFile, which follows a link: the workload identity token
+// (identity { file = true }), from Nomad 1.7 each named identity's
+// nomad_<name>.jwt, and the Vault token. Those present are to be bound
+// read-only over themselves. One that is there but not a regular file was put
+// there by someone else than Nomad: the start is refused.
 func pinnedFiles(dir, taskPath string) ([]runtime.HostMount, error) {
 	var pinned []runtime.HostMount
-	for _, name := range []string{"nomad_token", "vault_token"} {
+	names := []string{"nomad_token", "vault_token"}
+	if jwts, err := filepath.Glob(filepath.Join(dir, "nomad_*.jwt")); err == nil {
+		for _, j := range jwts {
+			names = append(names, filepath.Base(j))
+		}
+	}
+	for _, name := range names {
 		fi, err := os.Lstat(filepath.Join(dir, name))
 		if errors.Is(err, os.ErrNotExist) {
 			continue
@@ -792,7 +799,7 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	if err := runtime.UnpinPaths(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)
 	}
-	if err := runtime.UnmountDisk(sup.Dir); err != nil {
+	if err := runtime.UnmountDisk(sup.Dir + "-x"); err != nil {
 		return fmt.Errorf("remove task disk: %w", err)
 	}
 	if err := detachMounts(sup.Dir); err != nil {
