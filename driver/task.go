@@ -799,7 +799,7 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	if err := runtime.UnpinPaths(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)
 	}
-	if err := runtime.UnmountDisk(sup.Dir + "-x"); err != nil {
+	if err := runtime.UnmountDisk(sup.Dir); err != nil {
 		return fmt.Errorf("remove task disk: %w", err)
 	}
 	if err := detachMounts(sup.Dir); err != nil {
