@@ -373,24 +373,33 @@ func (s *Store) addOrigin(ctx context.Context, hex, origin string) error {
 // obtainEntry finds or pulls the cache entry. One pull per image at a time:
 // in this process by a flight group, and between processes by the image's
 // lock file.
+//
+// A pull that another task led failed from that task's source, which may
+// be a repository or layout of its own made to fail (with text of its
+// own): its error is not this task's, which tries again from its own.
 func (s *Store) obtainEntry(ctx context.Context, t *target) (*meta, bool, error) {
 	hex := t.digest.Hex
-	if m, err := s.lookup(ctx, hex); err != nil || m != nil {
-		return m, false, err
+	for {
+		if m, err := s.lookup(ctx, hex); err != nil || m != nil {
+			return m, false, err
+		}
+		t.acquire()
+		v, leader, err := s.pulls.do(ctx, hex, func(ctx context.Context) (any, error) {
+			defer t.release()
+			return s.pull(ctx, t)
+		})
+		if !leader {
+			t.release()
+			if err != nil && ctx.Err() == nil {
+				continue
+			}
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		pr := v.(*pullResult)
+		return pr.meta, leader && pr.pulled, nil
 	}
-	t.acquire()
-	v, leader, err := s.pulls.do(ctx, hex, func(ctx context.Context) (any, error) {
-		defer t.release()
-		return s.pull(ctx, t)
-	})
-	if !leader {
-		t.release()
-	}
-	if err != nil {
-		return nil, false, err
-	}
-	pr := v.(*pullResult)
-	return pr.meta, leader && pr.pulled, nil
 }
 
 func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {

@@ -1,6 +1,8 @@
 package image
 
 import (
+	"context"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -9,12 +11,16 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 	"unicode"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/shoenig/test/must"
+	"github.com/shoenig/test/wait"
 	"github.com/vishvananda/netlink"
 )
 
@@ -552,5 +558,55 @@ func TestLargeBlobIsNotCapped(t *testing.T) {
 	}
 	if n := reg.count("GET", "/blobs/"); n < 2 {
 		t.Errorf("%d blob requests: the redirect was not taken", n)
+	}
+}
+
+// TestFailedPullOfAnotherTaskIsNotShared: a task whose start joins a pull
+// of the same image that another task leads (from that task's source: a
+// repository or layout of its own that fails, with its own error text) does
+// not get that task's failure or its text: it pulls from its own source.
+// The other task's pull is stood in for by a call in the store's flight
+// group that fails once the second task waits on it.
+func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
+	e := newEnv(t)
+	img := busyboxImage(t)
+	digest := digestOf(t, img)
+	hex := strings.TrimPrefix(digest, "sha256:")
+	reg := startRegistry(t, nil)
+	push(t, reg.host+"/good/app:1", img)
+	ctx := ctxT(t)
+
+	const planted = "PLANTED-BY-ANOTHER-JOB"
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(free)
+	leaderErr := make(chan error, 1)
+	started := make(chan struct{})
+	go func() {
+		_, _, err := e.store.pulls.do(ctx, hex, func(context.Context) (any, error) {
+			close(started)
+			<-release
+			return nil, errors.New(planted)
+		})
+		leaderErr <- err
+	}()
+	<-started
+	goodErr := make(chan error, 1)
+	go func() {
+		_, err := e.store.Get(ctx, reg.host+"/good/app@"+digest, nil, reg.policy(), e.taskDir)
+		goodErr <- err
+	}()
+	// Wait until the second task waits on the first one's pull.
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		e.store.pulls.mu.Lock()
+		defer e.store.pulls.mu.Unlock()
+		f := e.store.pulls.m[hex]
+		return f != nil && f.waiters == 2
+	}), wait.Timeout(30*time.Second), wait.Gap(10*time.Millisecond)))
+	free()
+	mustContain(t, <-leaderErr, planted)
+	if err := <-goodErr; err != nil {
+		t.Fatalf("the second task got the first one's failure: %v", err)
 	}
 }
