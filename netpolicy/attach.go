@@ -352,6 +352,18 @@ func inspectNetns(path string) (*nsView, error) {
 	if hv, ok := host.(*netlink.Veth); ok && hv.PeerHardwareAddr != nil && hv.PeerHardwareAddr.String() != v.mac.String() {
 		return nil, fmt.Errorf("host interface %s (index %d) is not the peer of %s", host.Attrs().Name, peer, v.link)
 	}
+	// An index alone names nothing: the interface's peer may be in a third
+	// namespace (made by a co-located task with NET_ADMIN) at an index
+	// that, here, is another allocation's host end. The host end must be
+	// this interface's peer, in this namespace (the kernel gives the
+	// namespace an id when it reports the host end's link).
+	nsid, err := netlink.GetNetNsIdByFd(int(nsh))
+	if err != nil {
+		return nil, fmt.Errorf("id of the namespace: %w", err)
+	}
+	if nsid < 0 || host.Attrs().NetNsID != nsid || host.Attrs().ParentIndex != link.Attrs().Index {
+		return nil, fmt.Errorf("interface %s's peer is not in the root namespace (index %d there is %s, whose peer is another interface): the namespace was changed after Nomad made it", v.link, peer, host.Attrs().Name)
+	}
 	v.hostIf = host.Attrs().Name
 	// The gateway is the bridge the host end is a port of, or the host end
 	// itself (point-to-point).

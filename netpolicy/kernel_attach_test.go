@@ -459,3 +459,71 @@ func TestKernelAttachIsAllOrNothing(t *testing.T) {
 	ktMust(t, m.Destroy(id))
 	ktObjectsGone(t, m, id)
 }
+
+// TestKernelAttachRefusesAForeignPeer: a co-located task with NET_ADMIN in
+// the group's namespace can replace its interface by a veth whose peer is
+// in yet another namespace, at an index that, in the root namespace,
+// belongs to another allocation's host end. Attach must not take that
+// interface for the sandbox's host end (the other allocation would get
+// this sandbox's drop-everything filter): the host end must be the peer of
+// the namespace's interface, in the namespace that was attached.
+func TestKernelAttachRefusesAForeignPeer(t *testing.T) {
+	ktRequireRoot(t)
+	ktStartBridge(t)
+	victim := ktAddAlloc(t, 1)
+	vh, err := netlink.LinkByName(victim.hostIf)
+	ktMust(t, err)
+
+	group := filepath.Join(DefaultNetnsDir, ktSrvPrefix+"-group")
+	other := filepath.Join(DefaultNetnsDir, ktSrvPrefix+"-other")
+	for _, p := range []string{group, other} {
+		ktMust(t, createNetns(p, nil))
+		t.Cleanup(func() {
+			if err := deleteNetns(p); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		})
+	}
+	gh, err := netns.GetFromPath(group)
+	ktMust(t, err)
+	defer gh.Close()
+	oh := ktHandle(t, other)
+	// The veth's end in the other namespace takes the victim's host end's
+	// index (free there); its peer is the group's only interface.
+	ktMust(t, oh.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "p", Index: vh.Attrs().Index},
+		PeerName: "eth0", PeerNamespace: netlink.NsFd(int(gh))}))
+	p, err := oh.LinkByName("p")
+	ktMust(t, err)
+	if p.Attrs().Index != vh.Attrs().Index {
+		t.Fatalf("the fake peer got index %d, want %d", p.Attrs().Index, vh.Attrs().Index)
+	}
+	ktMust(t, oh.LinkSetUp(p))
+	h := ktHandle(t, group)
+	eth, err := h.LinkByName("eth0")
+	ktMust(t, err)
+	ktMust(t, h.AddrAdd(eth, ktAddr(netip.MustParseAddr("10.197.0.50"), 24)))
+	ktMust(t, h.LinkSetUp(eth))
+	ktMust(t, h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: netip.MustParseAddr("10.197.0.1").AsSlice()}))
+
+	m := ktManager(t, "", nil)
+	const id = "alloc-x/task-foreign"
+	sb, err := m.Attach(context.Background(), id, group, nil, AttachOptions{})
+	if err == nil {
+		t.Cleanup(func() { m.Destroy(id) })
+		t.Fatalf("attached with host end %s (the other allocation's)", sb.HostIf)
+	}
+	t.Log(err)
+	mustNotFilter(t, victim.hostIf)
+}
+
+// mustNotFilter fails if the test table has a chain hooked on dev.
+func mustNotFilter(t *testing.T, dev string) {
+	t.Helper()
+	out, err := nftListTable(ktTable)
+	if err != nil {
+		return // no table: no filter
+	}
+	if strings.Contains(out, `device "`+dev+`"`) {
+		t.Errorf("a filter is hooked on %s:\n%s", dev, out)
+	}
+}
