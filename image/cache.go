@@ -3,6 +3,8 @@ package image
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	hexenc "encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +29,7 @@ import (
 //	images/sha256/<hex>/image.json  its configuration, size and layers (meta)
 //	images/sha256/<hex>/last-used   mtime = last Get, for GC
 //	locks/<hex>.lock                flock: shared to read an image, exclusive to create or remove it
+//	locks/<hex>-<origin>.pull       flock: held while the image is pulled from one registry repository
 //	tmp/                            work directories, each flocked by the process using it
 //	tmp.lock                        flock: shared to create a work directory, exclusive to sweep them
 const (
@@ -56,6 +59,13 @@ func (s *Store) imageDir(hex string) string   { return filepath.Join(s.imagesDir
 func (s *Store) rootfsPath(hex string) string { return filepath.Join(s.imageDir(hex), rootfsDir) }
 func (s *Store) lockPath(hex string) string   { return filepath.Join(s.Dir, "locks", hex+".lock") }
 func (s *Store) tmpDir() string               { return filepath.Join(s.Dir, "tmp") }
+
+// pullLockPath is the lock of a pull of image hex from the registry
+// repository origin (removed by its holder when the pull ends).
+func (s *Store) pullLockPath(hex, origin string) string {
+	sum := sha256.Sum256([]byte(origin))
+	return filepath.Join(s.Dir, "locks", hex+"-"+hexenc.EncodeToString(sum[:8])+".pull")
+}
 
 func (s *Store) prepareDirs() error {
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
@@ -370,9 +380,10 @@ func (s *Store) addOrigin(ctx context.Context, hex, origin string) error {
 	return atomicfile.WriteJSON(filepath.Join(s.imageDir(hex), metaFile), m, 0o600)
 }
 
-// obtainEntry finds or pulls the cache entry. One pull per image at a time:
-// in this process by a flight group, and between processes by the image's
-// lock file.
+// obtainEntry finds or pulls the cache entry. One pull per image and
+// registry repository at a time in this process (a flight group); pulls
+// from different sources run side by side, and the image's lock file
+// orders their installs (the first one wins).
 //
 // A pull that another task led failed from that task's source, which may
 // be a repository or layout of its own made to fail (with text of its
@@ -384,7 +395,13 @@ func (s *Store) obtainEntry(ctx context.Context, t *target) (*meta, bool, error)
 			return m, false, err
 		}
 		t.acquire()
-		v, leader, err := s.pulls.do(ctx, hex, func(ctx context.Context) (any, error) {
+		// Pulls of one image from one registry repository are made once;
+		// a task's own layout or archive is pulled by that task alone.
+		key := hex + "\x00" + t.origin
+		if t.origin == "" {
+			key = fmt.Sprintf("%s\x00%p", hex, t)
+		}
+		v, leader, err := s.pulls.do(ctx, key, func(ctx context.Context) (any, error) {
 			defer t.release()
 			return s.pull(ctx, t)
 		})
@@ -404,27 +421,26 @@ func (s *Store) obtainEntry(ctx context.Context, t *target) (*meta, bool, error)
 
 func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {
 	hex := t.digest.Hex
-	lk, err := s.lockImage(ctx, hex, true)
-	if err != nil {
-		return nil, err
-	}
-	defer lk.unlock()
-	final := s.imageDir(hex)
-	if m, err := s.readEntry(hex); err == nil {
-		// Another process pulled it while we waited for the lock.
-		if err := touch(filepath.Join(final, lastUseFile)); err != nil {
+	// The image is fetched and unpacked without the image's lock: a pull
+	// from another source (another job's repository or layout, which may
+	// be made slow on purpose) must not hold up this one. The lock is
+	// taken to install the result. Pulls from one registry repository are
+	// made once between processes too, under a lock of their own.
+	if t.origin != "" {
+		path := s.pullLockPath(hex, t.origin)
+		pl, err := lockFile(ctx, path, true, true)
+		if err != nil {
 			return nil, err
 		}
-		return &pullResult{meta: m}, nil
-	}
-	if _, err := os.Lstat(final); err == nil {
-		// A directory without readable meta or tree is not a cache
-		// entry (it was damaged by hand): move it aside.
-		if err := s.discard(ctx, final, hex); err != nil {
-			return nil, fmt.Errorf("remove damaged cache entry: %w", err)
+		defer func() {
+			_ = os.Remove(path)
+			pl.unlock()
+		}()
+		if m, err := s.lookup(ctx, hex); err != nil || m != nil {
+			// Another process pulled it from here meanwhile.
+			return &pullResult{meta: m}, err
 		}
 	}
-
 	work, err := s.mkWork(ctx, "pull-"+hex[:12]+"-")
 	if err != nil {
 		return nil, fmt.Errorf("create work directory: %w", err)
@@ -452,6 +468,35 @@ func (s *Store) pull(ctx context.Context, t *target) (*pullResult, error) {
 	// cache holds either nothing or a whole image.
 	if err := unix.Syncfs(int(work.f.Fd())); err != nil {
 		return nil, fmt.Errorf("sync unpacked image: %w", err)
+	}
+
+	lk, err := s.lockImage(ctx, hex, true)
+	if err != nil {
+		return nil, err
+	}
+	final := s.imageDir(hex)
+	if cur, err := s.readEntry(hex); err == nil {
+		// Another pull installed it meanwhile. This one read and
+		// verified every blob from t's source, so t may use it.
+		err := touch(filepath.Join(final, lastUseFile))
+		lk.unlock()
+		if err != nil {
+			return nil, err
+		}
+		if t.origin != "" && !slices.Contains(cur.Origins, t.origin) && len(cur.Origins) < maxOrigins {
+			if err := s.addOrigin(ctx, hex, t.origin); err != nil {
+				s.log().Warn("cannot record image origin", "digest", t.digest, "origin", t.origin, "error", err)
+			}
+		}
+		return &pullResult{meta: cur, pulled: true}, nil
+	}
+	defer lk.unlock()
+	if _, err := os.Lstat(final); err == nil {
+		// A directory without readable meta or tree is not a cache
+		// entry (it was damaged by hand): move it aside.
+		if err := s.discard(ctx, final, hex); err != nil {
+			return nil, fmt.Errorf("remove damaged cache entry: %w", err)
+		}
 	}
 	if err := os.Rename(work.path, final); err != nil {
 		return nil, fmt.Errorf("move unpacked image into the cache: %w", err)

@@ -565,8 +565,9 @@ func TestLargeBlobIsNotCapped(t *testing.T) {
 // of the same image that another task leads (from that task's source: a
 // repository or layout of its own that fails, with its own error text) does
 // not get that task's failure or its text: it pulls from its own source.
-// The other task's pull is stood in for by a call in the store's flight
-// group that fails once the second task waits on it.
+// The other task's pull (of the same repository) is stood in for by a
+// call in the store's flight group that fails once the second task waits
+// on it.
 func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	e := newEnv(t)
 	img := busyboxImage(t)
@@ -577,6 +578,9 @@ func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	ctx := ctxT(t)
 
 	const planted = "PLANTED-BY-ANOTHER-JOB"
+	// The flight of pulls of this image from good/app (another task's,
+	// with credentials of its own, say).
+	key := hex + "\x00" + canonicalRegistry(reg.host) + "/good/app"
 	release := make(chan struct{})
 	var releaseOnce sync.Once
 	free := func() { releaseOnce.Do(func() { close(release) }) }
@@ -584,7 +588,7 @@ func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	leaderErr := make(chan error, 1)
 	started := make(chan struct{})
 	go func() {
-		_, _, err := e.store.pulls.do(ctx, hex, func(context.Context) (any, error) {
+		_, _, err := e.store.pulls.do(ctx, key, func(context.Context) (any, error) {
 			close(started)
 			<-release
 			return nil, errors.New(planted)
@@ -601,12 +605,76 @@ func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
 		e.store.pulls.mu.Lock()
 		defer e.store.pulls.mu.Unlock()
-		f := e.store.pulls.m[hex]
+		f := e.store.pulls.m[key]
 		return f != nil && f.waiters == 2
 	}), wait.Timeout(30*time.Second), wait.Gap(10*time.Millisecond)))
 	free()
 	mustContain(t, <-leaderErr, planted)
 	if err := <-goodErr; err != nil {
 		t.Fatalf("the second task got the first one's failure: %v", err)
+	}
+}
+
+// TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage: a job can pull any
+// image whose manifest it knows (a public one, say) from a repository of
+// its own that sends the layers as slowly as it likes. Another task's pull
+// of that image from its own registry must not wait for it.
+func TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage(t *testing.T) {
+	e := newEnv(t)
+	img := busyboxImage(t)
+	digest := digestOf(t, img)
+	var armed atomic.Bool
+	blocked := make(chan struct{})
+	release := make(chan struct{})
+	var once, releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	reg := startRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if armed.Load() && strings.HasPrefix(r.URL.Path, "/v2/slow/app/blobs/") {
+				once.Do(func() { close(blocked) })
+				select {
+				case <-release:
+				case <-r.Context().Done():
+				}
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	t.Cleanup(free) // runs before the registry's Close
+	push(t, reg.host+"/slow/app:1", img)
+	push(t, reg.host+"/good/app:1", img)
+	armed.Store(true)
+	ctx := ctxT(t)
+
+	slowErr := make(chan error, 1)
+	go func() {
+		_, err := e.store.Get(ctx, reg.host+"/slow/app@"+digest, nil, reg.policy(), e.taskDir)
+		slowErr <- err
+	}()
+	select {
+	case <-blocked:
+	case <-ctx.Done():
+		t.Fatal("the slow pull never asked for a blob")
+	}
+	goodErr := make(chan error, 1)
+	go func() {
+		_, err := e.store.Get(ctx, reg.host+"/good/app@"+digest, nil, reg.policy(), e.taskDir)
+		goodErr <- err
+	}()
+	select {
+	case err := <-goodErr:
+		if err != nil {
+			t.Fatalf("pull from the task's own repository: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the pull from the task's own repository waited for the slow one")
+	}
+	free()
+	// The slow one's source never supplied the blobs, but the image is
+	// now cached: it gets it only if its source holds every blob.
+	if err := <-slowErr; err == nil {
+		t.Error("the slow source got the image without supplying its blobs")
 	}
 }
