@@ -22,6 +22,7 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // foreignHost is a server on another loopback port standing in for a
@@ -676,5 +677,63 @@ func TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage(t *testing.T) {
 	// now cached: it gets it only if its source holds every blob.
 	if err := <-slowErr; err == nil {
 		t.Error("the slow source got the image without supplying its blobs")
+	}
+}
+
+// TestLocalLayoutSpecialFiles: a task's oci-layout whose index.json or a
+// blob is a FIFO (no writer: an open without O_NONBLOCK would hang the
+// start for good) or a link to a host file, and an oci-archive that is a
+// FIFO, fail at once with an error naming the file.
+func TestLocalLayoutSpecialFiles(t *testing.T) {
+	e := newEnv(t)
+	img := busyboxImage(t)
+	man, _ := img.Manifest()
+	cases := map[string]struct {
+		ref  string
+		prep func(t *testing.T) error
+		want string
+	}{
+		"index.json is a FIFO": {"oci-layout:local/fifo-index", func(t *testing.T) error {
+			dir := writeLayout(t, e.taskDir, "local/fifo-index", map[string]v1.Image{"": img})
+			os.Remove(filepath.Join(dir, "index.json"))
+			return unix.Mkfifo(filepath.Join(dir, "index.json"), 0o644)
+		}, "index.json is not a regular file"},
+		"index.json links to /etc/shadow": {"oci-layout:local/shadow-index", func(t *testing.T) error {
+			dir := writeLayout(t, e.taskDir, "local/shadow-index", map[string]v1.Image{"": img})
+			os.Remove(filepath.Join(dir, "index.json"))
+			return os.Symlink("/etc/shadow", filepath.Join(dir, "index.json"))
+		}, "path escapes"},
+		"a layer is a FIFO": {"oci-layout:local/fifo-blob", func(t *testing.T) error {
+			dir := writeLayout(t, e.taskDir, "local/fifo-blob", map[string]v1.Image{"": img})
+			blob := filepath.Join(dir, "blobs", "sha256", man.Layers[0].Digest.Hex)
+			os.Remove(blob)
+			return unix.Mkfifo(blob, 0o644)
+		}, "is not a regular file"},
+		"the archive is a FIFO": {"oci-archive:local/fifo.tar", func(t *testing.T) error {
+			return unix.Mkfifo(filepath.Join(e.taskDir, "local", "fifo.tar"), 0o644)
+		}, "not a regular file"},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			if err := c.prep(t); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := e.store.Get(ctxT(t), c.ref, nil, Policy{}, e.taskDir)
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				mustContain(t, err, c.want)
+				t.Log(err)
+				if strings.Contains(err.Error(), "root:") {
+					t.Errorf("a host file's content reached the error: %v", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("the start hangs on the special file")
+			}
+			assertCacheEmpty(t, e.store)
+		})
 	}
 }
