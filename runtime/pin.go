@@ -71,12 +71,14 @@ func PinPaths(spec *specs.Spec, root, dir string) error {
 		if err != nil {
 			return "", fmt.Errorf("pin %s: %w", p, err)
 		}
-		if err := unix.Mount(h.ProcPath(), target, "", unix.MS_BIND, ""); err != nil {
+		// Recursive, as runsc's own binds are (rbind): what is mounted
+		// inside the path is seen as before.
+		if err := unix.Mount(h.ProcPath(), target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			return "", fmt.Errorf("pin %s: bind: %w", p, err)
 		}
 		// Nothing propagates to or from the pin: its removal touches
 		// neither the task's directory nor runsc's copy.
-		if err := unix.Mount("", target, "", unix.MS_PRIVATE, ""); err != nil {
+		if err := unix.Mount("", target, "", unix.MS_PRIVATE|unix.MS_REC, ""); err != nil {
 			return "", fmt.Errorf("pin %s: %w", p, err)
 		}
 		return target, nil
