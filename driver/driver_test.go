@@ -58,6 +58,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 		Platform:        "systrap",
 		AllowHostRootfs: []string{rootfsParent},
 		ImageDir:        filepath.Join(base, "image-cache"),
+		DiskDir:         filepath.Join(base, "disks"),
 	}
 	if mutate != nil {
 		mutate(&pc)

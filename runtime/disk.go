@@ -187,6 +187,15 @@ func (d *Disk) Mount(dir, root, rel string) error {
 		return fmt.Errorf("task directory %s is not a directory", rel)
 	}
 	target := filepath.Join(root, rel)
+	// Never twice: an ext4 mounted twice at once is corrupted.
+	if src, err := mountSource(target); err != nil {
+		return err
+	} else if strings.HasPrefix(src, overlaySourcePrefix) {
+		return fmt.Errorf("local/ still carries the disk of an earlier run (%s), which was not removed", strings.TrimPrefix(src, overlaySourcePrefix))
+	}
+	if dev := loopOf(d.Image); dev != "" {
+		return fmt.Errorf("disk image %s is in use already (%s)", d.Image, dev)
+	}
 	if err := atomicfile.WriteJSON(filepath.Join(dir, DiskFile), DiskRecord{Image: d.Image, Target: target, SizeBytes: d.SizeBytes, Inodes: d.Inodes, LimitBytes: d.LimitBytes}, 0o600); err != nil {
 		return err
 	}
@@ -218,6 +227,17 @@ func (d *Disk) Mount(dir, root, rel string) error {
 		return fmt.Errorf("mount overlay over %s: %w", target, err)
 	}
 	return nil
+}
+
+// loopOf names the loop device the image is attached to, if any.
+func loopOf(image string) string {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil && strings.TrimSpace(string(b)) == image {
+			return "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(f)))
+		}
+	}
+	return ""
 }
 
 // mountImage attaches the image to a free loop device that detaches itself
