@@ -609,10 +609,11 @@ func (h *harness) leftovers(prefix string) []string {
 		out = append(out, "cgroup "+cg)
 	}
 	// A task's disk (disk_limit): the overlay over its local/ is named
-	// after its sandbox.
+	// after its sandbox (only the suite's own: driver tests may run
+	// meanwhile).
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
-			if strings.Contains(line, " nomad-sandbox-disk:"+prefix) {
+			if strings.Contains(line, " nomad-sandbox-disk:"+prefix) && strings.Contains(line, " "+h.dataDir+"/") {
 				out = append(out, "disk overlay "+line)
 			}
 		}
