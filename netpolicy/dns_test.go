@@ -2,6 +2,7 @@ package netpolicy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand"
@@ -9,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -961,6 +963,9 @@ func TestDNSTCPSlotsOnlyForTheClient(t *testing.T) {
 	for i, c := range foreign {
 		c.SetReadDeadline(time.Now().Add(3 * time.Second))
 		_, err := c.ReadMsg()
-		must.ErrorIs(t, err, io.EOF, must.Sprintf("foreign connection %d was not closed", i))
+		// Closed by the server: EOF, or a reset when the query it sent
+		// was still unread; a time-out means it was kept open.
+		closed := errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
+		must.True(t, closed, must.Sprintf("foreign connection %d was not closed: %v", i, err))
 	}
 }
