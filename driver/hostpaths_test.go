@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
@@ -158,4 +159,35 @@ func TestPinnedFiles_NamedIdentities(t *testing.T) {
 	must.NoError(t, os.Symlink("/etc/passwd", filepath.Join(dir, "nomad_db.jwt")))
 	_, err = pinnedFiles(dir, "/secrets")
 	must.ErrorContains(t, err, "nomad_db.jwt is not a regular file")
+}
+
+// A root filesystem that other tasks share (a host rootfs under
+// allow_host_rootfs, an image in the cache) gains none of the mount points a
+// job's volume destinations would need: runsc makes those in the host
+// directory, so a job could create directories and files of its choice in
+// it. A destination that is not there is refused; one that is works.
+func TestHostile_SharedRootfsGetsNoMountPoints(t *testing.T) {
+	e := newTestEnv(t, nil)
+	vol := t.TempDir()
+	existing := filepath.Join(e.rootfs, "zz_existing")
+	must.NoError(t, os.Mkdir(existing, 0o755))
+	defer os.Remove(existing)
+
+	cfg, cleanup := e.task(t, "probe", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+	defer cleanup()
+	cfg.Mounts = []*drivers.MountConfig{{TaskPath: "/zz_vol_probe/b", HostPath: vol}}
+	_, _, err := e.harness.StartTask(cfg)
+	if err == nil {
+		e.wait(cfg.ID, 60*time.Second)
+		must.NoError(t, e.harness.DestroyTask(cfg.ID, true))
+	}
+	_, statErr := os.Lstat(filepath.Join(e.rootfs, "zz_vol_probe"))
+	must.True(t, os.IsNotExist(statErr), must.Sprint("runsc made /zz_vol_probe in the shared host rootfs"))
+	must.ErrorContains(t, err, "volume_mount destination /zz_vol_probe/b is not in the root filesystem")
+
+	cfg, cleanup2 := e.task(t, "existing", readonlyDefault(TaskConfig{Command: "/bin/true"}))
+	defer cleanup2()
+	cfg.Mounts = []*drivers.MountConfig{{TaskPath: "/zz_existing", HostPath: vol}}
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode)
 }

@@ -360,6 +360,16 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 	if err := runtime.CheckCommand(rootfs, args[0], env); err != nil {
 		return nil, err
 	}
+	if img != nil || filepath.IsAbs(tc.Rootfs) {
+		// A shared rootfs: runsc must not make the job's mount points in it.
+		var dests []string
+		for _, m := range cfg.Mounts {
+			dests = append(dests, m.TaskPath)
+		}
+		if err := runtime.CheckMountPoints(rootfs, dests); err != nil {
+			return nil, err
+		}
+	}
 	cwd := tc.WorkDir
 	if cwd == "" {
 		cwd = ic.WorkingDir

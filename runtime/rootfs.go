@@ -67,3 +67,20 @@ func emptyRegular(rootfs, name string) (empty, ok bool) {
 	defer h.Close()
 	return h.Type() == unix.S_IFREG && h.Stat.Size == 0, true
 }
+
+// CheckMountPoints fails unless every destination in dests is already there
+// in rootfs (resolved inside it, never out of it). runsc makes a missing
+// mount point in the root filesystem's host directory itself, so a job
+// choosing volume destinations on a root filesystem that other tasks share
+// (a host rootfs, an image in the cache) could otherwise create directories
+// and files of its choice in it.
+func CheckMountPoints(rootfs string, dests []string) error {
+	for _, d := range dests {
+		h, err := safeopen.Resolve(rootfs, strings.TrimPrefix(path.Clean("/"+d), "/"), safeopen.InRoot)
+		if err != nil {
+			return fmt.Errorf("volume_mount destination %s is not in the root filesystem, which other tasks share, and runsc would create it there: use a destination the root filesystem has (or add it to the image), or a rootfs of the task's own", d)
+		}
+		h.Close()
+	}
+	return nil
+}
