@@ -4,18 +4,21 @@
 # else is touched. The built tools in bin/ stay (reproducible caches).
 #
 # What goes, and how it is recognised:
-#   processes   Nomad agents run from bin/nomad, plugins from bin/plugins,
-#               task supervisors ("... supervise DIR") and every process of
+#   processes   Nomad agents run from bin/nomad, plugins from bin/plugins
+#               and from the e2e suite's work directories,
+#               task supervisors ("... supervise DIR"), every process of
 #               bin/runsc (sandboxes, gofers) and of any other runsc whose
-#               --root is one of ours
+#               --root is one of ours, and whatever runs in our cgroups
 #   mounts      anything mounted under the directories below or on one of
 #               our network namespaces, and the disk_limit overlays over
 #               task directories (source nomad-sandbox-disk:*; their loop
 #               devices detach themselves once unmounted)
 #   directories /run/nomad-sandbox (state_dir, runsc_root), /run/nomad-driver-sandbox,
-#               /var/lib/nomad-sandbox (image cache, demo rootfs),
-#               /var/log/nomad-sandbox
-#   cgroups     nomad-sandbox and nomad-sandbox-test-* in every hierarchy
+#               /var/lib/nomad-sandbox (image cache, disks, demo rootfs),
+#               /var/log/nomad-sandbox, and the e2e suite's and the demo's
+#               work directories /tmp/nomad-sandbox-e2e-*, /tmp/nomad-sandbox-demo.*
+#   cgroups     nomad-sandbox, nomad-sandbox-test-* and the e2e agents' own
+#               nomad-sandbox-e2e-* in every hierarchy
 #   network     namespaces, veths and nft tables named by the driver (nsbx,
 #               nomad_sandbox*), by its tests (tnpx, t<4 hex>, nsbx_test_*,
 #               sbxt*) and the e2e suite's bridge (sbxe2e*), its CNI state
@@ -29,6 +32,10 @@ bin="$top/bin"
 say() { echo "reset-host: $*"; }
 
 dirs=(/run/nomad-sandbox /run/nomad-driver-sandbox /var/lib/nomad-sandbox /var/log/nomad-sandbox)
+# The e2e suite's and the demo's work directories (agent data, task dirs).
+for d in /tmp/nomad-sandbox-e2e-* /tmp/nomad-sandbox-demo.*; do
+	[ -d "$d" ] && dirs+=("$d")
+done
 ns_re='^(nsbx|tnpx|sbxt|sbxe2e|t[0-9a-f]{4})'
 table_re='^(nomad_sandbox|nsbx_test_)'
 
@@ -43,6 +50,7 @@ kill_matching() {
 }
 kill_matching "nomad agents" "^$bin/nomad agent"
 kill_matching "plugins" "^$bin/plugins/"
+kill_matching "e2e plugins" "^/tmp/nomad-sandbox-e2e-[0-9]+/plugins/"
 kill_matching "task supervisors" " supervise (/run/nomad-sandbox|/tmp/)"
 for p in /proc/[0-9]*; do
 	pid=${p#/proc/}
@@ -53,6 +61,17 @@ for p in /proc/[0-9]*; do
 		say "killing runsc process $pid"
 		kill -KILL "$pid" 2>/dev/null ;;
 	esac
+done
+# Whatever still runs in the project's cgroups is a sandbox of ours, whichever
+# runsc binary started it (another checkout's, a test's).
+for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
+	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-*; do
+		[ -d "$top" ] || continue
+		for pid in $(find "$top" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u); do
+			say "killing process $pid of cgroup $top"
+			kill -KILL "$pid" 2>/dev/null
+		done
+	done
 done
 # Give the kernel a moment to reap them before their mounts and cgroups go.
 for _ in $(seq 50); do
@@ -81,7 +100,7 @@ done
 
 # 4. Cgroups: children before parents, in every hierarchy.
 for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
-	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-*; do
+	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-*; do
 		[ -d "$top" ] || continue
 		say "removing cgroup $top"
 		find "$top" -depth -type d -exec rmdir {} \; 2>/dev/null
