@@ -30,6 +30,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 const (
@@ -139,6 +141,9 @@ type ktServer struct {
 
 func ktStartServer(t *testing.T, k int) *ktServer {
 	t.Helper()
+	// The host routes between the test's namespaces and the server; a
+	// fresh machine does not forward until a Manager's first Create.
+	testutil.IPForward(t)
 	s := &ktServer{
 		netns:    filepath.Join(DefaultNetnsDir, fmt.Sprintf("%s-%d", ktSrvPrefix, k)),
 		hostIf:   fmt.Sprintf("%s%d", ktSrvPrefix, k),
