@@ -477,7 +477,7 @@ func TestLimitEvents(t *testing.T) {
 		must.Eq(t, "Sandbox started: runsc "+version+", platform systrap", started.DisplayMessage)
 		limits := eventWith(ts, "Driver", "Limits applied")
 		t.Logf("%s", limits.DisplayMessage)
-		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 96 MiB, cpu shares 100, .*pids 100, timeout 2m(0s)?$`), limits.DisplayMessage)
+		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 96 MiB, cpu shares 100, .*pids 100, disk 1GiB, \d+ inodes, timeout 2m(0s)?$`), limits.DisplayMessage)
 
 		// The limit is the sandbox's host memory cgroup's.
 		must.Eq(t, strconv.Itoa(96<<20), memoryLimitOf(t, j))
@@ -490,9 +490,9 @@ func TestLimitEvents(t *testing.T) {
 		must.Eq(t, "complete", a.ClientStatus, must.Sprintf("task: %s", ts))
 		limits := eventWith(ts, "Driver", "Limits applied")
 		t.Logf("%s", limits.DisplayMessage)
-		// default_pids_limit is 1024; with no default_timeout, the
-		// suite's max_timeout applies.
-		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 128 MiB, .*pids 1024, timeout 10m(0s)?$`), limits.DisplayMessage)
+		// default_pids_limit is 1024, default_disk_limit 1GiB; with no
+		// default_timeout, the suite's max_timeout applies.
+		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 128 MiB, .*pids 1024, disk 1GiB, \d+ inodes, timeout 10m(0s)?$`), limits.DisplayMessage)
 	})
 }
 

@@ -54,7 +54,7 @@ func TestUISurfaces(t *testing.T) {
 		must.NotNil(t, started, must.Sprintf("task: %s", ts))
 		must.Eq(t, "Sandbox started: runsc "+version+", platform systrap", started.DisplayMessage)
 		limits := eventWith(ts, "Driver", "Limits applied")
-		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 128 MiB, cpu shares 100, .*pids \d+, timeout \S+$`), limits.DisplayMessage)
+		must.RegexMatch(t, regexp.MustCompile(`^Limits applied: memory 128 MiB, cpu shares 100, .*pids \d+, disk \S+, \d+ inodes, timeout \S+$`), limits.DisplayMessage)
 		// The events table shows DisplayMessage: every event has one, on
 		// one line.
 		for _, e := range ts.Events {
