@@ -12,7 +12,8 @@
 #   mounts      anything mounted under the directories below or on one of
 #               our network namespaces, and the disk_limit overlays over
 #               task directories (source nomad-sandbox-disk:*; their loop
-#               devices detach themselves once unmounted)
+#               devices detach themselves once unmounted), and runsc's mounts
+#               under a killed Go test's temporary directory (/tmp/Test*/runsc)
 #   directories /run/nomad-sandbox (state_dir, runsc_root), /run/nomad-driver-sandbox,
 #               /var/lib/nomad-sandbox (image cache, disks, demo rootfs),
 #               /var/log/nomad-sandbox, and the e2e suite's and the demo's
@@ -88,6 +89,9 @@ awk '{print $2}' /proc/mounts | sort -r | while read -r m; do
 	for d in "${dirs[@]}"; do
 		case "$m" in "$d"/*|"$d") say "unmounting $m"; umount -l "$m" 2>/dev/null ;; esac
 	done
+	# runsc's own mounts (null-netns) under a Go test's temporary runsc
+	# root, left by a test that was killed.
+	case "$m" in /tmp/Test*/runsc/*) say "unmounting $m"; umount -l "$m" 2>/dev/null ;; esac
 	case "$m" in /run/netns/*)
 		if [[ "${m#/run/netns/}" =~ $ns_re ]]; then say "unmounting $m"; umount -l "$m" 2>/dev/null; fi ;;
 	esac
