@@ -125,6 +125,12 @@ trap 'exit 143' TERM
 # The agent config: the same plugin block as example-jobs/agent.hcl, with this
 # checkout's runsc and the demo's own state directories.
 cat >"$work/agent.hcl" <<EOF
+# A cgroup parent of the demo's own, not Nomad's default "nomad" that a
+# real client on this machine may use (make reset-host removes this one).
+client {
+  cgroup_parent = "nomad-sandbox-demo"
+}
+
 plugin "sandbox" {
   config {
     runsc_path        = "$runsc"

@@ -18,8 +18,9 @@
 #               /var/lib/nomad-sandbox (image cache, disks, demo rootfs),
 #               /var/log/nomad-sandbox, and the e2e suite's and the demo's
 #               work directories /tmp/nomad-sandbox-e2e-*, /tmp/nomad-sandbox-demo.*
-#   cgroups     nomad-sandbox, nomad-sandbox-test-* and the e2e agents' own
-#               nomad-sandbox-e2e-* in every hierarchy
+#   cgroups     nomad-sandbox, nomad-sandbox-test-*, and the e2e and demo
+#               agents' own nomad-sandbox-e2e-* and nomad-sandbox-demo, in
+#               every hierarchy
 #   network     namespaces, veths and nft tables named by the driver (nsbx,
 #               nomad_sandbox*), by its tests (tnpx, t<4 hex>, nsbx_test_*,
 #               sbxt*) and the e2e suite's bridge (sbxe2e*), its CNI state
@@ -66,7 +67,7 @@ done
 # Whatever still runs in the project's cgroups is a sandbox of ours, whichever
 # runsc binary started it (another checkout's, a test's).
 for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
-	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-*; do
+	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-* "$h"/nomad-sandbox-demo; do
 		[ -d "$top" ] || continue
 		for pid in $(find "$top" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u); do
 			say "killing process $pid of cgroup $top"
@@ -104,7 +105,7 @@ done
 
 # 4. Cgroups: children before parents, in every hierarchy.
 for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
-	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-*; do
+	for top in "$h"/nomad-sandbox "$h"/nomad-sandbox-test-* "$h"/nomad-sandbox-e2e-* "$h"/nomad-sandbox-demo; do
 		[ -d "$top" ] || continue
 		say "removing cgroup $top"
 		find "$top" -depth -type d -exec rmdir {} \; 2>/dev/null
