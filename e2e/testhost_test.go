@@ -6,17 +6,16 @@ import (
 	"bufio"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/shoenig/test/must"
-	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // The test host: a network namespace the test makes, joined to the host by a
@@ -110,7 +109,7 @@ func (th *testHost) addrs() []string {
 // to the namespace of the thread that made it) and serves them.
 func (th *testHost) listen() error {
 	var lns []net.Listener
-	err := inNetns(filepath.Join(netnsDir, th.ns), func() error {
+	err := testutil.InNetns(filepath.Join(netnsDir, th.ns), func() error {
 		for _, p := range []int{testHostPort, testHostOtherPort} {
 			l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", p))
 			if err != nil {
@@ -150,43 +149,6 @@ func (th *testHost) serve(l net.Listener) {
 		fmt.Fprintf(c, "testhost %s\n", local)
 		c.Close()
 	}
-}
-
-// inNetns runs fn on an OS thread that has joined the namespace at path. The
-// thread is not used again if it cannot go back to its own namespace.
-func inNetns(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		self, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer self.Close()
-		target, err := os.Open(path)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns %s: %w", path, err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Stay locked: the thread ends with this goroutine.
-			errc <- fmt.Errorf("setns back: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }
 
 // count is how many connections the test host accepted on addr (ip:port).

@@ -220,7 +220,7 @@ func ktStartServer(t *testing.T, k int) *ktServer {
 
 	// Servers, started inside the namespace.
 	var lns []io.Closer
-	err = inNetns(s.netns, func() error {
+	err = testutil.InNetns(s.netns, func() error {
 		for _, port := range []int{ktTCP1, ktTCP2} {
 			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", port))
 			if err != nil {
@@ -300,7 +300,7 @@ func ktIn(ns string, fn func() error) error {
 	if ns == "" {
 		return fn()
 	}
-	return inNetns(ns, fn)
+	return testutil.InNetns(ns, fn)
 }
 
 // ktDial connects from namespace ns (from src if valid) to dst and reads

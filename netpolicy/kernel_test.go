@@ -555,7 +555,7 @@ func TestKernelReconcile(t *testing.T) {
 	// leave through its own filter, which lets them out only towards
 	// allowed destinations.)
 	var bln net.Listener
-	ktMust(t, inNetns(b.Netns, func() (err error) {
+	ktMust(t, ktIn(b.Netns, func() (err error) {
 		bln, err = net.Listen("tcp4", ":8081")
 		return err
 	}))

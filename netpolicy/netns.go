@@ -82,40 +82,6 @@ func createNetns(path string, setup func() error) (err error) {
 	return <-errc
 }
 
-// inNetns runs fn on an OS thread that is inside the namespace mounted at
-// path. Sockets fn opens stay in that namespace after it returns.
-func inNetns(path string, fn func() error) error {
-	target, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("open netns: %w", err)
-	}
-	defer target.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr != nil {
-			errc <- errors.Join(err, fmt.Errorf("leave netns %s: %w", path, serr))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	return <-errc
-}
-
 // deleteNetns unmounts and removes a namespace mounted at path; a missing
 // one is not an error. The namespace itself lives on while a process is in
 // it.

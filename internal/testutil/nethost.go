@@ -21,7 +21,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	goruntime "runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -341,35 +340,6 @@ func (h *NetHost) Hits(keep func(Hit) bool) []Hit {
 		}
 	}
 	return out
-}
-
-// InNetns runs fn on a thread in the namespace at path; the sockets fn
-// opens stay in that namespace.
-func InNetns(path string, fn func() error) error {
-	goruntime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		goruntime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	target, err := netns.GetFromPath(path)
-	if err != nil {
-		goruntime.UnlockOSThread()
-		return err
-	}
-	defer target.Close()
-	if err := netns.Set(target); err != nil {
-		goruntime.UnlockOSThread()
-		return err
-	}
-	ferr := fn()
-	if err := netns.Set(orig); err != nil {
-		// The thread stays locked and dies with the goroutine.
-		return errors.Join(ferr, fmt.Errorf("back to the original namespace: %w", err))
-	}
-	goruntime.UnlockOSThread()
-	return ferr
 }
 
 // ClientGet does an HTTP GET of dst from the client namespace and returns
