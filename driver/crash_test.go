@@ -288,7 +288,7 @@ func (e *testEnv) assertGone(t *testing.T, tr traces) {
 // assertKept checks that a task Nomad may still have was not touched.
 func (e *testEnv) assertKept(t *testing.T, tr traces, running bool) {
 	t.Helper()
-	_, err := os.Stat(filepath.Join(tr.stateDir, metaFile))
+	_, err := os.Stat(runtime.StateDir(tr.stateDir).TaskMeta())
 	must.NoError(t, err, must.Sprint("the sweep removed a state directory during the recovery grace"))
 	if running {
 		ok, err := e.driver.runsc.Exists(context.Background(), tr.id)
@@ -367,7 +367,7 @@ func TestDriver_CrashMatrix(t *testing.T) {
 			name: "supervisor while the task runs", script: running,
 			run: func(t *testing.T, e *testEnv, cfg *drivers.TaskConfig, tr traces, _ *drivers.TaskHandle, ch *child) {
 				evs := e.events(t, cfg.ID)
-				killPid(t, pidIn(t, filepath.Join(tr.stateDir, "supervisor.pid")))
+				killPid(t, pidIn(t, runtime.StateDir(tr.stateDir).SupervisorPid()))
 				res := e.wait(cfg.ID, 30*time.Second)
 				// Through the plugin's gRPC the error is its text.
 				must.ErrorContains(t, res.Err, runtime.ErrSupervisorLost.Error())
@@ -380,7 +380,7 @@ func TestDriver_CrashMatrix(t *testing.T) {
 		{
 			name: "plugin and supervisor while the task runs", script: running, child: true, egress: true,
 			run: func(t *testing.T, e *testEnv, cfg *drivers.TaskConfig, tr traces, h *drivers.TaskHandle, ch *child) {
-				killPid(t, pidIn(t, filepath.Join(tr.stateDir, "supervisor.pid")))
+				killPid(t, pidIn(t, runtime.StateDir(tr.stateDir).SupervisorPid()))
 				evs := e.events(t, cfg.ID)
 				must.NoError(t, e.driver.RecoverTask(h))
 				res := e.wait(cfg.ID, 30*time.Second)
@@ -393,7 +393,7 @@ func TestDriver_CrashMatrix(t *testing.T) {
 		{
 			name: "runsc sandbox process while the task runs", script: running,
 			run: func(t *testing.T, e *testEnv, cfg *drivers.TaskConfig, tr traces, _ *drivers.TaskHandle, ch *child) {
-				killPid(t, pidIn(t, filepath.Join(tr.stateDir, "sandbox.pid")))
+				killPid(t, pidIn(t, runtime.StateDir(tr.stateDir).SandboxPid()))
 				res := e.wait(cfg.ID, 30*time.Second)
 				must.Eq(t, 9, res.Signal)
 				must.Eq(t, 137, res.ExitCode)

@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -25,7 +24,7 @@ func (d *Driver) execProcess(h *taskHandle, cmd []string, tty bool) (string, fun
 	if len(cmd) == 0 {
 		return "", nil, errors.New("exec: command is empty")
 	}
-	spec, err := runtime.ReadBundle(filepath.Join(h.stateDir, runtime.BundleDir))
+	spec, err := runtime.ReadBundle(runtime.StateDir(h.stateDir).Bundle())
 	if err != nil {
 		return "", nil, fmt.Errorf("exec: %w", err)
 	}
@@ -35,7 +34,7 @@ func (d *Driver) execProcess(h *taskHandle, cmd []string, tty bool) (string, fun
 	if tty {
 		p.Env = append(append([]string{}, p.Env...), "TERM=xterm")
 	}
-	f, err := os.CreateTemp(h.stateDir, "exec-*.json")
+	f, err := os.CreateTemp(h.stateDir, runtime.StateDir(h.stateDir).ExecProcessPattern())
 	if err != nil {
 		return "", nil, fmt.Errorf("exec: %w", err)
 	}

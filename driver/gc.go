@@ -144,7 +144,7 @@ func (d *Driver) sweep(ctx context.Context, graceOver bool) {
 // leftover reads a state directory's task record and says why the
 // directory is no task's that Nomad may still have; why is "" when it may.
 func leftover(dir string, graceOver bool) (meta taskMeta, why string) {
-	b, err := os.ReadFile(filepath.Join(dir, metaFile))
+	b, err := os.ReadFile(runtime.StateDir(dir).TaskMeta())
 	if err != nil {
 		// Written before anything else a start makes and removed last: a
 		// start or a removal was cut short.

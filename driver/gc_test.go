@@ -46,7 +46,7 @@ func TestDriver_SweepRemovesLeftovers(t *testing.T) {
 
 	// A state directory from a create that crashed half-way: removed.
 	half := filepath.Join(e.config.StateDir, "nomad-halfmade")
-	must.NoError(t, os.MkdirAll(filepath.Join(half, runtime.BundleDir), 0o700))
+	must.NoError(t, os.MkdirAll(runtime.StateDir(half).Bundle(), 0o700))
 
 	e.driver.Shutdown()
 	// Nomad's garbage collection of the allocation (secrets and private

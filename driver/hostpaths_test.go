@@ -125,7 +125,7 @@ func TestDriver_TaskPathsPinnedOnlyForTheStart(t *testing.T) {
 	_, _, err := e.harness.StartTask(cfg)
 	must.NoError(t, err)
 	defer func() { must.NoError(t, e.harness.DestroyTask(cfg.ID, true)) }()
-	_, err = os.Lstat(filepath.Join(e.config.StateDir, sandboxID(cfg), runtime.PinDir))
+	_, err = os.Lstat(runtime.StateDir(filepath.Join(e.config.StateDir, sandboxID(cfg))).Pins())
 	must.True(t, os.IsNotExist(err), must.Sprint("pins left in the state directory of a running task"))
 	must.NoError(t, os.WriteFile(filepath.Join(td.LocalDir, "go"), []byte("go"), 0o644))
 	res := e.wait(cfg.ID, 60*time.Second)

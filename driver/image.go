@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
 // pullImage resolves the task's image to a read-only unpacked tree in the
@@ -49,7 +50,7 @@ func (d *Driver) collectImages() {
 	inUse := map[string]bool{}
 	entries, _ := os.ReadDir(d.config.StateDir)
 	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(d.config.StateDir, e.Name(), metaFile))
+		b, err := os.ReadFile(runtime.StateDir(filepath.Join(d.config.StateDir, e.Name())).TaskMeta())
 		if err != nil {
 			continue
 		}

@@ -486,7 +486,7 @@ func (tn *taskNet) save() error {
 	for _, e := range tn.entries {
 		rec.Egress = append(rec.Egress, e.String())
 	}
-	if err := atomicfile.WriteJSON(filepath.Join(tn.dir, runtime.NetworkFile), rec, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(runtime.StateDir(tn.dir).Network(), rec, 0o600); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
 	return nil
@@ -509,7 +509,7 @@ func (tn *taskNet) stop() {
 // loadNetwork reads network.json of a recovered sandbox; nil when the
 // sandbox has no network.
 func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
-	b, err := os.ReadFile(filepath.Join(dir, runtime.NetworkFile))
+	b, err := os.ReadFile(runtime.StateDir(dir).Network())
 	if os.IsNotExist(err) {
 		return nil, nil
 	}

@@ -29,11 +29,10 @@ const (
 	// SIGTERM and SIGKILL. Nomad 1.6 does not tell a driver the job's
 	// kill_timeout before it stops the task itself.
 	timeoutKillGrace = 5 * time.Second
-	// metaFile records, next to the bundle, which Nomad task a state
-	// directory belongs to, so leftovers can be matched after a crash.
-	metaFile = "task.json"
 )
 
+// taskMeta, in runtime.StateDir.TaskMeta, records which Nomad task a state
+// directory belongs to, so leftovers can be matched after a crash.
 type taskMeta struct {
 	TaskID    string `json:"task_id"`
 	AllocID   string `json:"alloc_id"`
@@ -114,7 +113,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 // launch creates the sandbox's state, cgroup and bundle and starts its
 // supervisor. On failure it removes everything it made.
 func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleConfig, lim taskLimits, rec *audit.Record) (*taskHandle, *drivers.TaskHandle, error) {
-	dir := filepath.Join(d.config.StateDir, id)
+	sd := runtime.StateDir(filepath.Join(d.config.StateDir, id))
+	dir := sd.Path()
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create task state: %w", err)
 	}
@@ -126,16 +126,16 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	})
 	defer cu.Clean()
 
-	bundle := filepath.Join(dir, runtime.BundleDir)
+	bundle := sd.Bundle()
 	if err := os.Mkdir(bundle, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create bundle: %w", err)
 	}
 	meta := taskMeta{TaskID: cfg.ID, AllocID: cfg.AllocID, TaskName: cfg.Name, TaskDir: cfg.TaskDir().Dir, SandboxID: id, ImageDigest: rec.ImageDigest}
-	if err := atomicfile.WriteJSON(filepath.Join(dir, metaFile), meta, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(sd.TaskMeta(), meta, 0o600); err != nil {
 		return nil, nil, err
 	}
-	bc.ResolvConf = filepath.Join(dir, "resolv.conf")
-	bc.Hosts = filepath.Join(dir, "hosts")
+	bc.ResolvConf = sd.ResolvConf()
+	bc.Hosts = sd.Hosts()
 	if err := os.WriteFile(bc.Hosts, runtime.HostsFile(bc.Hostname), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
@@ -223,8 +223,8 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 			HostUDS: hostUDS,
 			// cap_add = ["net_raw"], which allow_caps must permit.
 			NetRaw:   slices.Contains(bc.Caps, "CAP_NET_RAW"),
-			LogFile:  filepath.Join(dir, "runsc.log"),
-			PanicLog: filepath.Join(dir, "runsc-panic.log"),
+			LogFile:  sd.RunscLog(),
+			PanicLog: sd.RunscPanicLog(),
 		},
 		Stdout:    cfg.StdoutPath,
 		Stderr:    cfg.StderrPath,

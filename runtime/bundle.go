@@ -242,7 +242,7 @@ func rootfsAlias(rootfs string, m HostMount) (alias *HostMount, whole bool) {
 
 // WriteBundle writes config.json for c into dir, which must exist.
 func WriteBundle(dir string, c *BundleConfig) error {
-	return atomicfile.WriteJSON(filepath.Join(dir, "config.json"), c.Spec(), 0o600)
+	return atomicfile.WriteJSON(bundleSpec(dir), c.Spec(), 0o600)
 }
 
 // ResolvConf renders resolv.conf for a sandbox.
@@ -267,7 +267,7 @@ func HostsFile(hostname string) []byte {
 
 // ReadBundle reads the spec of the bundle in dir.
 func ReadBundle(dir string) (*specs.Spec, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	b, err := os.ReadFile(bundleSpec(dir))
 	if err != nil {
 		return nil, fmt.Errorf("read bundle: %w", err)
 	}

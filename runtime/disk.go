@@ -31,13 +31,6 @@ import (
 // back into a plain local/ (see copyBack) and the image removed.
 
 const (
-	// DiskFile, in a task's state directory, records its mounted disk
-	// (DiskRecord) for the exit record and for the removal.
-	DiskFile = "disk.json"
-	// diskMountDir, in a task's state directory, is where the image's
-	// file system is mounted (under the state directory, so a removal that
-	// detaches everything mounted there detaches it too).
-	diskMountDir = "disk"
 	// overlaySourcePrefix names the overlays this driver mounts (the
 	// source field of /proc/self/mountinfo), so that leftovers are found.
 	overlaySourcePrefix = "nomad-sandbox-disk:"
@@ -61,7 +54,10 @@ type Disk struct {
 	LimitBytes int64
 }
 
-// DiskRecord is DiskFile.
+// DiskRecord, in StateDir.Disk, records a task's mounted disk for the exit
+// record and for the removal. The image's file system is mounted at
+// StateDir.DiskMount, under the state directory, so a removal that detaches
+// everything mounted there detaches it too.
 type DiskRecord struct {
 	Image      string `json:"image"`
 	Target     string `json:"target"`
@@ -175,7 +171,7 @@ func mkfsPath() string {
 // overlay over target (the task's local/, resolved beneath root without
 // following any link, so a job cannot point it elsewhere): its lower layer
 // is target's content, its upper layer on the disk. It records the mount in
-// dir (DiskFile) before making it, so that a crash leaves something the
+// dir (StateDir.Disk) before making it, so that a crash leaves something the
 // removal finds.
 func (d *Disk) Mount(dir, root, rel string) error {
 	th, err := safeopen.Resolve(root, rel, safeopen.NoSymlinks)
@@ -196,10 +192,10 @@ func (d *Disk) Mount(dir, root, rel string) error {
 	if dev := loopOf(d.Image); dev != "" {
 		return fmt.Errorf("disk image %s is in use already (%s)", d.Image, dev)
 	}
-	if err := atomicfile.WriteJSON(filepath.Join(dir, DiskFile), DiskRecord{Image: d.Image, Target: target, SizeBytes: d.SizeBytes, Inodes: d.Inodes, LimitBytes: d.LimitBytes}, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(StateDir(dir).Disk(), DiskRecord{Image: d.Image, Target: target, SizeBytes: d.SizeBytes, Inodes: d.Inodes, LimitBytes: d.LimitBytes}, 0o600); err != nil {
 		return err
 	}
-	mnt := filepath.Join(dir, diskMountDir)
+	mnt := StateDir(dir).DiskMount()
 	if err := os.Mkdir(mnt, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("disk mount point: %w", err)
 	}
@@ -292,7 +288,7 @@ func mountImage(image, mnt string) error {
 // ReadDiskRecord reads the disk record in a task's state directory; nil
 // when the task has no disk.
 func ReadDiskRecord(dir string) *DiskRecord {
-	b, err := os.ReadFile(filepath.Join(dir, DiskFile))
+	b, err := os.ReadFile(StateDir(dir).Disk())
 	if err != nil {
 		return nil
 	}
@@ -343,7 +339,7 @@ func UnmountDisk(dir string) error {
 			}
 		}
 	}
-	mnt := filepath.Join(dir, diskMountDir)
+	mnt := StateDir(dir).DiskMount()
 	if err := unix.Unmount(mnt, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		if err := unix.Unmount(mnt, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
 			errs = append(errs, fmt.Errorf("unmount disk %s: %w", mnt, err))
@@ -388,7 +384,7 @@ func DiskFull(dir string) string {
 		return ""
 	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(filepath.Join(dir, diskMountDir), &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC {
+	if err := unix.Statfs(StateDir(dir).DiskMount(), &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC {
 		return ""
 	}
 	free := int64(st.Bavail) * st.Bsize

@@ -14,10 +14,6 @@ import (
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
-// PinDir, in a task's state directory, holds the pinned host paths of its
-// sandbox (see PinPaths).
-const PinDir = "pins"
-
 // PinPaths pins every host path of spec (its root and the sources of its bind
 // mounts) that lies beneath root, the allocation directory. Nomad makes the
 // task directory and the shared alloc directory world-writable, so the node's
@@ -26,7 +22,7 @@ const PinDir = "pins"
 // between the driver's checks and runsc's own open of the path. Each such
 // path is therefore resolved beneath root now, following no symbolic link,
 // and the inode found is bound, by its descriptor, onto a directory or file
-// in dir's PinDir (root's alone); the spec then names that instead, so runsc
+// in dir's StateDir.Pins (root's alone); the spec then names that instead, so runsc
 // opens exactly what was checked. A path that goes through a link, or is
 // neither a directory nor a regular file, is refused. The pins are needed
 // only until runsc has started the sandbox (its gofer has bound them into its
@@ -34,7 +30,7 @@ const PinDir = "pins"
 // dir is removed, or the removal would go down into the task's directories.
 // On error, what was pinned is left for UnpinPaths.
 func PinPaths(spec *specs.Spec, root, dir string) error {
-	pins := filepath.Join(dir, PinDir)
+	pins := StateDir(dir).Pins()
 	if err := os.Mkdir(pins, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("pin task paths: %w", err)
 	}
@@ -106,7 +102,7 @@ func PinPaths(spec *specs.Spec, root, dir string) error {
 // while a pin is mounted: removing it would go down into the task's own
 // directories.
 func UnpinPaths(dir string) error {
-	pins := filepath.Join(dir, PinDir)
+	pins := StateDir(dir).Pins()
 	entries, err := os.ReadDir(pins)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -142,5 +138,5 @@ func WritePinnedBundle(bundle string, c *BundleConfig, root, dir string) error {
 	if err := PinPaths(spec, root, dir); err != nil {
 		return err
 	}
-	return atomicfile.WriteJSON(filepath.Join(bundle, "config.json"), spec, 0o600)
+	return atomicfile.WriteJSON(bundleSpec(bundle), spec, 0o600)
 }

@@ -33,7 +33,7 @@ func TestPinPaths(t *testing.T) {
 		},
 	}
 	must.NoError(t, PinPaths(spec, root, state))
-	pins := filepath.Join(state, PinDir)
+	pins := StateDir(state).Pins()
 	for _, p := range []string{spec.Root.Path, spec.Mounts[0].Source, spec.Mounts[1].Source} {
 		must.StrHasPrefix(t, pins+"/", p)
 	}

@@ -74,7 +74,7 @@ func newTestSandbox(t testing.TB, mutate func(*BundleConfig), args ...string) *t
 	rootfs := testutil.MakeRootfs(t, filepath.Join(base, "rootfs"))
 	stateDir := filepath.Join(base, "state")
 	dirs := TaskDirs{Alloc: filepath.Join(base, "alloc"), Local: filepath.Join(base, "local"), Secrets: filepath.Join(base, "secrets")}
-	for _, d := range []string{stateDir, filepath.Join(stateDir, BundleDir), dirs.Alloc, dirs.Local, dirs.Secrets} {
+	for _, d := range []string{stateDir, StateDir(stateDir).Bundle(), dirs.Alloc, dirs.Local, dirs.Secrets} {
 		must.NoError(t, os.MkdirAll(d, 0o755))
 	}
 	runscRoot := filepath.Join(base, "runsc-root")
@@ -94,7 +94,7 @@ func newTestSandbox(t testing.TB, mutate func(*BundleConfig), args ...string) *t
 	if mutate != nil {
 		mutate(cfg)
 	}
-	must.NoError(t, WriteBundle(filepath.Join(stateDir, BundleDir), cfg))
+	must.NoError(t, WriteBundle(StateDir(stateDir).Bundle(), cfg))
 	exe, err := os.Executable()
 	must.NoError(t, err)
 	sup := &Supervisor{Dir: stateDir, Exe: exe}
@@ -106,7 +106,7 @@ func newTestSandbox(t testing.TB, mutate func(*BundleConfig), args ...string) *t
 	spec := &SupervisorSpec{
 		ID:      id,
 		Runsc:   r,
-		Run:     RunOpts{Bundle: filepath.Join(stateDir, BundleDir), Network: "none", Overlay: "none", LogFile: filepath.Join(stateDir, "runsc.log")},
+		Run:     RunOpts{Bundle: StateDir(stateDir).Bundle(), Network: "none", Overlay: "none", LogFile: StateDir(stateDir).RunscLog()},
 		LogRoot: base,
 	}
 	return &testSandbox{base: base, stateDir: stateDir, dirs: dirs, runsc: r, sup: sup, spec: spec}

@@ -31,19 +31,6 @@ import (
 // store its status on disk.
 const SupervisorArg = "supervise"
 
-// Files in a task's state directory.
-const (
-	specFile    = "supervisor.json"
-	exitFile    = "exit.json"
-	pidFile     = "supervisor.pid"
-	sockFile    = "supervisor.sock"
-	sandboxPid  = "sandbox.pid"
-	runscLog    = "runsc.log"
-	supervisLog = "supervisor.log"
-	// BundleDir is the OCI bundle inside a task's state directory.
-	BundleDir = "bundle"
-)
-
 // SupervisorSpec is what the plugin hands the supervisor.
 type SupervisorSpec struct {
 	ID     string  `json:"id"`
@@ -107,7 +94,7 @@ type Supervisor struct {
 // sandbox runs or with the reason it could not start. The supervisor is in its
 // own session so it survives the plugin and the Nomad agent.
 func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
-	if err := atomicfile.WriteJSON(filepath.Join(s.Dir, specFile), spec, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(StateDir(s.Dir).SupervisorSpec(), spec, 0o600); err != nil {
 		return err
 	}
 	rd, wr, err := os.Pipe()
@@ -115,7 +102,7 @@ func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
 		return fmt.Errorf("start supervisor: %w", err)
 	}
 	defer rd.Close()
-	logf, err := os.OpenFile(filepath.Join(s.Dir, supervisLog), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	logf, err := os.OpenFile(StateDir(s.Dir).SupervisorLog(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		wr.Close()
 		return fmt.Errorf("start supervisor: %w", err)
@@ -157,7 +144,7 @@ func (s *Supervisor) Start(ctx context.Context, spec *SupervisorSpec) error {
 		case strings.HasPrefix(r.line, "error: "):
 			return errors.New(strings.TrimPrefix(r.line, "error: "))
 		default:
-			return fmt.Errorf("supervisor ended before the sandbox started (see %s)", filepath.Join(s.Dir, supervisLog))
+			return fmt.Errorf("supervisor ended before the sandbox started (see %s)", StateDir(s.Dir).SupervisorLog())
 		}
 	}
 }
@@ -194,7 +181,7 @@ func (s *Supervisor) Wait(ctx context.Context) (*ExitStatus, error) {
 // or at once if it no longer listens.
 func (s *Supervisor) waitClose(ctx context.Context) error {
 	var d net.Dialer
-	path, release, err := shortPath(s.Dir, sockFile)
+	path, release, err := shortPath(StateDir(s.Dir).SupervisorSock())
 	if err != nil {
 		return err
 	}
@@ -219,7 +206,7 @@ func (s *Supervisor) waitClose(ctx context.Context) error {
 
 // Spec returns the spec the supervisor was started with.
 func (s *Supervisor) Spec() (*SupervisorSpec, error) {
-	b, err := os.ReadFile(filepath.Join(s.Dir, specFile))
+	b, err := os.ReadFile(StateDir(s.Dir).SupervisorSpec())
 	if err != nil {
 		return nil, fmt.Errorf("read supervisor spec: %w", err)
 	}
@@ -232,7 +219,7 @@ func (s *Supervisor) Spec() (*SupervisorSpec, error) {
 
 // ExitStatus returns the stored exit status, or nil while the task runs.
 func (s *Supervisor) ExitStatus() (*ExitStatus, error) {
-	b, err := os.ReadFile(filepath.Join(s.Dir, exitFile))
+	b, err := os.ReadFile(StateDir(s.Dir).Exit())
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -248,7 +235,7 @@ func (s *Supervisor) ExitStatus() (*ExitStatus, error) {
 
 // Alive reports whether the supervisor process still runs.
 func (s *Supervisor) Alive() bool {
-	b, err := os.ReadFile(filepath.Join(s.Dir, pidFile))
+	b, err := os.ReadFile(StateDir(s.Dir).SupervisorPid())
 	if err != nil {
 		return false
 	}
@@ -269,7 +256,7 @@ func (s *Supervisor) Kill() {
 	if !s.Alive() {
 		return
 	}
-	b, _ := os.ReadFile(filepath.Join(s.Dir, pidFile))
+	b, _ := os.ReadFile(StateDir(s.Dir).SupervisorPid())
 	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
 		_ = unix.Kill(pid, unix.SIGKILL)
 	}
@@ -304,7 +291,7 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}()
 
-	b, err := os.ReadFile(filepath.Join(dir, specFile))
+	b, err := os.ReadFile(StateDir(dir).SupervisorSpec())
 	if err != nil {
 		return fmt.Errorf("read spec: %w", err)
 	}
@@ -312,7 +299,7 @@ func supervise(dir string, ready *os.File) (err error) {
 	if err := json.Unmarshal(b, &spec); err != nil {
 		return fmt.Errorf("decode spec: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, pidFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+	if err := os.WriteFile(StateDir(dir).SupervisorPid(), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("write pid: %w", err)
 	}
 	// The sandbox is forked by `runsc create`, which then exits; as a
@@ -323,8 +310,8 @@ func supervise(dir string, ready *os.File) (err error) {
 	// A plugin that died mid-write must not stop us, nor a closed log FIFO.
 	signalIgnore()
 
-	_ = os.Remove(filepath.Join(dir, sockFile))
-	sockPath, release, err := shortPath(dir, sockFile)
+	_ = os.Remove(StateDir(dir).SupervisorSock())
+	sockPath, release, err := shortPath(StateDir(dir).SupervisorSock())
 	if err != nil {
 		return err
 	}
@@ -350,7 +337,7 @@ func supervise(dir string, ready *os.File) (err error) {
 	}
 	defer stopTrail()
 	if spec.Trace != nil {
-		if trail, err = trace.Listen(dir, *spec.Trace); err != nil {
+		if trail, err = trace.Listen(StateDir(dir).TraceSock(), StateDir(dir).TraceConfig(), *spec.Trace); err != nil {
 			return fmt.Errorf("%w: the sandbox was not started without its trail", err)
 		}
 		spec.Run.PodInitConfig = trail.ConfigPath()
@@ -453,7 +440,7 @@ func supervise(dir string, ready *os.File) (err error) {
 			st.AuditErr = err.Error()
 		}
 	}
-	return atomicfile.WriteJSON(filepath.Join(dir, exitFile), &st, 0o600)
+	return atomicfile.WriteJSON(StateDir(dir).Exit(), &st, 0o600)
 }
 
 // ScrubSecrets removes the files of a task's state directory that carry its
@@ -462,20 +449,16 @@ func supervise(dir string, ready *os.File) (err error) {
 // first thing when it removes a task, so that a crash half-way through
 // leaves none behind.
 func ScrubSecrets(dir string) {
-	_ = os.Remove(filepath.Join(dir, BundleDir, "config.json"))
-	if execs, err := filepath.Glob(filepath.Join(dir, "exec-*.json")); err == nil {
-		for _, f := range execs {
-			_ = os.Remove(f)
-		}
+	sd := StateDir(dir)
+	_ = os.Remove(sd.BundleSpec())
+	for _, f := range sd.ExecProcesses() {
+		_ = os.Remove(f)
 	}
 }
 
-// NetworkFile, next to the bundle, is where the driver keeps a sandbox's
-// network (NetworkRecord): what it needs to take the network back after a
-// plugin restart, and what was denied, which the exit record carries.
-const NetworkFile = "network.json"
-
-// NetworkRecord is NetworkFile.
+// NetworkRecord, in StateDir.Network, is where the driver keeps a
+// sandbox's network: what it needs to take the network back after a plugin
+// restart, and what was denied, which the exit record carries.
 type NetworkRecord struct {
 	Egress     []string          `json:"egress"`
 	Denials    map[string]uint64 `json:"egress_denials,omitempty"`
@@ -484,7 +467,7 @@ type NetworkRecord struct {
 
 func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	r := *base
-	if b, err := os.ReadFile(filepath.Join(dir, NetworkFile)); err == nil {
+	if b, err := os.ReadFile(StateDir(dir).Network()); err == nil {
 		var n NetworkRecord
 		if json.Unmarshal(b, &n) == nil {
 			r.EgressDenials, r.RefusedDNS = n.Denials, n.RefusedDNS
@@ -504,7 +487,7 @@ func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 // to us (a subreaper) so that we can wait for its exit status.
 func runDetached(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.File) (int, error) {
 	global, verb := spec.Run.Args(spec.ID)
-	pidPath := filepath.Join(dir, sandboxPid)
+	pidPath := StateDir(dir).SandboxPid()
 	argv := append(r.globalArgs(), global...)
 	argv = append(argv, "run", "--detach", "--pid-file", pidPath)
 	argv = append(argv, verb...)
@@ -586,9 +569,11 @@ func logTail(path string) string {
 	return ": " + strings.Join(picked, "; ")
 }
 
-// shortPath names dir/name through /proc/self/fd so that a Unix socket in a
-// deep state directory stays within the 108-byte sun_path limit.
-func shortPath(dir, name string) (string, func(), error) {
+// shortPath names path through /proc/self/fd/N/<base>, N a descriptor of
+// its directory, so that a Unix socket in a deep state directory stays
+// within the 108-byte sun_path limit.
+func shortPath(path string) (string, func(), error) {
+	dir, name := filepath.Dir(path), filepath.Base(path)
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "", nil, fmt.Errorf("open %s: %w", dir, err)

@@ -30,12 +30,6 @@ type Config struct {
 	Identity   Identity `json:"identity"`
 }
 
-// Files in the task's state directory.
-const (
-	sockName   = "trace.sock"
-	configName = "trace.json"
-)
-
 // Summary sizes: the exited record keeps this many distinct executables and
 // destinations.
 const summaryDistinct = 5
@@ -54,8 +48,9 @@ const maxSockets = 4096
 // Receiver takes one sandbox's points and writes its trail.
 type Receiver struct {
 	cfg     Config
-	dir     string
-	dirFD   int
+	sock    string // the socket's path
+	config  string // the pod init config's path
+	dirFD   int    // the socket's directory
 	ln      *net.UnixListener
 	done    chan struct{}
 	mu      sync.Mutex
@@ -78,27 +73,28 @@ type Receiver struct {
 	err         error
 }
 
-// Listen makes the receiver's socket in dir (the task's state directory,
-// which only root can enter) and waits for the sandbox in the background.
-// The caller starts runsc with --pod-init-config ConfigPath() and calls
-// Close once the sandbox has exited.
-func Listen(dir string, cfg Config) (*Receiver, error) {
+// Listen makes the receiver's socket at sock and runsc's pod init config at
+// config (both in the task's state directory, which only root can enter)
+// and waits for the sandbox in the background. The caller starts runsc with
+// --pod-init-config ConfigPath() and calls Close once the sandbox has exited.
+func Listen(sock, config string, cfg Config) (*Receiver, error) {
 	if err := ValidatePoints(cfg.Points); err != nil {
 		return nil, err
 	}
 	// The socket path must fit sun_path (108 bytes), and the state
 	// directory can be deeper: runsc reaches it through this process's
 	// descriptor of the directory, /proc/PID/fd/N/trace.sock.
+	dir := filepath.Dir(sock)
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("trace: open %s: %w", dir, err)
 	}
 	r := &Receiver{
-		cfg: cfg, dir: dir, dirFD: fd, done: make(chan struct{}),
+		cfg: cfg, sock: sock, config: config, dirFD: fd, done: make(chan struct{}),
 		tokens: float64(cfg.Burst), counts: map[string]uint64{}, dropped: map[string]uint64{},
 		reported: map[string]uint64{}, pending: map[int32]*Record{}, sockets: map[[2]int32]string{},
 	}
-	_ = os.Remove(filepath.Join(dir, sockName))
+	_ = os.Remove(sock)
 	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: r.endpoint(), Net: "unixpacket"})
 	if err != nil {
 		unix.Close(fd)
@@ -106,7 +102,7 @@ func Listen(dir string, cfg Config) (*Receiver, error) {
 	}
 	ln.SetUnlinkOnClose(false)
 	r.ln = ln
-	if err := os.Chmod(filepath.Join(dir, sockName), 0o600); err != nil {
+	if err := os.Chmod(sock, 0o600); err != nil {
 		r.closeListener()
 		return nil, fmt.Errorf("trace: %w", err)
 	}
@@ -123,10 +119,10 @@ func Listen(dir string, cfg Config) (*Receiver, error) {
 }
 
 // ConfigPath is the file to pass to runsc's --pod-init-config.
-func (r *Receiver) ConfigPath() string { return filepath.Join(r.dir, configName) }
+func (r *Receiver) ConfigPath() string { return r.config }
 
 func (r *Receiver) endpoint() string {
-	return fmt.Sprintf("/proc/%d/fd/%d/%s", os.Getpid(), r.dirFD, sockName)
+	return fmt.Sprintf("/proc/%d/fd/%d/%s", os.Getpid(), r.dirFD, filepath.Base(r.sock))
 }
 
 func (r *Receiver) closeListener() {
@@ -137,7 +133,7 @@ func (r *Receiver) closeListener() {
 	}
 	r.ln.Close()
 	r.ln = nil
-	_ = os.Remove(filepath.Join(r.dir, sockName))
+	_ = os.Remove(r.sock)
 	unix.Close(r.dirFD)
 }
 

@@ -105,7 +105,7 @@ func readLines(t *testing.T, path string) []Record {
 func TestReceiver_Points(t *testing.T) {
 	dir := t.TempDir()
 	log := filepath.Join(dir, "trail.jsonl")
-	r, err := Listen(dir, Config{Log: log, Points: []string{"exec", "connect", "exit", "open_write"}, Identity: Identity{Job: "j", SandboxID: "sb"}})
+	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: []string{"exec", "connect", "exit", "open_write"}, Identity: Identity{Job: "j", SandboxID: "sb"}})
 	must.NoError(t, err)
 
 	exec := (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "sh")).bytes(2, []byte("/bin/busybox"))
@@ -187,7 +187,7 @@ func TestReceiver_Points(t *testing.T) {
 	must.Eq(t, map[string]uint64{"sandbox": 5, "malformed": 1}, sum.Dropped)
 	must.Eq(t, []string{"10.0.0.1:443/tcp", "10.0.0.2:80/tcp", "10.0.0.3:22"}, sum.Destinations)
 	must.Eq(t, "", sum.Error)
-	_, err = os.Stat(filepath.Join(dir, sockName))
+	_, err = os.Stat(r.sock)
 	must.True(t, os.IsNotExist(err))
 }
 
@@ -196,7 +196,7 @@ func TestReceiver_Points(t *testing.T) {
 func TestReceiver_Total(t *testing.T) {
 	dir := t.TempDir()
 	log := filepath.Join(dir, "trail.jsonl")
-	r, err := Listen(dir, Config{Log: log, Points: DefaultPoints(), MaxRecords: 3})
+	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: DefaultPoints(), MaxRecords: 3})
 	must.NoError(t, err)
 	for range 10 {
 		r.handle(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/true")).b))
@@ -219,9 +219,9 @@ func TestReceiver_OneConnection(t *testing.T) {
 	}
 	dir := t.TempDir()
 	log := filepath.Join(dir, "trail.jsonl")
-	r, err := Listen(dir, Config{Log: log, Points: DefaultPoints()})
+	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: DefaultPoints()})
 	must.NoError(t, err)
-	fi, err := os.Stat(filepath.Join(dir, sockName))
+	fi, err := os.Stat(r.sock)
 	must.NoError(t, err)
 	must.Eq(t, os.FileMode(0o600), fi.Mode().Perm())
 	pic, err := os.ReadFile(r.ConfigPath())
@@ -238,10 +238,10 @@ func TestReceiver_OneConnection(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, []byte{0x08, 0x01}, reply[:n])
 	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
-		_, err := os.Stat(filepath.Join(dir, sockName))
+		_, err := os.Stat(r.sock)
 		return os.IsNotExist(err)
 	}), wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)))
-	_, err = net.Dial("unixpacket", filepath.Join(dir, sockName))
+	_, err = net.Dial("unixpacket", r.sock)
 	must.Error(t, err, must.Sprint("a second connection after the sandbox's"))
 
 	_, err = conn.Write(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/id")).b))
