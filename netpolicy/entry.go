@@ -258,6 +258,34 @@ func (e Entry) MatchesHost(name string) bool {
 	return len(name) > len(e.Host)+1 && strings.HasSuffix(name, "."+e.Host)
 }
 
+// Covers reports whether every destination inner allows, e allows too: the
+// same protocol, a port range containing inner's (an entry without ports
+// covers any), and an IP prefix containing inner's, or a host name that is
+// inner's, or for a wildcard, inner's name or wildcard at or under it. An IP
+// entry never covers a name, nor a name an IP entry.
+func (e Entry) Covers(inner Entry) bool {
+	if e.proto() != inner.proto() || !e.coversPorts(inner) {
+		return false
+	}
+	switch {
+	case e.Prefix.IsValid() && inner.Prefix.IsValid():
+		return e.Prefix.Bits() <= inner.Prefix.Bits() && e.Prefix.Contains(inner.Prefix.Addr())
+	case e.Host != "" && inner.Host != "":
+		if !e.Wildcard {
+			return !inner.Wildcard && e.Host == inner.Host
+		}
+		return inner.Wildcard && inner.Host == e.Host || e.MatchesHost(inner.Host)
+	}
+	return false
+}
+
+// coversPorts reports whether e's port range contains inner's.
+func (e Entry) coversPorts(inner Entry) bool {
+	lo, hi := e.ports()
+	innerLo, innerHi := inner.ports()
+	return innerLo >= lo && innerHi <= hi
+}
+
 func (e Entry) proto() string {
 	if e.Proto == "" {
 		return "tcp"

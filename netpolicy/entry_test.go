@@ -149,3 +149,71 @@ func TestEntryMatchesHost(t *testing.T) {
 		}
 	}
 }
+
+func TestEntryCovers(t *testing.T) {
+	cases := []struct {
+		outer, inner string
+		want         bool
+	}{
+		// Prefixes: the outer contains the inner's addresses.
+		{"10.198.0.0/16:443", "10.198.3.4:443", true},
+		{"10.198.0.0/16:443", "10.198.0.0/24:443", true},
+		{"10.198.0.0/16:443", "10.198.0.0/16:443", true},
+		{"10.198.0.0/16:443", "10.0.0.0/8:443", false},
+		{"10.198.0.0/16:443", "10.199.0.1:443", false},
+		{"0.0.0.0/0", "203.0.113.7:22", true},
+		{"0.0.0.0/0", "2001:db8::1", false},
+		{"2001:db8::/32", "[2001:db8::1]:443", true},
+		{"2001:db8::/32", "10.1.2.3", false},
+		// Ports: an outer without ports covers any; an inner without
+		// ports is any port, covered only by an outer without ports.
+		{"10.198.0.0/16:443", "10.198.3.4:80", false},
+		{"10.198.0.0/16:443", "10.198.3.4", false},
+		{"10.198.0.0/16", "10.198.3.4:80", true},
+		{"10.198.0.0/16", "10.198.3.4", true},
+		{"10.1.2.3:8000-8100", "10.1.2.3:8000-8100", true},
+		{"10.1.2.3:8000-8100", "10.1.2.3:8050-8060", true},
+		{"10.1.2.3:8000-8100", "10.1.2.3:7999-8050", false},
+		{"10.1.2.3:8000-8100", "10.1.2.3:8050-8101", false},
+		{"10.1.2.3:1-65535", "10.1.2.3", false},
+		// Protocols: tcp is the default and covers no udp.
+		{"10.1.2.3:53/udp", "10.1.2.3:53/udp", true},
+		{"10.1.2.3:53/udp", "10.1.2.3:53", false},
+		{"10.1.2.3:53", "10.1.2.3:53/udp", false},
+		{"10.1.2.3:53/tcp", "10.1.2.3:53", true},
+		// Names: exact only by the same name, a wildcard by names and
+		// wildcards strictly under it, or the same wildcard.
+		{"mirror.test:80", "mirror.test:80", true},
+		{"mirror.test:80", "MIRROR.test.:80", true},
+		{"mirror.test:80", "*.mirror.test:80", false},
+		{"mirror.test:80", "a.mirror.test:80", false},
+		{"*.pypi.test:443", "files.pypi.test:443", true},
+		{"*.pypi.test:443", "*.pypi.test:443", true},
+		{"*.pypi.test:443", "*.a.pypi.test:443", true},
+		{"*.pypi.test:443", "pypi.test:443", false},
+		{"*.pypi.test:443", "pypi.test.evil.test:443", false},
+		{"*.a.pypi.test:443", "*.pypi.test:443", false},
+		{"*.pypi.test:443", "files.pypi.test:80", false},
+		// Names and addresses never cover each other.
+		{"0.0.0.0/0", "github.com:443", false},
+		{"*.github.com", "140.82.112.3:443", false},
+	}
+	for _, c := range cases {
+		outer, err := ParseEgress(c.outer)
+		if err != nil {
+			t.Fatalf("ParseEgress(%q): %v", c.outer, err)
+		}
+		inner, err := ParseEgress(c.inner)
+		if err != nil {
+			t.Fatalf("ParseEgress(%q): %v", c.inner, err)
+		}
+		if got := outer.Covers(inner); got != c.want {
+			t.Errorf("%q.Covers(%q) = %v, want %v", c.outer, c.inner, got, c.want)
+		}
+	}
+	// A literal without Proto is tcp, as ParseEgress's entries are.
+	bare := Entry{Prefix: netip.MustParsePrefix("10.0.0.0/8")}
+	if tcp, _ := ParseEgress("10.1.2.3"); !bare.Covers(tcp) || !tcp.Covers(Entry{Prefix: netip.MustParsePrefix("10.1.2.3/32")}) {
+		t.Error("an Entry without Proto is not treated as tcp")
+	}
+}
