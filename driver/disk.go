@@ -123,9 +123,36 @@ func (d *Driver) diskImage(cfg *drivers.TaskConfig) string {
 }
 
 // mountDisk gives the task's local/ its disk (see runtime.Disk) in the
-// state directory dir. The image is recorded with its task directory first,
-// so that the sweep removes it once Nomad removes the allocation.
+// state directory dir, when it has a limit, and makes the task a holder of
+// its allocation's disk for alloc/data and alloc/tmp (see
+// runtime.JoinAllocDisk), which a task without a limit joins only when it
+// exists.
 func (d *Driver) mountDisk(ctx context.Context, cfg *drivers.TaskConfig, dir string, lim taskLimits) error {
+	if lim.diskBytes > 0 {
+		if err := d.mountLocalDisk(ctx, cfg, dir, lim); err != nil {
+			return err
+		}
+	}
+	notice, err := runtime.JoinAllocDisk(ctx, dir, runtime.AllocDisk{
+		Dir:        d.config.diskDir(),
+		AllocID:    sanitize(cfg.AllocID, 36),
+		AllocDir:   realPath(cfg.AllocDir),
+		LimitBytes: lim.diskBytes,
+		Inodes:     lim.diskInodes,
+	})
+	if err != nil {
+		return fmt.Errorf("allocation disk: %w", err)
+	}
+	if notice != "" {
+		d.emitEvent(cfg, "Allocation disk: "+notice, nil)
+	}
+	return nil
+}
+
+// mountLocalDisk gives the task's local/ its disk. The image is recorded
+// with its task directory first, so that the sweep removes it once Nomad
+// removes the allocation.
+func (d *Driver) mountLocalDisk(ctx context.Context, cfg *drivers.TaskConfig, dir string, lim taskLimits) error {
 	td := cfg.TaskDir()
 	// Everything in local/ counts: what Nomad put there and what earlier
 	// runs of the task wrote (copied back when they ended), so restarts
@@ -171,5 +198,12 @@ func (d *Driver) sweepDisks() {
 			continue
 		}
 		d.logger.Info("removed disk image", "path", image, "reason", "Nomad removed the task directory")
+	}
+	removed, err := runtime.SweepAllocDisks(d.config.diskDir(), d.config.StateDir)
+	for _, alloc := range removed {
+		d.logger.Info("removed allocation disk", "alloc_id", alloc, "reason", "no task of the allocation holds it")
+	}
+	if err != nil {
+		d.logger.Warn("failed to remove allocation disks", "error", err)
 	}
 }

@@ -3,6 +3,7 @@ package driver
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -10,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/client/allocdir"
+	"github.com/hashicorp/nomad/helper/uuid"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
@@ -312,4 +316,218 @@ func TestDisk_SweepAfterPluginCrash(t *testing.T) {
 	must.Eq(t, "kept\n", string(b))
 	_, err = os.Stat(e.driver.diskImage(cfg))
 	must.True(t, os.IsNotExist(err), must.Sprintf("image left: %v", err))
+}
+
+// sibling prepares another task of first's allocation (its task directory
+// in the same allocation directory), without logs: the tests read what it
+// writes in alloc/data.
+func (e *testEnv) sibling(t *testing.T, first *drivers.TaskConfig, name string, tc TaskConfig) *drivers.TaskConfig {
+	t.Helper()
+	if tc.Rootfs == "" {
+		tc.Rootfs = e.rootfs
+	}
+	if tc.Tmpfs == nil {
+		tc.Tmpfs = []string{"/tmp"}
+	}
+	ad := allocdir.NewAllocDir(hclog.NewNullLogger(), filepath.Dir(first.AllocDir), first.AllocID)
+	must.NoError(t, ad.NewTaskDir(name).Build(false, nil))
+	cfg := &drivers.TaskConfig{
+		ID:        uuid.Generate(),
+		AllocID:   first.AllocID,
+		AllocDir:  first.AllocDir,
+		Name:      name,
+		JobName:   first.JobName,
+		Resources: first.Resources,
+	}
+	must.NoError(t, cfg.EncodeConcreteDriverConfig(&tc))
+	return cfg
+}
+
+// allocDiskLeft lists what of the allocation disks under the test's disk
+// directory is left: images, records, locks, mount points, and holdings in
+// state directories.
+func allocDiskLeft(e *testEnv) []string {
+	left, _ := filepath.Glob(filepath.Join(e.config.DiskDir, "alloc", "*"))
+	holdings, _ := filepath.Glob(runtime.StateDir(filepath.Join(e.config.StateDir, "*")).AllocDisk())
+	return append(left, holdings...)
+}
+
+// A fast writer to /alloc/data and a many-small-files writer to /alloc/tmp
+// each stop at their allocation's 16 MiB disk (ENOSPC), with the event and
+// the audit record naming alloc/; an allocation beside them writes its 24
+// MiB meanwhile; a write at the top of /alloc is refused (read-only).
+func TestAllocDisk_WritersStopAtTheLimit(t *testing.T) {
+	e := diskEnv(t, nil)
+	sh := func(script string) TaskConfig {
+		return readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, DiskLimit: "16MiB"})
+	}
+	fast, c1 := e.task(t, "fast", sh("dd if=/dev/zero of=/alloc/data/big bs=1M count=64; echo dd=$?; wc -c < /alloc/data/big"))
+	defer c1()
+	small, c2 := e.task(t, "small", sh("i=0; while echo x > /alloc/tmp/f$i; do i=$((i+1)); done; echo files=$i"))
+	defer c2()
+	nbTC := sh("i=0; while [ $i -lt 24 ]; do dd if=/dev/zero of=/alloc/data/n$i bs=1M count=1 2>/dev/null || exit 1; i=$((i+1)); done; echo neighbour-ok; echo x > /alloc/top; echo top=$?")
+	nbTC.DiskLimit = "32MiB"
+	nb, c3 := e.task(t, "neighbour", nbTC)
+	defer c3()
+	evFast, evSmall := e.events(t, fast.ID), e.events(t, small.ID)
+	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
+		_, _, err := e.harness.StartTask(cfg)
+		must.NoError(t, err)
+		defer func(id string) { must.NoError(t, e.harness.DestroyTask(id, true)) }(cfg.ID)
+	}
+	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
+		e.wait(cfg.ID, 60*time.Second)
+	}
+
+	out := waitLog(t, fast, "stdout", has("dd="))
+	must.StrContains(t, readLog(fast, "stderr"), "No space left on device")
+	must.StrNotContains(t, out, "dd=0")
+	size, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, "\n", 2)[1]))
+	must.NoError(t, err, must.Sprintf("stdout %q", out))
+	must.Between(t, 8<<20, size, 16<<20)
+	must.StrContains(t, evFast.waitFor(t, "Disk limit reached"), "disk limit reached: alloc/data and alloc/tmp are full at 16MiB (disk_limit)")
+
+	out = waitLog(t, small, "stdout", has("files="))
+	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(out, "files=")))
+	must.NoError(t, err)
+	must.Between(t, 900, n, 1024)
+	must.StrContains(t, evSmall.waitFor(t, "Disk limit reached"), "inode limit reached: alloc/data and alloc/tmp")
+
+	out = waitLog(t, nb, "stdout", has("top="))
+	must.StrContains(t, out, "neighbour-ok")
+	must.StrNotContains(t, out, "top=0")
+	must.StrContains(t, readLog(nb, "stderr"), "Read-only file system")
+	_, err = os.Lstat(filepath.Join(nb.AllocDir, "alloc", "top"))
+	must.True(t, os.IsNotExist(err), must.Sprint("a write at the top of /alloc reached the host"))
+	// Nomad reads what the task wrote on the host path while the
+	// sandbox is there.
+	fi, err := os.Stat(filepath.Join(nb.AllocDir, "alloc", "data", "n23"))
+	must.NoError(t, err)
+	must.Eq(t, int64(1<<20), fi.Size())
+
+	recs := exitRecords(t, e.config.AuditLog)
+	must.StrContains(t, recs[fast.ID].DiskLimitReached, "alloc/data and alloc/tmp are full at 16MiB")
+	must.StrContains(t, recs[small.ID].DiskLimitReached, "inode limit reached: alloc/data and alloc/tmp")
+	must.Eq(t, "", recs[nb.ID].DiskLimitReached)
+}
+
+// Two tasks of one allocation share alloc/data live, the second one's
+// larger limit does not grow the disk (an event says so), the host path
+// shows what they wrote while they run and after, the disk stays while one
+// of them holds it, a restarted task sees what it wrote, and nothing of the
+// disk is left when the last one is gone.
+func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
+	e := diskEnv(t, nil)
+	first, cleanup := e.task(t, "first", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
+		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/first-saw; sleep 600"},
+		DiskLimit: "16MiB"}))
+	defer cleanup()
+	// What Nomad put in alloc/data before (sticky data): the lower layer.
+	data := filepath.Join(first.AllocDir, "alloc", "data")
+	must.NoError(t, os.WriteFile(filepath.Join(data, "sticky"), []byte("sticky\n"), 0o644))
+	second := e.sibling(t, first, "second", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
+		"while [ ! -e /alloc/data/a ]; do sleep 0.05; done; cat /alloc/data/a /alloc/data/sticky > /alloc/data/b; dd if=/dev/zero of=/alloc/data/big bs=1M count=24 2>/dev/null; echo dd=$? > /alloc/data/dd.rc; rm /alloc/data/big; sleep 600"},
+		DiskLimit: "40MiB"}))
+	evSecond := e.events(t, second.ID)
+	for _, cfg := range []*drivers.TaskConfig{first, second} {
+		_, _, err := e.harness.StartTask(cfg)
+		must.NoError(t, err)
+		t.Cleanup(func() { _ = e.harness.DestroyTask(cfg.ID, true) })
+	}
+	read := func(name string) string {
+		b, _ := os.ReadFile(filepath.Join(data, name))
+		return string(b)
+	}
+	waitFile := func(name, want string) {
+		t.Helper()
+		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool { return read(name) == want }),
+			wait.Timeout(30*time.Second), wait.Gap(20*time.Millisecond)), must.Func(func() string {
+			return fmt.Sprintf("alloc/data/%s is %q, not %q", name, read(name), want)
+		}))
+	}
+	waitFile("first-saw", "from-first\nsticky\n")
+	// 24 MiB do not fit in the allocation's 16 MiB, made by the first.
+	waitFile("dd.rc", "dd=1\n")
+	must.StrContains(t, evSecond.waitFor(t, "Allocation disk"), "disk of 16MiB, made by the task of the allocation that started first; it does not grow to this task's 40MiB")
+
+	// The first ends; the second still holds the disk.
+	must.NoError(t, e.harness.DestroyTask(first.ID, true))
+	src, err := runtime.MountSourceOf(data)
+	must.NoError(t, err)
+	must.StrHasPrefix(t, "nomad-sandbox-disk:alloc-", src, must.Sprint("the disk went while a task of the allocation held it"))
+	must.NoError(t, e.harness.DestroyTask(second.ID, true))
+	// Copied back: the host holds it all, nothing of the disk is left.
+	must.Eq(t, "from-first\nsticky\n", read("b"))
+	must.Eq(t, "sticky\n", read("sticky"))
+	src, err = runtime.MountSourceOf(data)
+	must.NoError(t, err)
+	must.Eq(t, "", src)
+	must.Eq(t, []string(nil), allocDiskLeft(e))
+	assertNoDiskLeft(t, filepath.Dir(e.config.DiskDir))
+
+	// A restart of the first sees what it wrote.
+	first.ID += "-2"
+	_, _, err = e.harness.StartTask(first)
+	must.NoError(t, err)
+	waitFile("a", "from-first\nagain\n")
+	must.NoError(t, e.harness.DestroyTask(first.ID, true))
+	must.Eq(t, "from-first\nagain\n", read("a"))
+	must.Eq(t, []string(nil), allocDiskLeft(e))
+}
+
+// A plugin killed (SIGKILL) in the middle of a task's removal leaves the
+// allocation's disk mounted; the sweep of the plugin that replaces it
+// copies alloc/data back and removes the disk, and when Nomad removed the
+// allocation directory meanwhile, it only unmounts and removes it.
+func TestAllocDisk_SweepAfterPluginCrash(t *testing.T) {
+	e := diskEnv(t, nil)
+	for _, gone := range []bool{false, true} {
+		t.Run(fmt.Sprintf("alloc dir gone %v", gone), func(t *testing.T) {
+			tc := readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo kept > /alloc/data/out; sleep 600"}, DiskLimit: "16MiB", Rootfs: e.rootfs, Tmpfs: []string{"/tmp"}})
+			cfg, cleanup := e.task(t, "crash", tc)
+			defer cleanup()
+			c := e.startChild(t, cfg, tc, crashMidDestroy, "destroy")
+			c.handle(t)
+			c.died(t)
+			tr := e.tracesOf(t, cfg, false)
+			out := filepath.Join(cfg.AllocDir, "alloc", "data", "out")
+			must.NotEq(t, []string(nil), allocDiskLeft(e), must.Sprint("the crash left no disk: the test tests nothing"))
+			if gone {
+				gcAlloc(t, cfg)
+			}
+			e.driver.sweep(t.Context(), true)
+			e.assertGone(t, tr)
+			must.Eq(t, []string(nil), allocDiskLeft(e))
+			assertNoDiskLeft(t, filepath.Dir(e.config.DiskDir))
+			if !gone {
+				b, err := os.ReadFile(out)
+				must.NoError(t, err)
+				must.Eq(t, "kept\n", string(b))
+			}
+		})
+	}
+}
+
+// alloc/data or alloc/tmp replaced with a link to a host directory (Nomad
+// makes alloc/ world-writable, so any local user can) refuses the start of
+// a task with a limit, naming the directory: no overlay is mounted over
+// the host directory, and nothing of a disk is left.
+func TestAllocDisk_LinkedDirRefused(t *testing.T) {
+	e := diskEnv(t, nil)
+	for _, sub := range []string{"data", "tmp"} {
+		cfg, cleanup := e.task(t, "linked", readonlyDefault(TaskConfig{Command: "/bin/true", DiskLimit: "16MiB"}))
+		host := t.TempDir()
+		p := filepath.Join(cfg.AllocDir, "alloc", sub)
+		must.NoError(t, os.Rename(p, p+".aside"))
+		must.NoError(t, os.Symlink(host, p))
+		_, _, err := e.harness.StartTask(cfg)
+		must.ErrorContains(t, err, "alloc/"+sub)
+		src, merr := runtime.MountSourceOf(host)
+		must.NoError(t, merr)
+		must.Eq(t, "", src, must.Sprint("something was mounted over the link's target"))
+		must.Eq(t, []string(nil), allocDiskLeft(e))
+		must.NoError(t, os.Remove(p))
+		must.NoError(t, os.Rename(p+".aside", p))
+		cleanup()
+	}
 }

@@ -25,7 +25,7 @@ import (
 // checked.
 func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
 	e := newTestEnv(t, nil)
-	script := `for d in / /local /alloc/logs /local/rootfs; do echo x > $d/pwned; ls $d; done > /alloc/listing 2>&1; cat /secrets/nomad_token >> /alloc/listing`
+	script := `for d in / /local /alloc/logs /local/rootfs; do echo x > $d/pwned; ls $d; done > /alloc/data/listing 2>&1; cat /secrets/nomad_token >> /alloc/data/listing`
 	for _, tc := range []struct {
 		name string
 		rel  string // beneath the task directory
@@ -38,6 +38,7 @@ func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
 	}{
 		{name: "local", rel: "local", hostRootfs: true},
 		{name: "logs", rel: "../alloc/logs"},
+		{name: "data", rel: "../alloc/data"},
 		{name: "token", rel: "secrets/nomad_token"},
 		{name: "local late", rel: "local", late: true, hostRootfs: true},
 		{name: "logs late", rel: "../alloc/logs", late: true},
@@ -105,7 +106,7 @@ func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
 				_, err = os.Lstat(filepath.Join(d, "pwned"))
 				must.True(t, os.IsNotExist(err), must.Sprint("the task wrote into a host directory through a swapped task path"))
 			}
-			listing, _ := os.ReadFile(filepath.Join(cfg.AllocDir, "alloc", "listing"))
+			listing, _ := os.ReadFile(filepath.Join(cfg.AllocDir, "alloc", "data", "listing"))
 			must.StrNotContains(t, string(listing), "host-secret", must.Sprint("the task read a host file through a swapped task path"))
 		})
 	}
@@ -116,7 +117,7 @@ func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
 // reads and writes the task's real directories.
 func TestDriver_TaskPathsPinnedOnlyForTheStart(t *testing.T) {
 	e := newTestEnv(t, nil)
-	script := `while [ ! -e /local/go ]; do sleep 0.05; done; cat /local/go > /local/ok; cat /local/go > /alloc/ok; cat /secrets/nomad_token > /secrets/ok`
+	script := `while [ ! -e /local/go ]; do sleep 0.05; done; cat /local/go > /local/ok; cat /local/go > /alloc/data/ok; cat /secrets/nomad_token > /secrets/ok`
 	cfg, cleanup := e.task(t, "pins", readonlyDefault(TaskConfig{Rootfs: "local/rootfs", Command: "/bin/sh", Args: []string{"-c", script}}))
 	defer cleanup()
 	td := cfg.TaskDir()
@@ -130,7 +131,7 @@ func TestDriver_TaskPathsPinnedOnlyForTheStart(t *testing.T) {
 	must.NoError(t, os.WriteFile(filepath.Join(td.LocalDir, "go"), []byte("go"), 0o644))
 	res := e.wait(cfg.ID, 60*time.Second)
 	must.Eq(t, 0, res.ExitCode)
-	for _, f := range []string{filepath.Join(td.LocalDir, "ok"), filepath.Join(td.SharedAllocDir, "ok"), filepath.Join(td.SecretsDir, "ok")} {
+	for _, f := range []string{filepath.Join(td.LocalDir, "ok"), filepath.Join(td.SharedAllocDir, "data", "ok"), filepath.Join(td.SecretsDir, "ok")} {
 		b, err := os.ReadFile(f)
 		must.NoError(t, err)
 		must.StrContains(t, "go token", string(b))

@@ -80,7 +80,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		User:           user,
 		Caps:           tc.CapAdd,
 		Hostname:       hostname,
-		Dirs:           runtime.TaskDirs{Alloc: allocPath(cfg, td.SharedAllocDir), Local: allocPath(cfg, td.LocalDir), Secrets: allocPath(cfg, td.SecretsDir), Logs: logDir(cfg, td.LogDir)},
+		Dirs:           runtime.TaskDirs{Alloc: allocPath(cfg, td.SharedAllocDir), Local: allocPath(cfg, td.LocalDir), Secrets: allocPath(cfg, td.SecretsDir), Logs: logDir(cfg, td.LogDir), Data: allocPath(cfg, filepath.Join(td.SharedAllocDir, "data")), Tmp: allocPath(cfg, filepath.Join(td.SharedAllocDir, "tmp"))},
 		Tmpfs:          tc.Tmpfs,
 		Mounts:         mounts,
 	}

@@ -139,13 +139,14 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	if err := os.WriteFile(bc.Hosts, runtime.HostsFile(bc.Hostname), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write hosts: %w", err)
 	}
-	if lim.diskBytes > 0 {
-		// Before the sandbox exists: runsc binds local/ with the disk's
-		// overlay on it.
-		cu.Add(func() { _ = runtime.UnmountDisk(dir) })
-		if err := d.mountDisk(d.ctx, cfg, dir, lim); err != nil {
-			return nil, nil, fmt.Errorf("disk_limit: %w", err)
-		}
+	// Before the sandbox exists: runsc binds local/, alloc/data and
+	// alloc/tmp with the disks' overlays on them.
+	cu.Add(func() {
+		_ = runtime.UnmountDisk(dir)
+		_ = runtime.LeaveAllocDisk(dir)
+	})
+	if err := d.mountDisk(d.ctx, cfg, dir, lim); err != nil {
+		return nil, nil, fmt.Errorf("disk_limit: %w", err)
 	}
 	cg := taskCgroup(id)
 	if r := cfg.Resources; r != nil && r.LinuxResources != nil && r.LinuxResources.CpusetCgroupPath != "" {
@@ -533,6 +534,9 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	}
 	if err := runtime.UnmountDisk(sup.Dir); err != nil {
 		return fmt.Errorf("remove task disk: %w", err)
+	}
+	if err := runtime.LeaveAllocDisk(sup.Dir); err != nil {
+		return fmt.Errorf("remove allocation disk: %w", err)
 	}
 	if err := detachMounts(sup.Dir); err != nil {
 		return fmt.Errorf("remove task state: %w", err)

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -76,6 +77,59 @@ func TestDiskLimit(t *testing.T) {
 	must.NotNil(t, eventWith(ts, "", "disk_limit", "max_disk_limit"), must.Sprintf("no event names max_disk_limit; task: %s", ts))
 
 	for _, j := range []*runningJob{fast, small, neighbour, refused} {
+		j.purge(t)
+		var left []string
+		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+			left = diskLeft(j.allocID)
+			return len(left) == 0
+		}), wait.Timeout(30*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
+			return "disk left behind: " + strings.Join(left, "\n")
+		}))
+	}
+}
+
+// The allocation's share of alloc/ holds through the real agent: a task
+// writing /alloc/data as fast as it can stops at its 16 MiB with an event
+// naming alloc/data and the limit, a write at the top of /alloc is refused,
+// `nomad alloc fs` shows alloc/data while a task runs and after it ended,
+// and nothing of the disk is left once the job is purged.
+func TestAllocDiskLimit(t *testing.T) {
+	defer catchPanic(t)
+	spec := shellJob(t, "batch", "dd if=/dev/zero of=/alloc/data/big bs=1M count=64; echo dd=$?; if echo x > /alloc/top; then echo top-written; else echo top-refused; fi; echo kept > /alloc/data/kept")
+	spec.ExtraConfig = []string{`disk_limit = "16MiB"`}
+	fast := runJob(t, spec)
+	spec = shellJob(t, "batch", "echo running > /alloc/data/running; while [ ! -e /alloc/data/stop ]; do sleep 0.2; done")
+	spec.ExtraConfig = []string{`disk_limit = "16MiB"`}
+	running := runJob(t, spec)
+
+	_, ts := fast.waitEnd(t, "Driver", "Disk limit reached")
+	must.StrContains(t, eventWith(ts, "Driver", "Disk limit reached").text(), "alloc/data and alloc/tmp are full at 16MiB (disk_limit)")
+	must.StrContains(t, fast.waitLogs(t, true, "No space left on device"), "No space left on device")
+	out := fast.waitLogs(t, false, "top-")
+	must.StrNotContains(t, out, "dd=0")
+	must.StrContains(t, out, "top-refused")
+	// After the end: alloc/data on the host holds what the task wrote.
+	var res cliResult
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		res = nomadCLI(t, 30*time.Second, "", "alloc", "fs", fast.allocID, "alloc/data")
+		return res.Code == 0 && strings.Contains(res.Stdout, "kept") && strings.Contains(res.Stdout, "big")
+	}), wait.Timeout(30*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
+		return fmt.Sprintf("nomad alloc fs alloc/data: %s", res)
+	}))
+
+	// While a task runs, alloc/data is its allocation's disk.
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		res = nomadCLI(t, 30*time.Second, "", "alloc", "fs", running.allocID, "alloc/data/running")
+		return res.Code == 0 && strings.Contains(res.Stdout, "running")
+	}), wait.Timeout(60*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
+		return fmt.Sprintf("nomad alloc fs alloc/data/running: %s", res)
+	}))
+	must.True(t, len(diskLeft(running.allocID)) > 0, must.Sprint("a task with a disk_limit runs without its allocation's disk"))
+	must.NoError(t, os.WriteFile(filepath.Join(running.allocDir(), "alloc", "data", "stop"), nil, 0o644))
+	a, ts := running.waitDone(t)
+	must.Eq(t, "complete", a.ClientStatus, must.Sprintf("task: %s", ts))
+
+	for _, j := range []*runningJob{fast, running} {
 		j.purge(t)
 		var left []string
 		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {

@@ -18,15 +18,19 @@ import (
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // TaskDirs are the host directories Nomad made for a task; they appear inside
-// the sandbox at /alloc, /local and /secrets.
+// the sandbox at /alloc (read-only), /local and /secrets.
 type TaskDirs struct {
 	Alloc   string
 	Local   string
 	Secrets string
+	// Data and Tmp, when set, are the allocation's alloc/data and
+	// alloc/tmp, bound writable over the read-only /alloc: the task's
+	// share of alloc/, which the allocation's disk bounds (AllocDisk).
+	Data, Tmp string
 	// Logs, when set, is the allocation's log directory (alloc/logs, where
-	// Nomad's log FIFOs and files are): it is bound read-only over the
-	// writable /alloc, so that nothing in the sandbox can replace a FIFO or
-	// a log file with a link that root would then write through.
+	// Nomad's log FIFOs and files are): it is bound read-only, so that
+	// nothing in the sandbox can replace a FIFO or a log file with a link
+	// that root would then write through.
 	Logs string
 }
 
@@ -181,11 +185,22 @@ func (c *BundleConfig) mounts() []specs.Mount {
 		}
 		return specs.Mount{Destination: dst, Type: "bind", Source: src, Options: opts}
 	}
-	binds := append([]HostMount{
-		{HostPath: c.Dirs.Alloc, TaskPath: "/alloc"},
-		{HostPath: c.Dirs.Local, TaskPath: "/local"},
-		{HostPath: c.Dirs.Secrets, TaskPath: "/secrets"},
-	}, c.Mounts...)
+	// alloc/ itself is read-only: the task writes its share of it only in
+	// alloc/data and alloc/tmp, where the allocation's disk (when it has
+	// one, see AllocDisk) bounds it; a write beside them (/alloc/x) would
+	// go to the node's disk unbounded, and a rename of data/ or tmp/ would
+	// move them out from under the disk's overlays.
+	binds := []HostMount{{HostPath: c.Dirs.Alloc, TaskPath: "/alloc", Readonly: true}}
+	if c.Dirs.Data != "" {
+		binds = append(binds, HostMount{HostPath: c.Dirs.Data, TaskPath: "/alloc/data"})
+	}
+	if c.Dirs.Tmp != "" {
+		binds = append(binds, HostMount{HostPath: c.Dirs.Tmp, TaskPath: "/alloc/tmp"})
+	}
+	binds = append(append(binds,
+		HostMount{HostPath: c.Dirs.Local, TaskPath: "/local"},
+		HostMount{HostPath: c.Dirs.Secrets, TaskPath: "/secrets"},
+	), c.Mounts...)
 	var aliases []HostMount
 	for _, m := range binds {
 		a, whole := rootfsAlias(c.Rootfs, m)

@@ -317,33 +317,22 @@ func UnmountDisk(dir string) error {
 		src, err := mountSource(rec.Target)
 		return err == nil && src == overlaySourcePrefix+filepath.Base(dir)
 	}
-	unmountOverlay := func() error {
-		if err := unix.Unmount(rec.Target, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
-			// Busy (Nomad reading it): detached now, freed when done.
-			if err := unix.Unmount(rec.Target, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
-				return fmt.Errorf("unmount disk overlay %s: %w", rec.Target, err)
-			}
-		}
-		return nil
-	}
+	unmount := func() error { return unmountOverlay(rec.Target) }
 	copied := false
 	if ours() {
-		if err := copyBack(rec.Target, unmountOverlay); err != nil {
+		if err := copyBack(rec.Target, "local/", unmount); err != nil {
 			errs = append(errs, err)
 		} else {
 			copied = true
 		}
 		if ours() {
-			if err := unmountOverlay(); err != nil {
+			if err := unmount(); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
-	mnt := StateDir(dir).DiskMount()
-	if err := unix.Unmount(mnt, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		if err := unix.Unmount(mnt, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
-			errs = append(errs, fmt.Errorf("unmount disk %s: %w", mnt, err))
-		}
+	if err := unmountFS(StateDir(dir).DiskMount()); err != nil {
+		errs = append(errs, err)
 	}
 	if copied && len(errs) == 0 {
 		if err := RemoveImage(rec.Image); err != nil {
@@ -351,6 +340,28 @@ func UnmountDisk(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// unmountOverlay removes a disk overlay from target, detaching it when it
+// is busy (Nomad reading it): it is freed when done.
+func unmountOverlay(target string) error {
+	if err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
+		if err := unix.Unmount(target, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("unmount disk overlay %s: %w", target, err)
+		}
+	}
+	return nil
+}
+
+// unmountFS unmounts a disk's file system at mnt (its loop device then
+// detaches itself); nothing mounted there is no error.
+func unmountFS(mnt string) error {
+	if err := unix.Unmount(mnt, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		if err := unix.Unmount(mnt, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("unmount disk %s: %w", mnt, err)
+		}
+	}
+	return nil
 }
 
 // mountSource is the source field of the topmost mount at path (empty when
@@ -378,21 +389,38 @@ func mountSource(path string) (string, error) {
 // sentence for events and the audit log; "" when neither (or no disk). A
 // disk counts as full with less than 1% or 256 KiB of its blocks left (the
 // file system keeps a few for itself), or no inode left.
+//
+// Both the task's local/ and its allocation's alloc/data and alloc/tmp are
+// looked at; when both are full, both are named.
 func DiskFull(dir string) string {
-	rec := ReadDiskRecord(dir)
-	if rec == nil {
-		return ""
+	var full []string
+	if rec := ReadDiskRecord(dir); rec != nil {
+		switch fullness(StateDir(dir).DiskMount()) {
+		case "inodes":
+			full = append(full, fmt.Sprintf("inode limit reached: local/ holds its %d files and directories (disk_inodes)", rec.Inodes))
+		case "blocks":
+			full = append(full, fmt.Sprintf("disk limit reached: local/ is full at %s (disk_limit)", FormatSize(rec.LimitBytes)))
+		}
 	}
+	if s := allocDiskFull(dir); s != "" {
+		full = append(full, s)
+	}
+	return strings.Join(full, "; ")
+}
+
+// fullness says what the disk file system mounted at mnt has run out of:
+// "inodes", "blocks" or "" (neither, or no disk mounted there).
+func fullness(mnt string) string {
 	var st unix.Statfs_t
-	if err := unix.Statfs(StateDir(dir).DiskMount(), &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC {
+	if err := unix.Statfs(mnt, &st); err != nil || st.Type != unix.EXT4_SUPER_MAGIC {
 		return ""
 	}
 	free := int64(st.Bavail) * st.Bsize
 	switch {
 	case st.Ffree == 0:
-		return fmt.Sprintf("inode limit reached: local/ holds its %d files and directories (disk_inodes)", rec.Inodes)
+		return "inodes"
 	case free < max(256<<10, int64(st.Blocks)*st.Bsize/100):
-		return fmt.Sprintf("disk limit reached: local/ is full at %s (disk_limit)", FormatSize(rec.LimitBytes))
+		return "blocks"
 	}
 	return ""
 }

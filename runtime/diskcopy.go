@@ -57,8 +57,9 @@ func DirUsage(dir string) (bytes, entries int64, err error) {
 
 // copyBack replaces the directory target (the overlay, still mounted) with
 // a plain directory holding what the overlay shows. unmount removes the
-// overlay between the copy and the swap.
-func copyBack(target string, unmount func() error) error {
+// overlay between the copy and the swap. name is target as messages call
+// it (local/, alloc/data).
+func copyBack(target, name string, unmount func() error) error {
 	parent, base := filepath.Dir(target), filepath.Base(target)
 	// Names nobody can guess: the job's templates may write anywhere in
 	// the task directory, and must not be able to put a link where the
@@ -106,7 +107,7 @@ func copyBack(target string, unmount func() error) error {
 	}
 	if err != nil {
 		_ = os.RemoveAll(filepath.Join(parent, tmp))
-		return fmt.Errorf("copy local/ back from the task's disk: %w", err)
+		return fmt.Errorf("copy %s back from its disk: %w", name, err)
 	}
 	if err := unmount(); err != nil {
 		_ = os.RemoveAll(filepath.Join(parent, tmp))

@@ -28,6 +28,7 @@ const (
 	networkName        = "network.json"
 	diskName           = "disk.json"
 	diskMountName      = "disk"
+	allocDiskName      = "allocdisk.json"
 	pinsName           = "pins"
 	traceSockName      = "trace.sock"
 	traceConfigName    = "trace.json"
@@ -64,6 +65,7 @@ func StateFiles() []StateFile {
 		{networkName, "driver (setupNetwork, the DNS service)", "the sandbox's egress list, its denials and refused names (NetworkRecord)"},
 		{diskName, "runtime (MountDisk)", "the task's mounted disk image (DiskRecord)"},
 		{diskMountName, "runtime (MountDisk)", "where the disk image is mounted"},
+		{allocDiskName, "runtime (JoinAllocDisk)", "that the task holds its allocation's disk for alloc/data and alloc/tmp (allocHolder)"},
 		{supervisorSpecName, "runtime (Supervisor.Start)", "what the supervisor runs (SupervisorSpec)"},
 		{supervisorPidName, "supervisor", "the supervisor's pid (Supervisor.Alive)"},
 		{supervisorSockName, "supervisor", "closes when the supervisor is done (Supervisor.Wait)"},
@@ -133,6 +135,10 @@ func (d StateDir) Disk() string { return d.join(diskName) }
 
 // DiskMount is where the task's disk image is mounted.
 func (d StateDir) DiskMount() string { return d.join(diskMountName) }
+
+// AllocDisk records that the task holds its allocation's disk (see
+// JoinAllocDisk).
+func (d StateDir) AllocDisk() string { return d.join(allocDiskName) }
 
 // Pins holds the task's pinned host paths (see PinPaths).
 func (d StateDir) Pins() string { return d.join(pinsName) }
