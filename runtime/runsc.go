@@ -61,10 +61,12 @@ func (r *Runsc) globalArgs() []string {
 	return args
 }
 
-// Command builds the exec.Cmd for one verb with its arguments. It is exported
-// for the supervisor, which must own the runsc process it waits on.
-func (r *Runsc) Command(ctx context.Context, verb string, args []string) *exec.Cmd {
-	argv := append(r.globalArgs(), verb)
+// command builds the exec.Cmd of every runsc call: the global flags, then
+// global (a verb's own flags that runsc reads only before the verb), the
+// verb and its arguments. It is the only place that makes a runsc argv.
+func (r *Runsc) command(ctx context.Context, global []string, verb string, args []string) *exec.Cmd {
+	argv := append(r.globalArgs(), global...)
+	argv = append(argv, verb)
 	argv = append(argv, args...)
 	cmd := exec.CommandContext(ctx, r.Path, argv...)
 	// runsc must never inherit the plugin's environment: the sandbox's
@@ -74,7 +76,7 @@ func (r *Runsc) Command(ctx context.Context, verb string, args []string) *exec.C
 }
 
 func (r *Runsc) run(ctx context.Context, verb string, args []string, stdin io.Reader) ([]byte, error) {
-	cmd := r.Command(ctx, verb, args)
+	cmd := r.command(ctx, nil, verb, args)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdin = stdin
 	cmd.Stdout = &stdout
@@ -101,15 +103,9 @@ func isNotExist(stderr string) bool {
 
 // Version returns the first line of `runsc --version`.
 func (r *Runsc) Version(ctx context.Context) (string, error) {
-	cmd := exec.CommandContext(ctx, r.Path, "--version")
-	cmd.Env = []string{}
-	out, err := cmd.Output()
+	out, err := r.run(ctx, "--version", nil, nil)
 	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return "", &ExitError{Verb: "--version", Code: ee.ExitCode(), Stderr: string(ee.Stderr)}
-		}
-		return "", fmt.Errorf("runsc --version: %w", err)
+		return "", err
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
 	v := strings.TrimSpace(strings.TrimPrefix(line, "runsc version"))
@@ -119,7 +115,8 @@ func (r *Runsc) Version(ctx context.Context) (string, error) {
 	return v, nil
 }
 
-// RunOpts are the options of `runsc run`.
+// RunOpts are the options of `runsc run`. They are part of the supervisor's
+// spec: the driver chooses them, the supervisor runs them.
 type RunOpts struct {
 	Bundle string
 	// Network is --network: "none", "sandbox" or "host".
@@ -139,12 +136,15 @@ type RunOpts struct {
 	// supervisor sets it when the task has a trail; empty, runsc starts
 	// no trace session.
 	PodInitConfig string
+	// PidFile receives the sandbox's pid (--pid-file). The supervisor sets
+	// it: the sandbox is its child to wait for.
+	PidFile string `json:",omitempty"`
 }
 
-// Args returns the global-position flags and the verb flags for `run`.
-// Flags such as --network and --overlay2 are global in runsc and must come
-// before the verb.
-func (o RunOpts) Args(id string) (global, verb []string) {
+// args returns the global-position flags and the verb flags of a detached
+// `run`. Flags such as --network and --overlay2 are global in runsc and must
+// come before the verb.
+func (o RunOpts) args(id string) (global, verb []string) {
 	if o.Network != "" {
 		global = append(global, "--network", o.Network)
 	}
@@ -166,8 +166,32 @@ func (o RunOpts) Args(id string) (global, verb []string) {
 	if o.PodInitConfig != "" {
 		global = append(global, "--pod-init-config", o.PodInitConfig)
 	}
-	verb = []string{"--bundle", o.Bundle, id}
+	verb = []string{"--detach"}
+	if o.PidFile != "" {
+		verb = append(verb, "--pid-file", o.PidFile)
+	}
+	verb = append(verb, "--bundle", o.Bundle, id)
 	return global, verb
+}
+
+// Run runs the container detached (`runsc run --detach`): one runsc process
+// creates and starts the sandbox, writes its pid to o.PidFile and exits, and
+// the sandbox is reparented to the nearest subreaper. The sandbox's stdin is
+// /dev/null, its stdout and stderr are the files given. The error is
+// exec's, for the caller to add runsc's log to.
+func (r *Runsc) Run(ctx context.Context, id string, o RunOpts, stdout, stderr *os.File) error {
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return err
+	}
+	defer devnull.Close()
+	global, verb := o.args(id)
+	cmd := r.command(ctx, global, "run", verb)
+	cmd.Stdin = devnull
+	cmd.Stdout = stdout
+	cmd.Stderr = stderr
+	cmd.Dir = "/"
+	return cmd.Run()
 }
 
 // KillOpts are the options of `runsc kill`.
@@ -292,7 +316,7 @@ func (o ExecOpts) args(id string) []string {
 
 // ExecCommand returns `runsc exec`, unstarted, for the caller to wire stdio.
 func (r *Runsc) ExecCommand(ctx context.Context, id string, o ExecOpts) *exec.Cmd {
-	return r.Command(ctx, "exec", o.args(id))
+	return r.command(ctx, nil, "exec", o.args(id))
 }
 
 // Exists reports whether runsc knows the container.

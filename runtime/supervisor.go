@@ -486,24 +486,10 @@ func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 // process creates and starts it, then exits, and the sandbox is reparented
 // to us (a subreaper) so that we can wait for its exit status.
 func runDetached(dir string, r *Runsc, spec *SupervisorSpec, stdout, stderr *os.File) (int, error) {
-	global, verb := spec.Run.Args(spec.ID)
-	pidPath := StateDir(dir).SandboxPid()
-	argv := append(r.globalArgs(), global...)
-	argv = append(argv, "run", "--detach", "--pid-file", pidPath)
-	argv = append(argv, verb...)
-	devnull, err := os.Open(os.DevNull)
-	if err != nil {
-		return 0, err
-	}
-	defer devnull.Close()
-
-	cmd := exec.Command(r.Path, argv...)
-	cmd.Env = runscEnv()
-	cmd.Stdin = devnull
-	cmd.Stdout = stdout
-	cmd.Stderr = stderr
-	cmd.Dir = "/"
-	if err := cmd.Run(); err != nil {
+	o := spec.Run
+	o.PidFile = StateDir(dir).SandboxPid()
+	pidPath := o.PidFile
+	if err := r.Run(context.Background(), spec.ID, o, stdout, stderr); err != nil {
 		return 0, fmt.Errorf("run sandbox: %w%s", err, logTail(spec.Run.LogFile))
 	}
 	b, err := os.ReadFile(pidPath)
