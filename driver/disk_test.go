@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
+	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
@@ -330,7 +331,14 @@ func (e *testEnv) sibling(t *testing.T, first *drivers.TaskConfig, name string, 
 		tc.Tmpfs = []string{"/tmp"}
 	}
 	ad := allocdir.NewAllocDir(hclog.NewNullLogger(), filepath.Dir(first.AllocDir), first.AllocID)
-	must.NoError(t, ad.NewTaskDir(name).Build(false, nil))
+	td := ad.NewTaskDir(name)
+	must.NoError(t, td.Build(false, nil))
+	// Build mounts a tmpfs on secrets/ and private/ (as root), which only
+	// the harness's own task directory is unmounted of: plain directories
+	// do here, and the allocation directory's removal takes them.
+	for _, p := range []string{td.SecretsDir, td.PrivateDir} {
+		must.NoError(t, unix.Unmount(p, unix.MNT_DETACH))
+	}
 	cfg := &drivers.TaskConfig{
 		ID:        uuid.Generate(),
 		AllocID:   first.AllocID,
