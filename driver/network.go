@@ -124,7 +124,7 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 		}
 	}
 	if len(pc.DNSServers) == 0 {
-		pc.DNSServers = hostNameservers()
+		pc.DNSServers = runtime.HostNameservers()
 	}
 	d.net = &netpolicy.Manager{
 		Config: netpolicy.Config{
@@ -142,24 +142,6 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 		Logger: d.logger.Named("netpolicy"),
 	}
 	return nil
-}
-
-// hostNameservers are the node's own resolvers, the default upstreams.
-func hostNameservers() []string {
-	b, err := os.ReadFile("/etc/resolv.conf")
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == "nameserver" {
-			if _, err := netip.ParseAddr(f[1]); err == nil {
-				out = append(out, f[1])
-			}
-		}
-	}
-	return out
 }
 
 // checkEgress parses the task's egress entries and checks each against the

@@ -98,9 +98,7 @@ func (d *Driver) bundleFor(cfg *drivers.TaskConfig, tc *TaskConfig, img *image.I
 		// the sandbox takes the shared cpuset Nomad keeps for tasks.
 		bc.Resources.CpusetCpus = lr.CpusetCpus
 		if bc.Resources.CpusetCpus == "" && lr.CpusetCgroupPath != "" {
-			if b, err := os.ReadFile(filepath.Join(lr.CpusetCgroupPath, "cpuset.cpus")); err == nil {
-				bc.Resources.CpusetCpus = strings.TrimSpace(string(b))
-			}
+			bc.Resources.CpusetCpus = runtime.CpusetCpus(lr.CpusetCgroupPath)
 		}
 	}
 	return bc, nil

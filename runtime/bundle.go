@@ -260,21 +260,6 @@ func WriteBundle(dir string, c *BundleConfig) error {
 	return atomicfile.WriteJSON(bundleSpec(dir), c.Spec(), 0o600)
 }
 
-// ResolvConf renders resolv.conf for a sandbox.
-func ResolvConf(servers, searches, options []string) []byte {
-	var b strings.Builder
-	for _, s := range servers {
-		fmt.Fprintf(&b, "nameserver %s\n", s)
-	}
-	if len(searches) > 0 {
-		fmt.Fprintf(&b, "search %s\n", strings.Join(searches, " "))
-	}
-	if len(options) > 0 {
-		fmt.Fprintf(&b, "options %s\n", strings.Join(options, " "))
-	}
-	return []byte(b.String())
-}
-
 // HostsFile renders /etc/hosts for a sandbox with only loopback and its own name.
 func HostsFile(hostname string) []byte {
 	return []byte(fmt.Sprintf("127.0.0.1 localhost %[1]s\n::1 localhost ip6-localhost ip6-loopback %[1]s\n", hostname))

@@ -163,6 +163,18 @@ func (c *Cgroup) prepareParents(cpus string) (string, error) {
 	return fitCpuset(cpus, filepath.Join(cur, "cpuset.cpus"))
 }
 
+// CpusetCpus is the CPU list in the cpuset.cpus of the cgroup directory dir,
+// an absolute path (Nomad's cpuset for a task, CpusetCgroupPath: its
+// reserved cores, else the cores Nomad shares among tasks), or "" when there
+// is none to read.
+func CpusetCpus(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, "cpuset.cpus"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
 // fitCpuset narrows the CPU list want to the CPUs listed in the file
 // allowedFile; an empty want, or a host without that file, leaves it as is.
 func fitCpuset(want, allowedFile string) (string, error) {

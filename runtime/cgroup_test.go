@@ -76,3 +76,12 @@ func TestCgroupV2_ReadsOOMAndStats(t *testing.T) {
 	must.NoError(t, err)
 	must.False(t, oom)
 }
+
+// Nomad's cpuset for a task is read from its cgroup directory; a directory
+// without one gives no cpuset rather than an error.
+func TestCpusetCpus(t *testing.T) {
+	dir := t.TempDir()
+	must.Eq(t, "", CpusetCpus(dir))
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "cpuset.cpus"), []byte("0-1,3\n"), 0o644))
+	must.Eq(t, "0-1,3", CpusetCpus(dir))
+}
