@@ -65,7 +65,7 @@ func TestDriver_ImageFromRegistry(t *testing.T) {
 	digest := byDigest[strings.Index(byDigest, "@")+1:]
 	ev.waitFor(t, "Pulled image "+digest+" in ")
 	must.Eq(t, 1, cachedTrees(t, e.config.ImageDir))
-	pulls := reg.Manifests.Load()
+	pulls := reg.Count("GET", "/manifests/")
 
 	// The task's settings win; the second start uses the cache.
 	cfg2, cleanup2 := e.task(t, "override", TaskConfig{
@@ -85,7 +85,7 @@ func TestDriver_ImageFromRegistry(t *testing.T) {
 	waitLog(t, cfg2, "stdout", has("read-only"))
 	ev2.waitFor(t, "Using cached image "+digest)
 	must.Eq(t, 1, cachedTrees(t, e.config.ImageDir), must.Sprint("one unpacked tree serves every task of the image"))
-	must.LessEq(t, pulls+1, reg.Manifests.Load(), must.Sprint("a cached digest costs at most one manifest check"))
+	must.LessEq(t, pulls+1, reg.Count("GET", "/manifests/"), must.Sprint("a cached digest costs at most one manifest check"))
 }
 
 func TestDriver_ImagePolicy(t *testing.T) {
@@ -164,9 +164,8 @@ func TestDriver_ImageFromOCILayout(t *testing.T) {
 }
 
 func TestDriver_ImageTaskAuth(t *testing.T) {
-	reg := testutil.StartRegistry(t)
+	reg := testutil.StartRegistry(t, testutil.WithBasicAuth("ci", "s3cret"))
 	_, byDigest := reg.Push(t, "private/app", "1.0", testutil.BusyboxImage(t, imageConfig()))
-	reg.User, reg.Password = "ci", "s3cret"
 	e := newTestEnv(t, allowRegistry(reg.Host, nil))
 
 	bad, cleanupBad := e.taskWithLogs(t, "badauth", TaskConfig{Image: byDigest, ReadonlyRootfs: true, Auth: TaskAuth{Username: "ci", Password: "wrong"}}, false)
@@ -240,7 +239,7 @@ func TestDriver_ImagePullTimeout(t *testing.T) {
 func TestDriver_ImageLoopbackRegistryNeedsOperator(t *testing.T) {
 	reg := testutil.StartRegistry(t)
 	_, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
-	pushed := reg.Manifests.Load()
+	pushed := reg.Count("GET", "/manifests/")
 	e := newTestEnv(t, nil)
 	cfg, cleanup := e.taskWithLogs(t, "loopback", TaskConfig{Image: byDigest, ReadonlyRootfs: true}, false)
 	defer cleanup()
@@ -249,7 +248,7 @@ func TestDriver_ImageLoopbackRegistryNeedsOperator(t *testing.T) {
 	must.ErrorContains(t, err, "non-public address")
 	must.ErrorContains(t, err, "allowed_registries")
 	ev.waitFor(t, "Sandbox refused: ")
-	must.Eq(t, pushed, reg.Manifests.Load(), must.Sprint("the registry on loopback was asked"))
+	must.Eq(t, pushed, reg.Count("GET", "/manifests/"), must.Sprint("the registry on loopback was asked"))
 	must.Eq(t, 0, cachedTrees(t, e.config.ImageDir))
 }
 
@@ -304,16 +303,17 @@ func TestDriver_ImageForeignErrorNotReported(t *testing.T) {
 		w.Write([]byte(`{"errors":[{"code":"DENIED","message":"` + secret + `"}]}`))
 	}))
 	t.Cleanup(foreign.Close)
-	reg := testutil.StartRegistry(t)
+	// Pushes check blobs with HEAD: only the driver's pull GETs them.
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+				http.Redirect(w, r, foreign.URL+"/blob", http.StatusTemporaryRedirect)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	}))
 	_, byDigest := reg.Push(t, "ci/busybox", "1.0", testutil.BusyboxImage(t, imageConfig()))
-	hook := func(w http.ResponseWriter, r *http.Request) bool {
-		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
-			http.Redirect(w, r, foreign.URL+"/blob", http.StatusTemporaryRedirect)
-			return true
-		}
-		return false
-	}
-	reg.Hook.Store(&hook)
 	auditPath := filepath.Join(t.TempDir(), "audit.log")
 	e := newTestEnv(t, func(pc *PluginConfig) {
 		pc.AllowedRegistries = []string{reg.Host, strings.TrimPrefix(foreign.URL, "http://")}

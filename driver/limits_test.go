@@ -2,69 +2,12 @@ package driver
 
 import (
 	"context"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
-	"github.com/shoenig/test/wait"
 )
-
-// events collects the driver's task events for one task.
-type events struct {
-	mu   sync.Mutex
-	msgs []string
-}
-
-func (e *testEnv) events(t *testing.T, taskID string) *events {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	ch, err := e.driver.TaskEvents(ctx)
-	must.NoError(t, err)
-	ev := &events{}
-	go func() {
-		for te := range ch {
-			if te.TaskID == taskID {
-				ev.mu.Lock()
-				ev.msgs = append(ev.msgs, te.Message)
-				ev.mu.Unlock()
-			}
-		}
-	}()
-	return ev
-}
-
-// waitFor waits for an event containing s and returns its message.
-func (ev *events) waitFor(t *testing.T, s string) string {
-	t.Helper()
-	return ev.waitWithin(t, s, 10*time.Second)
-}
-
-// waitWithin waits up to d for an event containing s.
-func (ev *events) waitWithin(t *testing.T, s string, d time.Duration) string {
-	t.Helper()
-	var found string
-	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
-		ev.mu.Lock()
-		defer ev.mu.Unlock()
-		for _, m := range ev.msgs {
-			if strings.Contains(m, s) {
-				found = m
-				return true
-			}
-		}
-		return false
-	}), wait.Timeout(d), wait.Gap(10*time.Millisecond)).Run()
-	if err != nil {
-		ev.mu.Lock()
-		defer ev.mu.Unlock()
-		t.Fatalf("no event containing %q within %s; events: %q", s, d, ev.msgs)
-	}
-	return found
-}
 
 func TestDriver_Timeout(t *testing.T) {
 	e := newTestEnv(t, nil)

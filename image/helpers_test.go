@@ -6,29 +6,20 @@ import (
 	"context"
 	"io"
 	"io/fs"
-	"log"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
-	goruntime "runtime"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
@@ -231,17 +222,6 @@ func (zeros) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// layerOf makes a gzip-compressed OCI layer from tar bytes.
-func layerOf(t testing.TB, b []byte, opts ...tarball.LayerOption) v1.Layer {
-	t.Helper()
-	opts = append([]tarball.LayerOption{tarball.WithMediaType(types.OCILayer)}, opts...)
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
-}
-
 var testConfig = v1.Config{
 	Entrypoint: []string{"/bin/sh", "-c"},
 	Cmd:        []string{"echo hello"},
@@ -250,64 +230,15 @@ var testConfig = v1.Config{
 	User:       "1000:1000",
 }
 
-// imageOf builds an OCI image from layers with testConfig.
-func imageOf(t testing.TB, layers ...v1.Layer) v1.Image {
-	t.Helper()
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	img, err := mutate.AppendLayers(img, layers...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", goruntime.GOARCH
-	cf.Config = testConfig
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
-}
-
-var (
-	busyboxOnce sync.Once
-	busyboxTar  []byte
-	busyboxErr  error
-)
-
-// busyboxLayerTar is a base layer: Debian's static busybox with a few
-// applet links, /etc/passwd, a sticky /tmp and a home owned by uid 1000.
-func busyboxLayerTar(t testing.TB) []byte {
-	t.Helper()
-	busyboxOnce.Do(func() {
-		bb, err := os.ReadFile(testutil.BusyboxPath)
-		if err != nil {
-			busyboxErr = err
-			return
-		}
-		entries := []entry{
-			dir("bin/", 0o755), dir("etc/", 0o755), dir("tmp/", 0o1777),
-			dir("home/", 0o755), {name: "home/app/", typ: tar.TypeDir, mode: 0o750, uid: 1000, gid: 1000},
-			file("bin/busybox", string(bb), 0o755),
-			file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n", 0o644),
-		}
-		for _, a := range []string{"sh", "echo", "cat", "ls", "true"} {
-			entries = append(entries, symlink("bin/"+a, "busybox"))
-		}
-		busyboxTar = tarBytes(t, entries...)
-	})
-	if busyboxErr != nil {
-		t.Fatalf("busybox: %v (install Debian's busybox-static: apt-get install -y busybox-static)", busyboxErr)
-	}
-	return busyboxTar
-}
-
+// busyboxImage is testutil's busybox image with testConfig, a home owned
+// by uid 1000 in its one base layer (checkBusyboxRootfs checks that the
+// owner and mode survive the unpack), and extra layers on top.
 func busyboxImage(t testing.TB, extra ...v1.Layer) v1.Image {
-	return imageOf(t, append([]v1.Layer{layerOf(t, busyboxLayerTar(t))}, extra...)...)
+	t.Helper()
+	base := testutil.BusyboxTar(t,
+		&tar.Header{Name: "home/", Typeflag: tar.TypeDir, Mode: 0o755},
+		&tar.Header{Name: "home/app/", Typeflag: tar.TypeDir, Mode: 0o750, Uid: 1000, Gid: 1000})
+	return testutil.Image(t, testConfig, append([]v1.Layer{testutil.Layer(t, base)}, extra...)...)
 }
 
 func digestOf(t testing.TB, img v1.Image) string {
@@ -354,61 +285,10 @@ func tarDir(t testing.TB, dir, out string) {
 	}
 }
 
-// testRegistry is ggcr's in-memory registry on 127.0.0.1, counting the
-// requests it serves.
-type testRegistry struct {
-	host string
-	srv  *httptest.Server
-	mu   sync.Mutex
-	reqs map[string]int // "GET /v2/..." -> count
-}
-
-func startRegistry(t *testing.T, wrap func(http.Handler) http.Handler) *testRegistry {
-	t.Helper()
-	r := &testRegistry{reqs: map[string]int{}}
-	var h http.Handler = registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	if wrap != nil {
-		h = wrap(h)
-	}
-	counted := http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		r.mu.Lock()
-		r.reqs[req.Method+" "+req.URL.Path]++
-		r.mu.Unlock()
-		h.ServeHTTP(w, req)
-	})
-	r.srv = httptest.NewServer(counted)
-	t.Cleanup(r.srv.Close)
-	r.host = strings.TrimPrefix(r.srv.URL, "http://")
-	return r
-}
-
-// policy names the test registry in allowed_registries, as an operator
-// must for a registry on a loopback address.
-func (r *testRegistry) policy() Policy { return Policy{AllowedRegistries: []string{r.host}} }
-
-// count sums requests whose "METHOD path" contains all of parts.
-func (r *testRegistry) count(parts ...string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-	for k, v := range r.reqs {
-		ok := true
-		for _, p := range parts {
-			if !strings.Contains(k, p) {
-				ok = false
-			}
-		}
-		if ok {
-			n += v
-		}
-	}
-	return n
-}
-
-func (r *testRegistry) reset() {
-	r.mu.Lock()
-	r.reqs = map[string]int{}
-	r.mu.Unlock()
+// registryPolicy names the test registry in allowed_registries, as an
+// operator must for a registry on a loopback address.
+func registryPolicy(r *testutil.Registry) Policy {
+	return Policy{AllowedRegistries: []string{r.Host}}
 }
 
 func push(t testing.TB, ref string, img v1.Image, opts ...remote.Option) {

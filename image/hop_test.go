@@ -23,6 +23,8 @@ import (
 	"github.com/shoenig/test/wait"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // foreignHost is a server on another loopback port standing in for a
@@ -62,8 +64,8 @@ func TestHopsAreHeldToTheRegistryRules(t *testing.T) {
 		name string
 		// hook answers a request instead of the registry, or returns false.
 		hook func(f *foreignHost, w http.ResponseWriter, r *http.Request) bool
-		ref  func(reg *testRegistry) string
-		pol  func(reg *testRegistry) Policy
+		ref  func(reg *testutil.Registry) string
+		pol  func(reg *testutil.Registry) Policy
 		want []string
 	}{
 		{
@@ -102,11 +104,11 @@ func TestHopsAreHeldToTheRegistryRules(t *testing.T) {
 		},
 		{
 			name: "registry name resolving to loopback, allowed_registries empty",
-			ref: func(reg *testRegistry) string {
-				_, port, _ := strings.Cut(reg.host, ":")
+			ref: func(reg *testutil.Registry) string {
+				_, port, _ := strings.Cut(reg.Host, ":")
 				return "localhost:" + port + "/busybox:latest"
 			},
-			pol:  func(*testRegistry) Policy { return Policy{} },
+			pol:  func(*testutil.Registry) Policy { return Policy{} },
 			want: []string{"(127.0.0.1) refused", "non-public address", "allowed_registries"},
 		},
 	}
@@ -115,18 +117,18 @@ func TestHopsAreHeldToTheRegistryRules(t *testing.T) {
 			e := newEnv(t)
 			f := startForeign(t, nil)
 			var armed atomic.Bool
-			reg := startRegistry(t, func(h http.Handler) http.Handler {
+			reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					if armed.Load() && c.hook != nil && c.hook(f, w, r) {
 						return
 					}
 					h.ServeHTTP(w, r)
 				})
-			})
-			push(t, reg.host+"/busybox:latest", img)
+			}))
+			push(t, reg.Host+"/busybox:latest", img)
 			armed.Store(true)
-			reg.reset()
-			ref, pol := reg.host+"/busybox:latest", reg.policy()
+			reg.Reset()
+			ref, pol := reg.Host+"/busybox:latest", registryPolicy(reg)
 			if c.ref != nil {
 				ref = c.ref(reg)
 			}
@@ -139,8 +141,8 @@ func TestHopsAreHeldToTheRegistryRules(t *testing.T) {
 			if n := f.hits.Load(); n != 0 {
 				t.Errorf("the other host got %d requests", n)
 			}
-			if c.ref != nil && len(reg.reqs) != 0 {
-				t.Errorf("the registry on loopback got requests: %v", reg.reqs)
+			if reqs := reg.Requests(); c.ref != nil && len(reqs) != 0 {
+				t.Errorf("the registry on loopback got requests: %v", reqs)
 			}
 			assertCacheEmpty(t, e.store)
 		})
@@ -173,7 +175,7 @@ func TestEndlessBodiesAreBounded(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := newEnv(t)
 			var armed atomic.Bool
-			reg := startRegistry(t, func(h http.Handler) http.Handler {
+			reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					if armed.Load() && strings.Contains(r.URL.Path, "/manifests/") {
 						if r.Method == http.MethodHead {
@@ -185,10 +187,10 @@ func TestEndlessBodiesAreBounded(t *testing.T) {
 					}
 					h.ServeHTTP(w, r)
 				})
-			})
-			push(t, reg.host+"/busybox:latest", busyboxImage(t))
+			}))
+			push(t, reg.Host+"/busybox:latest", busyboxImage(t))
 			armed.Store(true)
-			_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+			_, err := e.store.Get(ctxT(t), reg.Host+"/busybox:latest", nil, registryPolicy(reg), e.taskDir)
 			mustContain(t, err, c.want...)
 			if n := len(err.Error()); n > maxErrorText+100 {
 				t.Errorf("error text is %d bytes", n)
@@ -212,7 +214,7 @@ func TestForeignErrorBodyIsNotReported(t *testing.T) {
 		w.Write([]byte(`{"errors":[{"code":"UNKNOWN","message":"` + secret + `"}]} ` + secret))
 	})
 	var armed atomic.Bool
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if armed.Load() && strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
 				http.Redirect(w, r, f.srv.URL+"/blob", http.StatusTemporaryRedirect)
@@ -220,11 +222,11 @@ func TestForeignErrorBodyIsNotReported(t *testing.T) {
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
-	push(t, reg.host+"/busybox:latest", img)
+	}))
+	push(t, reg.Host+"/busybox:latest", img)
 	armed.Store(true)
-	pol := Policy{AllowedRegistries: []string{reg.host, f.host}}
-	_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, pol, e.taskDir)
+	pol := Policy{AllowedRegistries: []string{reg.Host, f.host}}
+	_, err := e.store.Get(ctxT(t), reg.Host+"/busybox:latest", nil, pol, e.taskDir)
 	mustContain(t, err, "layer 1/1", "403")
 	if strings.Contains(err.Error(), secret) {
 		t.Errorf("the other host's body reached the error: %v", err)
@@ -262,12 +264,12 @@ func TestNonPublic(t *testing.T) {
 // that served it.
 func TestCachedImageNeedsItsBlobs(t *testing.T) {
 	e := newEnv(t)
-	reg := startRegistry(t, basicAuth("alice", "s3cret"))
+	reg := testutil.StartRegistry(t, testutil.WithBasicAuth("alice", "s3cret"))
 	img := busyboxImage(t)
-	push(t, reg.host+"/private/app:1", img, basic("alice", "s3cret"))
+	push(t, reg.Host+"/private/app:1", img, basic("alice", "s3cret"))
 	ctx := ctxT(t)
 	alice := &Auth{Username: "alice", Password: "s3cret"}
-	if _, err := e.store.Get(ctx, reg.host+"/private/app:1", alice, reg.policy(), e.taskDir); err != nil {
+	if _, err := e.store.Get(ctx, reg.Host+"/private/app:1", alice, registryPolicy(reg), e.taskDir); err != nil {
 		t.Fatal(err)
 	}
 	digest := digestOf(t, img)
@@ -309,11 +311,11 @@ func TestCachedImageNeedsItsBlobs(t *testing.T) {
 	if got.Pulled || got.Digest != digest {
 		t.Errorf("whole layout: pulled %v digest %s", got.Pulled, got.Digest)
 	}
-	reg.reset()
-	if got, err := e.store.Get(ctx, reg.host+"/private/app@"+digest, alice, reg.policy(), e.taskDir); err != nil || got.Pulled {
+	reg.Reset()
+	if got, err := e.store.Get(ctx, reg.Host+"/private/app@"+digest, alice, registryPolicy(reg), e.taskDir); err != nil || got.Pulled {
 		t.Fatalf("origin repository: %+v %v", got, err)
 	}
-	if n := reg.count("GET", "/blobs/"); n != 0 {
+	if n := reg.Count("GET", "/blobs/"); n != 0 {
 		t.Errorf("the origin repository's blobs were fetched again (%d requests)", n)
 	}
 }
@@ -326,7 +328,7 @@ func TestCachedImageFromAnotherRepoNeedsItsBlobs(t *testing.T) {
 	img := busyboxImage(t)
 	raw, _ := img.RawManifest()
 	digest := digestOf(t, img)
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if strings.HasPrefix(r.URL.Path, "/v2/evil/app/blobs/") {
 				// A registry links blobs to repositories.
@@ -341,14 +343,14 @@ func TestCachedImageFromAnotherRepoNeedsItsBlobs(t *testing.T) {
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
-	push(t, reg.host+"/private/app:1", img)
+	}))
+	push(t, reg.Host+"/private/app:1", img)
 	ctx := ctxT(t)
-	if _, err := e.store.Get(ctx, reg.host+"/private/app:1", nil, reg.policy(), e.taskDir); err != nil {
+	if _, err := e.store.Get(ctx, reg.Host+"/private/app:1", nil, registryPolicy(reg), e.taskDir); err != nil {
 		t.Fatal(err)
 	}
-	_, err := e.store.Get(ctx, reg.host+"/evil/app@"+digest, nil, reg.policy(), e.taskDir)
-	mustContain(t, err, "cached on this node", "not found in registry "+reg.host+" repo evil/app")
+	_, err := e.store.Get(ctx, reg.Host+"/evil/app@"+digest, nil, registryPolicy(reg), e.taskDir)
+	mustContain(t, err, "cached on this node", "not found in registry "+reg.Host+" repo evil/app")
 }
 
 func mustMediaType(t *testing.T, img v1.Image) string {
@@ -425,9 +427,7 @@ func TestDialRefusesZonedAndNodeAddresses(t *testing.T) {
 // lifetime: an address of the node that no private range covers.
 func addNodeAddr(t *testing.T, addr netip.Addr) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to add an address")
-	}
+	testutil.RequireRoot(t) // to add an address
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		t.Fatal(err)
@@ -457,7 +457,7 @@ func TestErrorTextHasNoControlCharacters(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t)
 			var armed atomic.Bool
-			reg := startRegistry(t, func(h http.Handler) http.Handler {
+			reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					if armed.Load() && strings.Contains(r.URL.Path, "/manifests/") {
 						w.Header().Set("Content-Type", "application/json")
@@ -469,10 +469,10 @@ func TestErrorTextHasNoControlCharacters(t *testing.T) {
 					}
 					h.ServeHTTP(w, r)
 				})
-			})
-			push(t, reg.host+"/busybox:latest", busyboxImage(t))
+			}))
+			push(t, reg.Host+"/busybox:latest", busyboxImage(t))
 			armed.Store(true)
-			_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+			_, err := e.store.Get(ctxT(t), reg.Host+"/busybox:latest", nil, registryPolicy(reg), e.taskDir)
 			mustContain(t, err, "400", "ZXZpbA==")
 			for _, r := range err.Error() {
 				if unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) {
@@ -490,8 +490,8 @@ func TestErrorTextHasNoControlCharacters(t *testing.T) {
 func TestTokenAnswerIsBounded(t *testing.T) {
 	e := newEnv(t)
 	var armed atomic.Bool
-	var reg *testRegistry
-	reg = startRegistry(t, func(h http.Handler) http.Handler {
+	var reg *testutil.Registry
+	reg = testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !armed.Load() {
 				h.ServeHTTP(w, r)
@@ -510,16 +510,16 @@ func TestTokenAnswerIsBounded(t *testing.T) {
 				return
 			}
 			if r.Header.Get("Authorization") == "" {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+reg.host+`/v2/token/blobs/sha256:`+strings.Repeat("0", 64)+`",service="x"`)
+				w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+reg.Host+`/v2/token/blobs/sha256:`+strings.Repeat("0", 64)+`",service="x"`)
 				w.WriteHeader(http.StatusUnauthorized)
 				return
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
-	push(t, reg.host+"/busybox:latest", busyboxImage(t))
+	}))
+	push(t, reg.Host+"/busybox:latest", busyboxImage(t))
 	armed.Store(true)
-	_, err := e.store.Get(ctxT(t), reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
+	_, err := e.store.Get(ctxT(t), reg.Host+"/busybox:latest", nil, registryPolicy(reg), e.taskDir)
 	mustContain(t, err, "is larger than 4194304 bytes")
 	assertCacheEmpty(t, e.store)
 }
@@ -539,7 +539,7 @@ func TestLargeBlobIsNotCapped(t *testing.T) {
 		t.Fatalf("the test layer is %d bytes, not above %d", size, maxResponseSize)
 	}
 	var armed atomic.Bool
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if armed.Load() && strings.Contains(r.URL.Path, "/blobs/") && r.URL.Query().Get("moved") == "" {
 				http.Redirect(w, r, r.URL.Path+"?moved=1", http.StatusTemporaryRedirect)
@@ -547,17 +547,17 @@ func TestLargeBlobIsNotCapped(t *testing.T) {
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
-	push(t, reg.host+"/big:1", img)
+	}))
+	push(t, reg.Host+"/big:1", img)
 	armed.Store(true)
-	got, err := e.store.Get(ctxT(t), reg.host+"/big:1", nil, reg.policy(), e.taskDir)
+	got, err := e.store.Get(ctxT(t), reg.Host+"/big:1", nil, registryPolicy(reg), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !got.Pulled {
 		t.Error("not pulled")
 	}
-	if n := reg.count("GET", "/blobs/"); n < 2 {
+	if n := reg.Count("GET", "/blobs/"); n < 2 {
 		t.Errorf("%d blob requests: the redirect was not taken", n)
 	}
 }
@@ -574,14 +574,14 @@ func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	img := busyboxImage(t)
 	digest := digestOf(t, img)
 	hex := strings.TrimPrefix(digest, "sha256:")
-	reg := startRegistry(t, nil)
-	push(t, reg.host+"/good/app:1", img)
+	reg := testutil.StartRegistry(t)
+	push(t, reg.Host+"/good/app:1", img)
 	ctx := ctxT(t)
 
 	const planted = "PLANTED-BY-ANOTHER-JOB"
 	// The flight of pulls of this image from good/app (another task's,
 	// with credentials of its own, say).
-	key := hex + "\x00" + canonicalRegistry(reg.host) + "/good/app"
+	key := hex + "\x00" + canonicalRegistry(reg.Host) + "/good/app"
 	release := make(chan struct{})
 	var releaseOnce sync.Once
 	free := func() { releaseOnce.Do(func() { close(release) }) }
@@ -599,7 +599,7 @@ func TestFailedPullOfAnotherTaskIsNotShared(t *testing.T) {
 	<-started
 	goodErr := make(chan error, 1)
 	go func() {
-		_, err := e.store.Get(ctx, reg.host+"/good/app@"+digest, nil, reg.policy(), e.taskDir)
+		_, err := e.store.Get(ctx, reg.Host+"/good/app@"+digest, nil, registryPolicy(reg), e.taskDir)
 		goodErr <- err
 	}()
 	// Wait until the second task waits on the first one's pull.
@@ -629,7 +629,7 @@ func TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage(t *testing.T) {
 	release := make(chan struct{})
 	var once, releaseOnce sync.Once
 	free := func() { releaseOnce.Do(func() { close(release) }) }
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if armed.Load() && strings.HasPrefix(r.URL.Path, "/v2/slow/app/blobs/") {
 				once.Do(func() { close(blocked) })
@@ -642,16 +642,16 @@ func TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage(t *testing.T) {
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
+	}))
 	t.Cleanup(free) // runs before the registry's Close
-	push(t, reg.host+"/slow/app:1", img)
-	push(t, reg.host+"/good/app:1", img)
+	push(t, reg.Host+"/slow/app:1", img)
+	push(t, reg.Host+"/good/app:1", img)
 	armed.Store(true)
 	ctx := ctxT(t)
 
 	slowErr := make(chan error, 1)
 	go func() {
-		_, err := e.store.Get(ctx, reg.host+"/slow/app@"+digest, nil, reg.policy(), e.taskDir)
+		_, err := e.store.Get(ctx, reg.Host+"/slow/app@"+digest, nil, registryPolicy(reg), e.taskDir)
 		slowErr <- err
 	}()
 	select {
@@ -661,7 +661,7 @@ func TestSlowPullOfAnotherSourceDoesNotHoldUpTheImage(t *testing.T) {
 	}
 	goodErr := make(chan error, 1)
 	go func() {
-		_, err := e.store.Get(ctx, reg.host+"/good/app@"+digest, nil, reg.policy(), e.taskDir)
+		_, err := e.store.Get(ctx, reg.Host+"/good/app@"+digest, nil, registryPolicy(reg), e.taskDir)
 		goodErr <- err
 	}()
 	select {

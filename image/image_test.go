@@ -26,6 +26,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // checkBusyboxRootfs checks the unpacked base layer and runs its busybox.
@@ -63,17 +65,17 @@ func checkBusyboxRootfs(t *testing.T, img *Image) {
 
 func TestRegistryPullByTagAndDigest(t *testing.T) {
 	e := newEnv(t)
-	reg := startRegistry(t, nil)
+	reg := testutil.StartRegistry(t)
 	img := busyboxImage(t)
 	want := digestOf(t, img)
-	push(t, reg.host+"/tools/busybox:1.36", img)
+	push(t, reg.Host+"/tools/busybox:1.36", img)
 	ctx := ctxT(t)
 
-	got, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, reg.policy(), e.taskDir)
+	got, err := e.store.Get(ctx, reg.Host+"/tools/busybox:1.36", nil, registryPolicy(reg), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Digest != want || !got.Pulled || got.Ref != reg.host+"/tools/busybox:1.36" || got.IndexDigest != "" {
+	if got.Digest != want || !got.Pulled || got.Ref != reg.Host+"/tools/busybox:1.36" || got.IndexDigest != "" {
 		t.Errorf("first get: %+v, want digest %s pulled", got, want)
 	}
 	if got.Rootfs != filepath.Join(e.store.Dir, "images", "sha256", strings.TrimPrefix(want, "sha256:"), "rootfs") {
@@ -81,19 +83,19 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 	}
 	checkBusyboxRootfs(t, got)
 
-	reg.reset()
-	again, err := e.store.Get(ctx, reg.host+"/tools/busybox:1.36", nil, reg.policy(), e.taskDir)
+	reg.Reset()
+	again, err := e.store.Get(ctx, reg.Host+"/tools/busybox:1.36", nil, registryPolicy(reg), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if again.Pulled || again.Digest != want || again.Rootfs != got.Rootfs {
 		t.Errorf("second get: %+v, want a cache hit", again)
 	}
-	if n := reg.count("GET", "/blobs/"); n != 0 {
+	if n := reg.Count("GET", "/blobs/"); n != 0 {
 		t.Errorf("cache hit fetched %d blobs", n)
 	}
 
-	byDigest, err := e.store.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.host}}, e.taskDir)
+	byDigest, err := e.store.Get(ctx, reg.Host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.Host}}, e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +105,7 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 
 	// A store of its own pulls by digest from scratch.
 	fresh := e.newStore(filepath.Join(e.parent, "cache2"))
-	fromScratch, err := fresh.Get(ctx, reg.host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.host}}, e.taskDir)
+	fromScratch, err := fresh.Get(ctx, reg.Host+"/tools/busybox@"+want, nil, Policy{RequireDigest: true, AllowedRegistries: []string{reg.Host}}, e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,19 +117,19 @@ func TestRegistryPullByTagAndDigest(t *testing.T) {
 
 func TestRegistryIndexPicksPlatform(t *testing.T) {
 	e := newEnv(t)
-	reg := startRegistry(t, nil)
+	reg := testutil.StartRegistry(t)
 	mine := busyboxImage(t)
-	other := busyboxImage(t, layerOf(t, tarBytes(t, file("arch", "other", 0o644))))
+	other := busyboxImage(t, testutil.Layer(t, tarBytes(t, file("arch", "other", 0o644))))
 	idx := mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex),
 		mutate.IndexAddendum{Add: other, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}},
 		mutate.IndexAddendum{Add: mine, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: goruntime.GOARCH}}},
 	)
-	pushIndex(t, reg.host+"/multi:latest", idx)
+	pushIndex(t, reg.Host+"/multi:latest", idx)
 	idxDigest, err := idx.Digest()
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := e.store.Get(ctxT(t), reg.host+"/multi", nil, reg.policy(), e.taskDir)
+	got, err := e.store.Get(ctxT(t), reg.Host+"/multi", nil, registryPolicy(reg), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,11 +143,11 @@ func TestRegistryIndexPicksPlatform(t *testing.T) {
 
 func TestConcurrentGetsPullOnce(t *testing.T) {
 	e := newEnv(t)
-	reg := startRegistry(t, nil)
+	reg := testutil.StartRegistry(t)
 	img := busyboxImage(t)
-	push(t, reg.host+"/busybox:latest", img)
-	reg.reset()
-	ref := reg.host + "/busybox:latest"
+	push(t, reg.Host+"/busybox:latest", img)
+	reg.Reset()
+	ref := reg.Host + "/busybox:latest"
 	ctx := ctxT(t)
 
 	// Two goroutines of one store, and a second store on the same
@@ -159,7 +161,7 @@ func TestConcurrentGetsPullOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i], errs[i] = s.Get(ctx, ref, nil, reg.policy(), e.taskDir)
+			results[i], errs[i] = s.Get(ctx, ref, nil, registryPolicy(reg), e.taskDir)
 		}()
 	}
 	wg.Wait()
@@ -181,15 +183,15 @@ func TestConcurrentGetsPullOnce(t *testing.T) {
 	layers, _ := img.Layers()
 	for _, l := range layers {
 		d, _ := l.Digest()
-		if n := reg.count("GET", "/blobs/"+d.String()); n != 1 {
+		if n := reg.Count("GET", "/blobs/"+d.String()); n != 1 {
 			t.Errorf("layer %s fetched %d times, want 1", d, n)
 		}
 	}
 	cfg, _ := img.ConfigName()
-	if n := reg.count("GET", "/blobs/"+cfg.String()); n != 1 {
+	if n := reg.Count("GET", "/blobs/"+cfg.String()); n != 1 {
 		t.Errorf("config fetched %d times, want 1", n)
 	}
-	if n := reg.count("GET", "/manifests/"); n != 1 {
+	if n := reg.Count("GET", "/manifests/"); n != 1 {
 		t.Errorf("manifest fetched %d times, want 1", n)
 	}
 	checkBusyboxRootfs(t, results[0])
@@ -199,7 +201,7 @@ func TestLayoutAndArchive(t *testing.T) {
 	e := newEnv(t)
 	ctx := ctxT(t)
 	v1img := busyboxImage(t)
-	v2img := busyboxImage(t, layerOf(t, tarBytes(t, file("etc/version", "2\n", 0o644))))
+	v2img := busyboxImage(t, testutil.Layer(t, tarBytes(t, file("etc/version", "2\n", 0o644))))
 	writeLayout(t, e.taskDir, "local/img", map[string]v1.Image{"v1": v1img, "docker.io/library/busybox:v2": v2img})
 
 	got, err := e.store.Get(ctx, "oci-layout:local/img:v1", nil, Policy{RequireDigest: true}, e.taskDir)
@@ -305,7 +307,7 @@ func TestLayoutBlobTamperedIsRefused(t *testing.T) {
 	ld, _ := layers[0].Digest()
 	// Replace the layer blob with another valid gzip tar of the same
 	// name: it unpacks fine but is not what the digest names.
-	evil, err := layerOf(t, tarBytes(t, file("bin/busybox", "#!/bin/sh\necho pwned\n", 0o755))).Compressed()
+	evil, err := testutil.Layer(t, tarBytes(t, file("bin/busybox", "#!/bin/sh\necho pwned\n", 0o755))).Compressed()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,7 +322,7 @@ func TestLayoutBlobTamperedIsRefused(t *testing.T) {
 
 func TestZstdAndUncompressedLayers(t *testing.T) {
 	e := newEnv(t)
-	zl := layerOf(t, tarBytes(t, file("etc/zstd", "z\n", 0o644)), tarball.WithCompression(compression.ZStd), tarball.WithMediaType(types.OCILayerZStd))
+	zl := testutil.Layer(t, tarBytes(t, file("etc/zstd", "z\n", 0o644)), tarball.WithCompression(compression.ZStd), tarball.WithMediaType(types.OCILayerZStd))
 	// An uncompressed layer: its blob is the tar itself.
 	plain := static.NewLayer(tarBytes(t, file("etc/plain", "p\n", 0o644)), types.OCIUncompressedLayer)
 	img := busyboxImage(t, zl, plain)
@@ -347,7 +349,7 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 		sync.Mutex
 		blob, manifest bool
 	}
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			tamper.Lock()
 			tb, tm := tamper.blob, tamper.manifest
@@ -374,8 +376,8 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 				h.ServeHTTP(w, r)
 			}
 		})
-	})
-	push(t, reg.host+"/busybox:latest", img)
+	}))
+	push(t, reg.Host+"/busybox:latest", img)
 	ctx := ctxT(t)
 
 	cases := []struct {
@@ -385,17 +387,17 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 		setup func()
 		want  []string
 	}{
-		{name: "unknown digest", ref: reg.host + "/busybox@sha256:" + strings.Repeat("ab", 32),
-			want: []string{"not found in registry " + reg.host, "repo busybox"}},
-		{name: "missing image", ref: reg.host + "/nothere:latest", want: []string{"not found in registry " + reg.host, "repo nothere"}},
-		{name: "missing tag", ref: reg.host + "/busybox:nope", want: []string{"not found"}},
-		{name: "registry not allowed", ref: reg.host + "/busybox:latest", pol: Policy{AllowedRegistries: []string{"registry.example.com", "docker.io"}},
-			want: []string{"registry " + reg.host + " is not allowed", "allowed_registries"}},
-		{name: "tag where a digest is required", ref: reg.host + "/busybox:latest", pol: Policy{RequireDigest: true},
-			want: []string{"require_digest", reg.host + "/busybox@sha256:<digest>"}},
-		{name: "tampered layer", ref: reg.host + "/busybox:latest", setup: func() { tamper.Lock(); tamper.blob = true; tamper.Unlock() },
+		{name: "unknown digest", ref: reg.Host + "/busybox@sha256:" + strings.Repeat("ab", 32),
+			want: []string{"not found in registry " + reg.Host, "repo busybox"}},
+		{name: "missing image", ref: reg.Host + "/nothere:latest", want: []string{"not found in registry " + reg.Host, "repo nothere"}},
+		{name: "missing tag", ref: reg.Host + "/busybox:nope", want: []string{"not found"}},
+		{name: "registry not allowed", ref: reg.Host + "/busybox:latest", pol: Policy{AllowedRegistries: []string{"registry.example.com", "docker.io"}},
+			want: []string{"registry " + reg.Host + " is not allowed", "allowed_registries"}},
+		{name: "tag where a digest is required", ref: reg.Host + "/busybox:latest", pol: Policy{RequireDigest: true},
+			want: []string{"require_digest", reg.Host + "/busybox@sha256:<digest>"}},
+		{name: "tampered layer", ref: reg.Host + "/busybox:latest", setup: func() { tamper.Lock(); tamper.blob = true; tamper.Unlock() },
 			want: []string{"layer 1/1 " + ld.String(), "does not match its digest"}},
-		{name: "tampered manifest by digest", ref: reg.host + "/busybox@" + want,
+		{name: "tampered manifest by digest", ref: reg.Host + "/busybox@" + want,
 			setup: func() { tamper.Lock(); tamper.blob, tamper.manifest = false, true; tamper.Unlock() },
 			want:  []string{"does not match"}},
 	}
@@ -406,7 +408,7 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 			}
 			pol := c.pol
 			if pol.AllowedRegistries == nil {
-				pol.AllowedRegistries = []string{reg.host}
+				pol.AllowedRegistries = []string{reg.Host}
 			}
 			_, err := e.store.Get(ctx, c.ref, nil, pol, e.taskDir)
 			mustContain(t, err, c.want...)
@@ -421,12 +423,12 @@ func TestRegistryErrorsLeaveNothing(t *testing.T) {
 	tamper.Lock()
 	tamper.manifest = false
 	tamper.Unlock()
-	_, err := strict.Get(ctx, reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir)
-	mustContain(t, err, "plain HTTP to "+reg.host+" refused")
+	_, err := strict.Get(ctx, reg.Host+"/busybox:latest", nil, registryPolicy(reg), e.taskDir)
+	mustContain(t, err, "plain HTTP to "+reg.Host+" refused")
 	assertCacheEmpty(t, strict)
 
 	// After all that, the image still pulls.
-	if _, err := e.store.Get(ctx, reg.host+"/busybox:latest", nil, reg.policy(), e.taskDir); err != nil {
+	if _, err := e.store.Get(ctx, reg.Host+"/busybox:latest", nil, registryPolicy(reg), e.taskDir); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -447,41 +449,23 @@ func (r *recorder) Write(b []byte) (int, error) {
 }
 func (r *recorder) WriteHeader(c int) { r.code = c }
 
-// basicAuth guards a registry with one user's password, the way a private
-// registry answers: 401 with a Basic challenge.
-func basicAuth(user, pass string) func(http.Handler) http.Handler {
-	return func(h http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			u, p, ok := r.BasicAuth()
-			if !ok || u != user || p != pass {
-				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-				w.Header().Set("Content-Type", "application/json")
-				w.WriteHeader(http.StatusUnauthorized)
-				io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
-				return
-			}
-			h.ServeHTTP(w, r)
-		})
-	}
-}
-
 func TestRegistryAuth(t *testing.T) {
 	e := newEnv(t)
-	reg := startRegistry(t, basicAuth("alice", "s3cret"))
+	reg := testutil.StartRegistry(t, testutil.WithBasicAuth("alice", "s3cret"))
 	img := busyboxImage(t)
-	push(t, reg.host+"/private/app:1", img, basic("alice", "s3cret"))
-	ref := reg.host + "/private/app:1"
+	push(t, reg.Host+"/private/app:1", img, basic("alice", "s3cret"))
+	ref := reg.Host + "/private/app:1"
 	ctx := ctxT(t)
 
-	_, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "wrong"}, reg.policy(), e.taskDir)
-	mustContain(t, err, "registry "+reg.host+" refused the credentials for repo private/app", "the task's auth")
+	_, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "wrong"}, registryPolicy(reg), e.taskDir)
+	mustContain(t, err, "registry "+reg.Host+" refused the credentials for repo private/app", "the task's auth")
 	assertCacheEmpty(t, e.store)
 
-	_, err = e.store.Get(ctx, ref, nil, reg.policy(), e.taskDir)
-	mustContain(t, err, "registry "+reg.host+" requires credentials for repo private/app")
+	_, err = e.store.Get(ctx, ref, nil, registryPolicy(reg), e.taskDir)
+	mustContain(t, err, "registry "+reg.Host+" requires credentials for repo private/app")
 	assertCacheEmpty(t, e.store)
 
-	got, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "s3cret"}, reg.policy(), e.taskDir)
+	got, err := e.store.Get(ctx, ref, &Auth{Username: "alice", Password: "s3cret"}, registryPolicy(reg), e.taskDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -489,7 +473,7 @@ func TestRegistryAuth(t *testing.T) {
 		t.Errorf("digest %s", got.Digest)
 	}
 	// The cached image is not handed to a task that cannot read it.
-	_, err = e.store.Get(ctx, reg.host+"/private/app@"+got.Digest, &Auth{Username: "alice", Password: "wrong"}, reg.policy(), e.taskDir)
+	_, err = e.store.Get(ctx, reg.Host+"/private/app@"+got.Digest, &Auth{Username: "alice", Password: "wrong"}, registryPolicy(reg), e.taskDir)
 	mustContain(t, err, "refused the credentials")
 
 	// The plugin's docker config: auths, then a credential helper.
@@ -503,16 +487,16 @@ func TestRegistryAuth(t *testing.T) {
 	withCfg := e.newStore(filepath.Join(e.parent, "cache-cfg"))
 	withCfg.AuthConfig = cfgPath
 	auth := base64.StdEncoding.EncodeToString([]byte("alice:s3cret"))
-	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.host, auth))
-	if got, err := withCfg.Get(ctx, ref, nil, reg.policy(), e.taskDir); err != nil || !got.Pulled {
+	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.Host, auth))
+	if got, err := withCfg.Get(ctx, ref, nil, registryPolicy(reg), e.taskDir); err != nil || !got.Pulled {
 		t.Fatalf("auth config: %+v %v", got, err)
 	}
 	// The task's own auth wins over the config.
-	_, err = withCfg.Get(ctx, ref, &Auth{Username: "bob", Password: "x"}, reg.policy(), e.taskDir)
+	_, err = withCfg.Get(ctx, ref, &Auth{Username: "bob", Password: "x"}, registryPolicy(reg), e.taskDir)
 	mustContain(t, err, "refused the credentials", "the task's auth")
 
-	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.host, base64.StdEncoding.EncodeToString([]byte("alice:nope"))))
-	_, err = withCfg.Get(ctx, ref, nil, reg.policy(), e.taskDir)
+	writeCfg(fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, reg.Host, base64.StdEncoding.EncodeToString([]byte("alice:nope"))))
+	_, err = withCfg.Get(ctx, ref, nil, registryPolicy(reg), e.taskDir)
 	mustContain(t, err, "refused the credentials for repo private/app", "auth config "+cfgPath)
 
 	binDir := t.TempDir()
@@ -522,10 +506,10 @@ func TestRegistryAuth(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("PATH", binDir+":"+os.Getenv("PATH"))
-	writeCfg(fmt.Sprintf(`{"credHelpers":{%q:"sandboxtest"}}`, reg.host))
+	writeCfg(fmt.Sprintf(`{"credHelpers":{%q:"sandboxtest"}}`, reg.Host))
 	helped := e.newStore(filepath.Join(e.parent, "cache-helper"))
 	helped.AuthConfig = cfgPath
-	if got, err := helped.Get(ctx, ref, nil, reg.policy(), e.taskDir); err != nil || !got.Pulled {
+	if got, err := helped.Get(ctx, ref, nil, registryPolicy(reg), e.taskDir); err != nil || !got.Pulled {
 		t.Fatalf("credential helper: %+v %v", got, err)
 	}
 }
@@ -536,7 +520,7 @@ func TestPullTimeoutLeavesNothing(t *testing.T) {
 	layers, _ := img.Layers()
 	ld, _ := layers[0].Digest()
 	release := make(chan struct{})
-	reg := startRegistry(t, func(h http.Handler) http.Handler {
+	reg := testutil.StartRegistry(t, testutil.WithHandler(func(h http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
 				// Send part of the layer, then stall.
@@ -554,12 +538,12 @@ func TestPullTimeoutLeavesNothing(t *testing.T) {
 			}
 			h.ServeHTTP(w, r)
 		})
-	})
+	}))
 	defer close(release)
-	push(t, reg.host+"/slow:1", img)
+	push(t, reg.Host+"/slow:1", img)
 	e.store.PullTimeout = 500 * time.Millisecond
 	start := time.Now()
-	_, err := e.store.Get(context.Background(), reg.host+"/slow:1", nil, reg.policy(), e.taskDir)
+	_, err := e.store.Get(context.Background(), reg.Host+"/slow:1", nil, registryPolicy(reg), e.taskDir)
 	mustContain(t, err, "layer 1/1 "+ld.String())
 	if time.Since(start) > 10*time.Second {
 		t.Errorf("timed-out pull took %v", time.Since(start))
@@ -605,7 +589,7 @@ func TestGC(t *testing.T) {
 	imgs := map[string]v1.Image{}
 	digests := map[string]string{}
 	for _, n := range []string{"a", "b", "c"} {
-		imgs[n] = busyboxImage(t, layerOf(t, tarBytes(t, file("name", n, 0o644))))
+		imgs[n] = busyboxImage(t, testutil.Layer(t, tarBytes(t, file("name", n, 0o644))))
 		digests[n] = digestOf(t, imgs[n])
 	}
 	writeLayout(t, e.taskDir, "local/imgs", imgs)

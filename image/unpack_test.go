@@ -17,6 +17,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // hostPath is a path outside the test's directory that a broken extractor
@@ -39,7 +41,7 @@ type layerCase struct {
 func tarLayers(t testing.TB, layers ...[]entry) []v1.Layer {
 	var out []v1.Layer
 	for _, l := range layers {
-		out = append(out, layerOf(t, tarBytes(t, l...)))
+		out = append(out, testutil.Layer(t, tarBytes(t, l...)))
 	}
 	return out
 }
@@ -322,7 +324,7 @@ func TestMaliciousLayers(t *testing.T) {
 			if c.store != nil {
 				c.store(e.store)
 			}
-			img := imageOf(t, c.layers(e)...)
+			img := testutil.Image(t, testConfig, c.layers(e)...)
 			writeLayout(t, e.taskDir, "local/img", map[string]v1.Image{"": img})
 			before := snapshot(t, e.parent, e.store.Dir)
 			got, err := e.store.Get(ctxT(t), "oci-layout:local/img", nil, Policy{}, e.taskDir)

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"testing"
 	"time"
 
@@ -28,14 +27,11 @@ func newBareBench(b *testing.B, args ...string) *bareBench {
 	b.Helper()
 	testutil.RequireRoot(b)
 	base := b.TempDir()
-	rootfs := testutil.MakeRootfs(b, filepath.Join(base, "rootfs"))
-	dirs := TaskDirs{Alloc: filepath.Join(base, "alloc"), Local: filepath.Join(base, "local"), Secrets: filepath.Join(base, "secrets")}
+	cfg := busyboxBundle(b, base, "bench", args)
 	bundle := filepath.Join(base, BundleDir)
 	runscRoot := filepath.Join(base, "runsc-root")
-	for _, d := range []string{dirs.Alloc, dirs.Local, dirs.Secrets, bundle} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			b.Fatal(err)
-		}
+	if err := os.MkdirAll(bundle, 0o755); err != nil {
+		b.Fatal(err)
 	}
 	if err := os.MkdirAll(runscRoot, 0o700); err != nil {
 		b.Fatal(err)
@@ -52,18 +48,7 @@ func newBareBench(b *testing.B, args ...string) *bareBench {
 			b.Errorf("release runsc root: %v", err)
 		}
 	})
-	cfg := &BundleConfig{
-		Rootfs:         rootfs,
-		ReadonlyRootfs: true,
-		Args:           args,
-		Env:            []string{"PATH=" + DefaultPath},
-		Cwd:            "/",
-		Hostname:       "bench",
-		Dirs:           dirs,
-		Tmpfs:          []string{"/tmp"},
-		ResolvConf:     filepath.Join(base, "resolv.conf"),
-		Hosts:          filepath.Join(base, "hosts"),
-	}
+	cfg.ResolvConf, cfg.Hosts = filepath.Join(base, "resolv.conf"), filepath.Join(base, "hosts")
 	if err := os.WriteFile(cfg.ResolvConf, ResolvConf(nil, nil, nil), 0o644); err != nil {
 		b.Fatal(err)
 	}
@@ -128,45 +113,14 @@ func BenchmarkBareRunsc(b *testing.B) {
 		totals = append(totals, run+del)
 		cpus = append(cpus, cpu)
 	}
-	b.ReportMetric(benchMedian(runs).Seconds(), "s/run")
-	b.ReportMetric(benchMedian(dels).Seconds(), "s/delete")
-	b.ReportMetric(benchMedian(totals).Seconds(), "s/run+delete")
-	b.ReportMetric(benchMedian(cpus).Seconds(), "cpu-s/run")
+	b.ReportMetric(testutil.Median(runs).Seconds(), "s/run")
+	b.ReportMetric(testutil.Median(dels).Seconds(), "s/delete")
+	b.ReportMetric(testutil.Median(totals).Seconds(), "s/run+delete")
+	b.ReportMetric(testutil.Median(cpus).Seconds(), "cpu-s/run")
+	lo, hi := testutil.MinMax(totals)
 	summary := fmt.Sprintf("bare runsc /bin/true: run %.3fs + delete %.3fs = %.3fs (min %.3fs, max %.3fs); CPU of the run %.3fs | medians of %d",
-		benchMedian(runs).Seconds(), benchMedian(dels).Seconds(), benchMedian(totals).Seconds(),
-		benchMin(totals).Seconds(), benchMax(totals).Seconds(), benchMedian(cpus).Seconds(), len(totals))
+		testutil.Median(runs).Seconds(), testutil.Median(dels).Seconds(), testutil.Median(totals).Seconds(),
+		lo.Seconds(), hi.Seconds(), testutil.Median(cpus).Seconds(), len(totals))
 	b.Log(summary)
 	fmt.Println("SUMMARY " + summary)
-}
-
-func benchMedian(ds []time.Duration) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-func benchMin(ds []time.Duration) time.Duration {
-	m := time.Duration(0)
-	for i, d := range ds {
-		if i == 0 || d < m {
-			m = d
-		}
-	}
-	return m
-}
-
-func benchMax(ds []time.Duration) time.Duration {
-	var m time.Duration
-	for _, d := range ds {
-		if d > m {
-			m = d
-		}
-	}
-	return m
 }

@@ -71,26 +71,16 @@ func newTestSandbox(t testing.TB, mutate func(*BundleConfig), args ...string) *t
 	t.Helper()
 	testutil.RequireRoot(t)
 	base := t.TempDir()
-	rootfs := testutil.MakeRootfs(t, filepath.Join(base, "rootfs"))
+	cfg := busyboxBundle(t, base, "sandbox-test", args)
+	dirs := cfg.Dirs
 	stateDir := filepath.Join(base, "state")
-	dirs := TaskDirs{Alloc: filepath.Join(base, "alloc"), Local: filepath.Join(base, "local"), Secrets: filepath.Join(base, "secrets")}
-	for _, d := range []string{stateDir, StateDir(stateDir).Bundle(), dirs.Alloc, dirs.Local, dirs.Secrets} {
+	for _, d := range []string{stateDir, StateDir(stateDir).Bundle()} {
 		must.NoError(t, os.MkdirAll(d, 0o755))
 	}
 	runscRoot := filepath.Join(base, "runsc-root")
 	must.NoError(t, os.MkdirAll(runscRoot, 0o700))
 	r := Runsc{Path: testutil.Runsc(t), Root: runscRoot, Platform: PlatformSystrap}
 	id := "rt-" + strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-")
-	cfg := &BundleConfig{
-		Rootfs:         rootfs,
-		ReadonlyRootfs: true,
-		Args:           args,
-		Env:            []string{"PATH=" + DefaultPath},
-		Cwd:            "/",
-		Hostname:       "sandbox-test",
-		Dirs:           dirs,
-		Tmpfs:          []string{"/tmp"},
-	}
 	if mutate != nil {
 		mutate(cfg)
 	}

@@ -5,97 +5,52 @@ import (
 	"bytes"
 	"io"
 	"io/fs"
-	"log"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync/atomic"
+	goruntime "runtime"
 	"testing"
+	"time"
 
-	"net/http"
-
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-// Registry is an OCI registry server on 127.0.0.1 for one test.
-type Registry struct {
-	Host string
-	// Manifests counts manifest GETs, to tell a pull from a cache hit.
-	Manifests atomic.Int64
-	// User and Password, when set, are required (HTTP basic auth) for
-	// every request but the test's own pushes.
-	User, Password string
-	// Hook, when set, sees every request first and answers it instead of
-	// the registry by returning true (a misbehaving registry).
-	Hook atomic.Pointer[func(http.ResponseWriter, *http.Request) bool]
-}
+// tarUnix is the one modification time (Unix seconds) of every entry the
+// tar builders write, so that the same tree gives the same bytes (and layer
+// digest) on every call.
+const tarUnix = 1700000000
 
-// StartRegistry starts an in-memory registry on loopback, stopped when the
-// test ends.
-func StartRegistry(t testing.TB) *Registry {
+// BusyboxImage is an OCI image whose first layer is BusyboxTar (the tree of
+// MakeRootfs), then the extra layers, with cfg as its configuration.
+func BusyboxImage(t testing.TB, cfg v1.Config, extra ...v1.Layer) v1.Image {
 	t.Helper()
-	r := &Registry{}
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if r.User != "" && req.Method != http.MethodPut && req.Method != http.MethodPost && req.Method != http.MethodPatch {
-			if u, p, ok := req.BasicAuth(); !ok || u != r.User || p != r.Password {
-				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-				w.WriteHeader(http.StatusUnauthorized)
-				return
-			}
-		}
-		if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/manifests/") {
-			r.Manifests.Add(1)
-		}
-		if h := r.Hook.Load(); h != nil && (*h)(w, req) {
-			return
-		}
-		reg.ServeHTTP(w, req)
-	}))
-	t.Cleanup(srv.Close)
-	r.Host = strings.TrimPrefix(srv.URL, "http://")
-	return r
+	return Image(t, cfg, append([]v1.Layer{Layer(t, BusyboxTar(t))}, extra...)...)
 }
 
-// Push writes img to repo:tag in the registry and returns the reference by
-// tag and by digest.
-func (r *Registry) Push(t testing.TB, repo, tag string, img v1.Image) (byTag, byDigest string) {
-	t.Helper()
-	ref, err := name.ParseReference(r.Host+"/"+repo+":"+tag, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatalf("push %s: %v", ref, err)
-	}
-	d, err := img.Digest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ref.String(), r.Host + "/" + repo + "@" + d.String()
-}
-
-// BusyboxImage is an image of one layer holding the busybox rootfs, with cfg
-// as its configuration.
-func BusyboxImage(t testing.TB, cfg v1.Config) v1.Image {
+// BusyboxTar is MakeRootfs's busybox root filesystem as an uncompressed
+// tar, followed by the extra entries (directories, for instance, whose
+// owner a test checks after an unpack). The same extra gives the same bytes
+// on every call.
+func BusyboxTar(t testing.TB, extra ...*tar.Header) []byte {
 	t.Helper()
 	dir := MakeRootfs(t, filepath.Join(t.TempDir(), "rootfs"))
-	b, err := tarDir(dir)
+	b, err := tarDir(dir, extra...)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("tar the busybox rootfs: %v", err)
 	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
+	return b
+}
+
+// Image is an OCI image (OCI media types, linux on this machine's
+// architecture) of layers, with cfg as its configuration.
+func Image(t testing.TB, cfg v1.Config, layers ...v1.Layer) v1.Image {
+	t.Helper()
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	img, err := mutate.AppendLayers(img, layers...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +59,7 @@ func BusyboxImage(t testing.TB, cfg v1.Config) v1.Image {
 		t.Fatal(err)
 	}
 	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.OS, cf.Architecture = "linux", goruntime.GOARCH
 	cf.Config = cfg
 	img, err = mutate.ConfigFile(img, cf)
 	if err != nil {
@@ -113,7 +68,22 @@ func BusyboxImage(t testing.TB, cfg v1.Config) v1.Image {
 	return img
 }
 
-func tarDir(dir string) ([]byte, error) {
+// Layer is a gzip-compressed OCI layer of the tar b; opts can change the
+// compression and media type.
+func Layer(t testing.TB, b []byte, opts ...tarball.LayerOption) v1.Layer {
+	t.Helper()
+	opts = append([]tarball.LayerOption{tarball.WithMediaType(types.OCILayer)}, opts...)
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// tarDir is a tar of dir's contents in name order, symbolic links kept as
+// links, every entry owned by root and dated tarUnix, then the extra
+// entries (which have no content).
+func tarDir(dir string, extra ...*tar.Header) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
@@ -139,6 +109,8 @@ func tarDir(dir string) ([]byte, error) {
 			return err
 		}
 		hdr.Name = rel
+		hdr.Uid, hdr.Gid, hdr.Uname, hdr.Gname = 0, 0, "", ""
+		hdr.ModTime, hdr.AccessTime, hdr.ChangeTime = time.Unix(tarUnix, 0), time.Time{}, time.Time{}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return err
 		}
@@ -155,6 +127,15 @@ func tarDir(dir string) ([]byte, error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	for _, hdr := range extra {
+		h := *hdr
+		if h.ModTime.IsZero() {
+			h.ModTime = time.Unix(tarUnix, 0)
+		}
+		if err := tw.WriteHeader(&h); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err

@@ -1,5 +1,7 @@
 // Package testutil builds what the tests need from real components: a
-// busybox root filesystem, the runsc binary's location, and root checks.
+// busybox root filesystem and OCI images of it, a registry on loopback, the
+// runsc binary's location, test network hosts, and the one gate for tests
+// that need root (RequireRoot).
 package testutil
 
 import (
@@ -61,28 +63,17 @@ func BuildRootfs(dir string) error {
 			return err
 		}
 	}
-	return os.Chmod(filepath.Join(dir, "tmp"), 0o1777)
-}
-
-// RequireRoot skips a test that needs root unless running as root; under CI
-// it fails instead, because a skipped functional test proves nothing.
-func RequireRoot(t testing.TB) {
-	t.Helper()
-	if runtime.GOOS != "linux" {
-		t.Skip("linux only")
-	}
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test needs root")
-		}
-		t.Skip("needs root")
-	}
+	// A sticky /tmp, as on a real system (os.Chmod takes the bit as
+	// os.ModeSticky, not as 0o1000).
+	return os.Chmod(filepath.Join(dir, "tmp"), os.ModeSticky|0o777)
 }
 
 // Runsc returns the runsc binary the project built, failing the test when it
-// is missing: functional tests never fall back to a fake.
+// is missing: functional tests never fall back to a fake. Like RequireRoot,
+// it skips the test under -short.
 func Runsc(t testing.TB) string {
 	t.Helper()
+	RequireRoot(t)
 	if p := os.Getenv("SANDBOX_RUNSC"); p != "" {
 		return p
 	}
