@@ -50,11 +50,10 @@ const (
 
 var ktSubnet = netip.MustParsePrefix("10.198.0.0/16")
 
+// ktRequireRoot: network namespaces, veth and nftables need root.
 func ktRequireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, veth, nftables)")
-	}
+	testutil.RequireRoot(t)
 }
 
 type ktLogWriter struct {

@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/shoenig/test/must"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // These tests check the files the driver writes and reads on a cgroup v2
@@ -13,6 +15,10 @@ import (
 // where the functional tests (OOM, stats) use the real kernel.
 
 func TestCgroupV2_CreateWritesLimits(t *testing.T) {
+	// Create writes its files with mode 0 (they exist on cgroupfs and must
+	// never be created readable): in a plain directory only root can write
+	// and read them again.
+	testutil.RequireRoot(t)
 	root := t.TempDir()
 	c := &Cgroup{Path: "/nomad-sandbox/task-1", V2: true, Root: root}
 	must.NoError(t, c.Create(&Resources{MemoryLimitBytes: 64 << 20, CPUShares: 1024, PidsLimit: 64}))
@@ -32,6 +38,10 @@ func TestCgroupV2_CreateWritesLimits(t *testing.T) {
 }
 
 func TestCgroupV2_BorrowedIsNotCreatedNorRemoved(t *testing.T) {
+	// Create writes its files with mode 0 (they exist on cgroupfs and must
+	// never be created readable): in a plain directory only root can write
+	// and read them again.
+	testutil.RequireRoot(t)
 	root := t.TempDir()
 	dir := filepath.Join(root, "nomad.slice", "alloc.task.scope")
 	must.NoError(t, os.MkdirAll(dir, 0o755))

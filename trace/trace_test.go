@@ -17,6 +17,8 @@ import (
 	"github.com/shoenig/test/wait"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 func TestValidatePoints(t *testing.T) {
@@ -214,9 +216,7 @@ func TestReceiver_Total(t *testing.T) {
 // listener is gone from then on, so nothing can join or feed the trail
 // later.
 func TestReceiver_OneConnection(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testutil.RequireRoot(t)
 	dir := t.TempDir()
 	log := filepath.Join(dir, "trail.jsonl")
 	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: DefaultPoints()})
