@@ -394,5 +394,13 @@ func (e *benchEnv) runBare(b *testing.B) (total, cpu time.Duration) {
 	return total, cpu
 }
 
+// benchSummary logs line and prints it to stdout as "SUMMARY line", where
+// a run of `make bench` is read from.
+func benchSummary(b *testing.B, line string) {
+	b.Helper()
+	b.Log(line)
+	fmt.Println("SUMMARY " + line)
+}
+
 // benchMedian is testutil.Median, under the name the disk benchmark uses.
 func benchMedian(ds []time.Duration) time.Duration { return testutil.Median(ds) }

@@ -173,8 +173,7 @@ func BenchmarkStartTask_CachedImage(b *testing.B) {
 	lost := len(imgs) - len(gi)
 	if lost > 0 {
 		msg := fmt.Sprintf("WARNING: %d of %d pairs had a task whose exit status WaitTask lost (\"left no exit status\"); they are left out of the timings", lost, len(imgs))
-		b.Log(msg)
-		fmt.Println("SUMMARY " + msg)
+		benchSummary(b, msg)
 	}
 	if len(gi) == 0 {
 		b.Fatal("every pair lost an exit status: no timing to report")
@@ -246,8 +245,7 @@ func BenchmarkStartTask_CachedImage(b *testing.B) {
 		iCPU.Seconds(), rCPU.Seconds(), pull.Seconds(), float64(img.Size)/(1<<20),
 		gets, len(imgs), maxGets, diagN, ms(getMed), perHead, benchRequestKinds(reqs), ms(headMed), ms(resolveMed), diagGets,
 		len(gi), benchLoadavg())
-	b.Log(summary)
-	fmt.Println("SUMMARY " + summary)
+	benchSummary(b, summary)
 }
 
 // benchOneTree fails unless the image cache under dir holds exactly one

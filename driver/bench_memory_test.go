@@ -85,8 +85,7 @@ func BenchmarkTaskMemory(b *testing.B) {
 	summary := fmt.Sprintf("memory per sleep task: sandbox RSS %.1f MiB (PSS %.1f MiB; last one's processes, RSS MiB: %s), supervisor RSS %.1f MiB | plugin, approximated by this test process after %d tasks: VmRSS %.1f MiB, Go heap in use %.1f MiB; %s | medians of %d",
 		testutil.Median(sbRSS), testutil.Median(sbPSS), strings.Join(names, ", "), testutil.Median(supRSS),
 		e.seq, plugin, float64(ms.HeapInuse)/(1<<20), idleNote, len(sbRSS))
-	b.Log(summary)
-	fmt.Println("SUMMARY " + summary)
+	benchSummary(b, summary)
 }
 
 // benchPluginBinary returns bin/plugins/sandbox (what `make build` makes

@@ -191,8 +191,7 @@ func BenchmarkStartTask_Phases(b *testing.B) {
 	if lost > 0 {
 		line += fmt.Sprintf(" | WARNING: %d cycles lost their exit status (left out of \"result\")", lost)
 	}
-	b.Log(line)
-	fmt.Println("SUMMARY " + line)
+	benchSummary(b, line)
 }
 
 // timeSupervisorExec times starting the supervisor binary the way

@@ -67,8 +67,7 @@ func BenchmarkStartTask_True(b *testing.B) {
 	lost := len(runs) - len(good)
 	if lost > 0 {
 		msg := fmt.Sprintf("WARNING: %d of %d tasks: WaitTask returned \"task supervisor is gone and left no exit status\" while the supervisor was still running and writing exit.json (the task itself exited 0); those runs are left out of the timings", lost, len(runs))
-		b.Log(msg)
-		fmt.Println("SUMMARY " + msg)
+		benchSummary(b, msg)
 	}
 	if len(good) == 0 {
 		b.Fatal("every task lost its exit status: no timing to report")
@@ -93,6 +92,5 @@ func BenchmarkStartTask_True(b *testing.B) {
 	summary := fmt.Sprintf("driver /bin/true: StartTask %.3fs, to exit result %.3fs, DestroyTask %.3fs | bare runsc run+delete %.3fs | ratio %.2f (%s the 1.25 target; paired %.2f), %.2f with DestroyTask | CPU %.3fs vs bare %.3fs | medians of %d interleaved pairs (bare over all %d), loadavg %s",
 		start.Seconds(), exit.Seconds(), destroy.Seconds(), bareT.Seconds(), ratio, verdict, testutil.Median(pairs),
 		exitDestroy.Seconds()/bareT.Seconds(), cpu.Seconds(), bareCPU.Seconds(), len(good), len(bares), benchLoadavg())
-	b.Log(summary)
-	fmt.Println("SUMMARY " + summary)
+	benchSummary(b, summary)
 }

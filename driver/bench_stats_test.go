@@ -195,8 +195,7 @@ func BenchmarkStatsSample_Cgroup(b *testing.B) {
 	benchStatsCgroup = &c
 	line := fmt.Sprintf("stats via the cgroup (Driver.sample), %d samples over %d running sandboxes: %s | load %s",
 		c.samples, len(s.hs), benchStatsCostText(c), benchLoadavg())
-	b.Log(line)
-	fmt.Println("SUMMARY " + line)
+	benchSummary(b, line)
 }
 
 // BenchmarkStatsSample_RunscEvents measures the same rounds with `runsc
@@ -242,8 +241,7 @@ func BenchmarkStatsSample_RunscEvents(b *testing.B) {
 	}
 	line := fmt.Sprintf("stats per sample, runsc events --stats / cgroup: wall %s, CPU (self+children) %s | runsc events, %d samples over %d running sandboxes: %s | cgroup (%s): %s | load %s",
 		wallRatio, cpuRatio, c.samples, len(s.hs), benchStatsCostText(c), refNote, benchStatsCostText(*ref), benchLoadavg())
-	b.Log(line)
-	fmt.Println("SUMMARY " + line)
+	benchSummary(b, line)
 }
 
 func benchStatsCostText(c statsCost) string {
