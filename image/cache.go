@@ -223,12 +223,8 @@ func (s *Store) cleanTemp(ctx context.Context) error {
 }
 
 func (s *Store) readMeta(hex string) (*meta, error) {
-	b, err := os.ReadFile(filepath.Join(s.imageDir(hex), metaFile))
-	if err != nil {
-		return nil, err
-	}
 	var m meta
-	if err := json.Unmarshal(b, &m); err != nil {
+	if err := atomicfile.ReadJSON(filepath.Join(s.imageDir(hex), metaFile), &m); err != nil {
 		return nil, fmt.Errorf("cache entry %s: %w", hex, err)
 	}
 	return &m, nil

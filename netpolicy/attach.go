@@ -14,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 )
 
 // Attached sandboxes: the network namespace is not ours but the
@@ -104,7 +106,7 @@ type nsView struct {
 // route, whose host end is in the root namespace. Nothing in the namespace
 // is changed; the filter is installed in one batch before Attach returns,
 // and on error nothing of it is left.
-func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entry, opt AttachOptions) (_ *Sandbox, err error) {
+func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entry, opt AttachOptions) (*Sandbox, error) {
 	for _, p := range opt.Replies {
 		if (p.Proto != "tcp" && p.Proto != "udp") || p.Port == 0 {
 			return nil, fmt.Errorf("attach sandbox network: reply port %s: want tcp or udp and a port above 0", p)
@@ -139,13 +141,12 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	if err := m.cfg.writeLease(l); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			if derr := m.destroy(n, l); derr != nil {
-				m.Logger.Error("sandbox network: undo of a failed attach left something behind", "id", id, "error", derr)
-			}
+	undo := cleanup.Make(func() {
+		if derr := m.destroy(n, l); derr != nil {
+			m.Logger.Error("sandbox network: undo of a failed attach left something behind", "id", id, "error", derr)
 		}
-	}()
+	})
+	defer undo.Clean()
 	spec := m.filterSpecFor(sb, n, allow)
 	spec.gatewayMAC = v.gatewayMAC
 	spec.replies = opt.Replies
@@ -167,6 +168,7 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 	}
 	m.Logger.Debug("sandbox network attached", "id", id, "netns", netnsPath, "host_if", sb.HostIf,
 		"addr", sb.Addr, "gateway", sb.Gateway, "allow", l.Allow, "replies", att.Replies)
+	undo.Release()
 	return sb, nil
 }
 

@@ -2,7 +2,6 @@ package netpolicy
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -61,12 +60,8 @@ func (c *Config) lockState() (func(), error) {
 }
 
 func (c *Config) readLease(hash string) (*lease, error) {
-	b, err := os.ReadFile(c.leasePath(hash))
-	if err != nil {
-		return nil, err
-	}
 	var l lease
-	if err := json.Unmarshal(b, &l); err != nil {
+	if err := atomicfile.ReadJSON(c.leasePath(hash), &l); err != nil {
 		return nil, fmt.Errorf("lease %s: %w", hash, err)
 	}
 	return &l, nil

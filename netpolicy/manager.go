@@ -19,6 +19,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 )
 
 // Manager creates and removes the network namespaces of sandboxes and their
@@ -134,7 +136,7 @@ func (m *Manager) lock() (func(), error) {
 // A namespace serves one sandbox lifetime (runsc takes its eth0 over and
 // strips its address): Destroy it when the sandbox is gone. Create for an id
 // that still has a network returns ErrExists.
-func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sandbox, err error) {
+func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (*Sandbox, error) {
 	n, leases, unlock, err := m.reserve(ctx, "create", id, allow)
 	if err != nil {
 		return nil, err
@@ -149,13 +151,12 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	if err := m.cfg.writeLease(l); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			if derr := m.destroy(n, nil); derr != nil {
-				m.Logger.Error("sandbox network: undo of a failed create left something behind", "id", id, "error", derr)
-			}
+	undo := cleanup.Make(func() {
+		if derr := m.destroy(n, nil); derr != nil {
+			m.Logger.Error("sandbox network: undo of a failed create left something behind", "id", id, "error", derr)
 		}
-	}()
+	})
+	defer undo.Clean()
 	fail := func(step string, err error) error {
 		return fmt.Errorf("create sandbox network %s: %s: %w", id, step, err)
 	}
@@ -222,6 +223,7 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (_ *Sand
 	}
 	m.Logger.Debug("sandbox network created", "id", id, "netns", sb.Netns, "host_if", sb.HostIf,
 		"addr", sb.Addr, "gateway", sb.Gateway, "allow", l.Allow)
+	undo.Release()
 	return sb, nil
 }
 
@@ -243,11 +245,8 @@ func (m *Manager) reserve(ctx context.Context, op, id string, allow []Entry) (n 
 	if err != nil {
 		return n, nil, nil, err
 	}
-	defer func() {
-		if err != nil {
-			release()
-		}
-	}()
+	undo := cleanup.Make(release)
+	defer undo.Clean()
 	if err := ctx.Err(); err != nil {
 		return n, nil, nil, err
 	}
@@ -262,6 +261,7 @@ func (m *Manager) reserve(ctx context.Context, op, id string, allow []Entry) (n 
 		}
 		return n, nil, nil, fmt.Errorf("%s sandbox network %s: name %s is taken by sandbox %q", op, id, n.base, l.ID)
 	}
+	undo.Release()
 	return n, leases, release, nil
 }
 

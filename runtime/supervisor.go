@@ -3,7 +3,6 @@ package runtime
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -206,29 +205,22 @@ func (s *Supervisor) waitClose(ctx context.Context) error {
 
 // Spec returns the spec the supervisor was started with.
 func (s *Supervisor) Spec() (*SupervisorSpec, error) {
-	b, err := os.ReadFile(StateDir(s.Dir).SupervisorSpec())
-	if err != nil {
-		return nil, fmt.Errorf("read supervisor spec: %w", err)
-	}
 	var spec SupervisorSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return nil, fmt.Errorf("decode supervisor spec: %w", err)
+	if err := atomicfile.ReadJSON(StateDir(s.Dir).SupervisorSpec(), &spec); err != nil {
+		return nil, fmt.Errorf("supervisor spec: %w", err)
 	}
 	return &spec, nil
 }
 
 // ExitStatus returns the stored exit status, or nil while the task runs.
 func (s *Supervisor) ExitStatus() (*ExitStatus, error) {
-	b, err := os.ReadFile(StateDir(s.Dir).Exit())
+	var st ExitStatus
+	err := atomicfile.ReadJSON(StateDir(s.Dir).Exit(), &st)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read exit status: %w", err)
-	}
-	var st ExitStatus
-	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, fmt.Errorf("decode exit status: %w", err)
+		return nil, fmt.Errorf("exit status: %w", err)
 	}
 	return &st, nil
 }
@@ -291,13 +283,9 @@ func supervise(dir string, ready *os.File) (err error) {
 		}
 	}()
 
-	b, err := os.ReadFile(StateDir(dir).SupervisorSpec())
-	if err != nil {
-		return fmt.Errorf("read spec: %w", err)
-	}
 	var spec SupervisorSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("decode spec: %w", err)
+	if err := atomicfile.ReadJSON(StateDir(dir).SupervisorSpec(), &spec); err != nil {
+		return fmt.Errorf("spec: %w", err)
 	}
 	if err := os.WriteFile(StateDir(dir).SupervisorPid(), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("write pid: %w", err)
@@ -467,11 +455,9 @@ type NetworkRecord struct {
 
 func exitRecord(dir string, base *audit.Record, st *ExitStatus) *audit.Record {
 	r := *base
-	if b, err := os.ReadFile(StateDir(dir).Network()); err == nil {
-		var n NetworkRecord
-		if json.Unmarshal(b, &n) == nil {
-			r.EgressDenials, r.RefusedDNS = n.Denials, n.RefusedDNS
-		}
+	var n NetworkRecord
+	if atomicfile.ReadJSON(StateDir(dir).Network(), &n) == nil {
+		r.EgressDenials, r.RefusedDNS = n.Denials, n.RefusedDNS
 	}
 	r.Time = time.Time{}
 	r.Event = audit.EventExited

@@ -1,5 +1,5 @@
 // Package atomicfile writes state files that readers see whole or not at
-// all.
+// all, and reads them back.
 package atomicfile
 
 import (
@@ -26,6 +26,20 @@ func WriteJSON(path string, v any, mode os.FileMode) error {
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s: %w", path, err)
+	}
+	return nil
+}
+
+// ReadJSON decodes the JSON file at path into v. A missing file is an error
+// that errors.Is(err, os.ErrNotExist) recognises; every error names path.
+func ReadJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		// os's errors name the path already.
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("decode %s: %w", path, err)
 	}
 	return nil
 }

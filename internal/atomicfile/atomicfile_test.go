@@ -2,8 +2,10 @@ package atomicfile
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -39,5 +41,29 @@ func TestWriteJSON(t *testing.T) {
 	b, _ = os.ReadFile(path)
 	if string(b) != "{\n  \"n\": 2\n}" {
 		t.Errorf("the old file changed: %s", b)
+	}
+}
+
+// ReadJSON reads what WriteJSON wrote; a missing file is ErrNotExist and a
+// broken one an error naming the file.
+func TestReadJSON(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state.json")
+	if err := WriteJSON(path, map[string]int{"n": 3}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]int
+	if err := ReadJSON(path, &got); err != nil || got["n"] != 3 {
+		t.Fatalf("ReadJSON: %v %v", got, err)
+	}
+	missing := filepath.Join(dir, "missing.json")
+	if err := ReadJSON(missing, &got); !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing file: %v", err)
+	}
+	if err := os.WriteFile(path, []byte(`{"n":`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := ReadJSON(path, &got); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("torn file: %v", err)
 	}
 }
