@@ -58,13 +58,13 @@ type StateFile struct {
 func StateFiles() []StateFile {
 	return []StateFile{
 		{taskMetaName, "driver (launch)", "which Nomad task, allocation and image the directory belongs to; the sweep and the image GC read it"},
-		{bundleName + "/" + bundleSpecName, "driver (WritePinnedBundle)", "the OCI bundle's spec; carries the task's environment and is removed when the sandbox ends (ScrubSecrets)"},
+		{bundleName + "/" + bundleSpecName, "runtime (WritePinnedBundle, from launch)", "the OCI bundle's spec; carries the task's environment and is removed when the sandbox ends (ScrubSecrets)"},
 		{resolvConfName, "driver (launch)", "the sandbox's /etc/resolv.conf"},
 		{hostsName, "driver (launch)", "the sandbox's /etc/hosts"},
 		{pinsName, "runtime (PinPaths)", "the task's host paths pinned for runsc until the sandbox runs (UnpinPaths)"},
 		{networkName, "driver (setupNetwork, the DNS service)", "the sandbox's egress list, its denials and refused names (NetworkRecord)"},
-		{diskName, "runtime (MountDisk)", "the task's mounted disk image (DiskRecord)"},
-		{diskMountName, "runtime (MountDisk)", "where the disk image is mounted"},
+		{diskName, "runtime (Disk.Mount)", "the task's mounted disk image (DiskRecord)"},
+		{diskMountName, "runtime (Disk.Mount)", "where the disk image is mounted"},
 		{allocDiskName, "runtime (JoinAllocDisk)", "that the task holds its allocation's disk for alloc/data and alloc/tmp (allocHolder)"},
 		{supervisorSpecName, "runtime (Supervisor.Start)", "what the supervisor runs (SupervisorSpec)"},
 		{supervisorPidName, "supervisor", "the supervisor's pid (Supervisor.Alive)"},

@@ -1,6 +1,8 @@
 package runtime
 
 import (
+	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -56,4 +58,28 @@ func TestStateDir_NamesUnchanged(t *testing.T) {
 	must.Eq(t, "task.json bundle/config.json resolv.conf hosts pins network.json disk.json disk allocdisk.json "+
 		"supervisor.json supervisor.pid supervisor.sock supervisor.log sandbox.pid runsc.log runsc-panic.log "+
 		"trace.sock trace.json exit.json exec-*.json", strings.Join(names, " "))
+}
+
+// docs/ARCHITECTURE.md's table of the state directory is StateFiles, so a
+// newcomer reads every file there and what it is for.
+func TestStateFiles_Documented(t *testing.T) {
+	const begin, end = "<!-- state files: begin -->\n", "<!-- state files: end -->"
+	b, err := os.ReadFile(filepath.Join("..", "docs", "ARCHITECTURE.md"))
+	must.NoError(t, err)
+	_, rest, ok := strings.Cut(string(b), begin)
+	must.True(t, ok, must.Sprint("docs/ARCHITECTURE.md has no state files table"))
+	table, _, ok := strings.Cut(rest, end)
+	must.True(t, ok, must.Sprint("docs/ARCHITECTURE.md's state files table has no end"))
+
+	var want strings.Builder
+	want.WriteString("| File | Written by | Holds |\n| --- | --- | --- |\n")
+	for _, f := range StateFiles() {
+		fmt.Fprintf(&want, "| `%s` | %s | %s |\n", f.Name, f.Writer, f.Holds)
+	}
+	if os.Getenv("UPDATE_DOCS") != "" && table != want.String() {
+		doc := strings.Replace(string(b), begin+table+end, begin+want.String()+end, 1)
+		must.NoError(t, os.WriteFile(filepath.Join("..", "docs", "ARCHITECTURE.md"), []byte(doc), 0o644))
+		return
+	}
+	must.Eq(t, want.String(), table, must.Sprintf("docs/ARCHITECTURE.md's state files table differs from StateFiles; the table should read (UPDATE_DOCS=1 go test -run TestStateFiles_Documented ./runtime/ writes it):\n%s", want.String()))
 }
