@@ -35,9 +35,8 @@ const (
 	execProcessPattern = "exec-*.json"
 )
 
-// Names that tests outside this package still join by hand
-// (driver/bench_test.go, driver/egress_test.go); new code uses StateDir's
-// methods.
+// Names that some tests still join by hand (the driver's benchmarks and
+// egress tests); new code uses StateDir's methods.
 const (
 	BundleDir   = bundleName
 	NetworkFile = networkName
