@@ -80,52 +80,80 @@ func exitRecords(t *testing.T, path string) map[string]audit.Record {
 	return out
 }
 
+// A fast writer and a many-small-files writer each stop at their 16 MiB
+// (ENOSPC), with the event and the audit record naming the limit: in local/
+// (the task's disk), and in /alloc/data and /alloc/tmp (the allocation's).
+// A neighbour allocation writes its 24 MiB meanwhile, and a write at the
+// top of /alloc is refused (read-only).
 func TestDisk_WritersStopAtTheLimit(t *testing.T) {
+	for _, c := range []struct {
+		name, big, small, full, inodes string
+	}{
+		{"local", "/local", "/local", "disk limit reached: local/ is full at 16MiB (disk_limit)", "inode limit reached: local/"},
+		{"alloc", "/alloc/data", "/alloc/tmp", "disk limit reached: alloc/data and alloc/tmp are full at 16MiB (disk_limit)", "inode limit reached: alloc/data and alloc/tmp"},
+	} {
+		t.Run(c.name, func(t *testing.T) { testWritersStopAtTheLimit(t, c.big, c.small, c.full, c.inodes) })
+	}
+}
+
+func testWritersStopAtTheLimit(t *testing.T, big, small, full, inodes string) {
 	e := diskEnv(t, nil)
 	sh := func(script string) TaskConfig {
 		return readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, DiskLimit: "16MiB"})
 	}
-	// A fast writer, a many-small-files writer, and a neighbour that
-	// writes 24 MiB at the same time (within its own 32 MiB).
-	fast, c1 := e.task(t, "fast", sh("dd if=/dev/zero of=/local/big bs=1M count=64; echo dd=$?; wc -c < /local/big"))
+	fastCfg, c1 := e.task(t, "fast", sh(fmt.Sprintf("dd if=/dev/zero of=%[1]s/big bs=1M count=64; echo dd=$?; wc -c < %[1]s/big", big)))
 	defer c1()
-	small, c2 := e.task(t, "small", sh("i=0; while echo x > /local/f$i; do i=$((i+1)); done; echo files=$i"))
+	smallCfg, c2 := e.task(t, "small", sh(fmt.Sprintf("i=0; while echo x > %s/f$i; do i=$((i+1)); done; echo files=$i", small)))
 	defer c2()
-	nbTC := sh("i=0; while [ $i -lt 24 ]; do dd if=/dev/zero of=/local/n$i bs=1M count=1 2>/dev/null || exit 1; i=$((i+1)); done; echo neighbour-ok")
+	nbTC := sh(fmt.Sprintf("i=0; while [ $i -lt 24 ]; do dd if=/dev/zero of=%s/n$i bs=1M count=1 2>/dev/null || exit 1; i=$((i+1)); done; echo neighbour-ok; echo x > /alloc/top; echo top=$?", big))
 	nbTC.DiskLimit = "32MiB"
 	nb, c3 := e.task(t, "neighbour", nbTC)
 	defer c3()
-	evFast, evSmall := e.events(t, fast.ID), e.events(t, small.ID)
-	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
+	evFast, evSmall := e.events(t, fastCfg.ID), e.events(t, smallCfg.ID)
+	for _, cfg := range []*drivers.TaskConfig{fastCfg, smallCfg, nb} {
 		_, _, err := e.harness.StartTask(cfg)
 		must.NoError(t, err)
 		defer func(id string) { must.NoError(t, e.harness.DestroyTask(id, true)) }(cfg.ID)
 	}
-	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
+	for _, cfg := range []*drivers.TaskConfig{fastCfg, smallCfg, nb} {
 		e.wait(cfg.ID, 60*time.Second)
 	}
 
-	out := waitLog(t, fast, "stdout", has("dd="))
-	must.StrContains(t, readLog(fast, "stderr"), "No space left on device")
+	out := waitLog(t, fastCfg, "stdout", has("dd="))
+	must.StrContains(t, readLog(fastCfg, "stderr"), "No space left on device")
 	must.StrNotContains(t, out, "dd=0")
 	size, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, "\n", 2)[1]))
 	must.NoError(t, err, must.Sprintf("stdout %q", out))
 	must.Between(t, 8<<20, size, 16<<20)
-	must.StrContains(t, evFast.waitFor(t, "Disk limit reached"), "disk limit reached: local/ is full at 16MiB (disk_limit)")
+	must.StrContains(t, evFast.waitFor(t, "Disk limit reached"), full)
 
-	out = waitLog(t, small, "stdout", has("files="))
+	out = waitLog(t, smallCfg, "stdout", has("files="))
 	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(out, "files=")))
 	must.NoError(t, err)
 	must.Between(t, 900, n, 1024)
-	must.StrContains(t, evSmall.waitFor(t, "Disk limit reached"), "inode limit reached")
+	must.StrContains(t, evSmall.waitFor(t, "Disk limit reached"), inodes)
 
-	waitLog(t, nb, "stdout", has("neighbour-ok"))
+	out = waitLog(t, nb, "stdout", has("top="))
+	must.StrContains(t, out, "neighbour-ok")
+	must.StrNotContains(t, out, "top=0")
+	must.StrContains(t, readLog(nb, "stderr"), "Read-only file system")
+	_, err = os.Lstat(filepath.Join(nb.AllocDir, "alloc", "top"))
+	must.True(t, os.IsNotExist(err), must.Sprint("a write at the top of /alloc reached the host"))
+	// Nomad reads what the task wrote on the host path while the
+	// sandbox is there.
+	host := filepath.Join(nb.TaskDir().Dir, strings.TrimPrefix(big, "/"))
+	if big != "/local" {
+		host = filepath.Join(nb.AllocDir, strings.TrimPrefix(big, "/"))
+	}
+	fi, err := os.Stat(filepath.Join(host, "n23"))
+	must.NoError(t, err)
+	must.Eq(t, int64(1<<20), fi.Size())
 
 	recs := exitRecords(t, e.config.AuditLog)
-	must.StrContains(t, recs[fast.ID].DiskLimitReached, "disk limit reached")
-	must.Eq(t, 16<<20, recs[fast.ID].Policy.DiskLimit)
-	must.Eq(t, 1024, recs[fast.ID].Policy.DiskInodes)
-	must.StrContains(t, recs[small.ID].DiskLimitReached, "inode limit reached")
+	must.StrContains(t, recs[fastCfg.ID].DiskLimitReached, full)
+	must.Eq(t, 16<<20, recs[fastCfg.ID].Policy.DiskLimit)
+	must.Eq(t, 1024, recs[fastCfg.ID].Policy.DiskInodes)
+	must.StrContains(t, recs[smallCfg.ID].DiskLimitReached, inodes)
 	must.Eq(t, "", recs[nb.ID].DiskLimitReached)
 }
 
@@ -358,65 +386,6 @@ func allocDiskLeft(e *testEnv) []string {
 	left, _ := filepath.Glob(filepath.Join(e.config.DiskDir, "alloc", "*"))
 	holdings, _ := filepath.Glob(runtime.StateDir(filepath.Join(e.config.StateDir, "*")).AllocDisk())
 	return append(left, holdings...)
-}
-
-// A fast writer to /alloc/data and a many-small-files writer to /alloc/tmp
-// each stop at their allocation's 16 MiB disk (ENOSPC), with the event and
-// the audit record naming alloc/; an allocation beside them writes its 24
-// MiB meanwhile; a write at the top of /alloc is refused (read-only).
-func TestAllocDisk_WritersStopAtTheLimit(t *testing.T) {
-	e := diskEnv(t, nil)
-	sh := func(script string) TaskConfig {
-		return readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, DiskLimit: "16MiB"})
-	}
-	fast, c1 := e.task(t, "fast", sh("dd if=/dev/zero of=/alloc/data/big bs=1M count=64; echo dd=$?; wc -c < /alloc/data/big"))
-	defer c1()
-	small, c2 := e.task(t, "small", sh("i=0; while echo x > /alloc/tmp/f$i; do i=$((i+1)); done; echo files=$i"))
-	defer c2()
-	nbTC := sh("i=0; while [ $i -lt 24 ]; do dd if=/dev/zero of=/alloc/data/n$i bs=1M count=1 2>/dev/null || exit 1; i=$((i+1)); done; echo neighbour-ok; echo x > /alloc/top; echo top=$?")
-	nbTC.DiskLimit = "32MiB"
-	nb, c3 := e.task(t, "neighbour", nbTC)
-	defer c3()
-	evFast, evSmall := e.events(t, fast.ID), e.events(t, small.ID)
-	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
-		_, _, err := e.harness.StartTask(cfg)
-		must.NoError(t, err)
-		defer func(id string) { must.NoError(t, e.harness.DestroyTask(id, true)) }(cfg.ID)
-	}
-	for _, cfg := range []*drivers.TaskConfig{fast, small, nb} {
-		e.wait(cfg.ID, 60*time.Second)
-	}
-
-	out := waitLog(t, fast, "stdout", has("dd="))
-	must.StrContains(t, readLog(fast, "stderr"), "No space left on device")
-	must.StrNotContains(t, out, "dd=0")
-	size, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, "\n", 2)[1]))
-	must.NoError(t, err, must.Sprintf("stdout %q", out))
-	must.Between(t, 8<<20, size, 16<<20)
-	must.StrContains(t, evFast.waitFor(t, "Disk limit reached"), "disk limit reached: alloc/data and alloc/tmp are full at 16MiB (disk_limit)")
-
-	out = waitLog(t, small, "stdout", has("files="))
-	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(out, "files=")))
-	must.NoError(t, err)
-	must.Between(t, 900, n, 1024)
-	must.StrContains(t, evSmall.waitFor(t, "Disk limit reached"), "inode limit reached: alloc/data and alloc/tmp")
-
-	out = waitLog(t, nb, "stdout", has("top="))
-	must.StrContains(t, out, "neighbour-ok")
-	must.StrNotContains(t, out, "top=0")
-	must.StrContains(t, readLog(nb, "stderr"), "Read-only file system")
-	_, err = os.Lstat(filepath.Join(nb.AllocDir, "alloc", "top"))
-	must.True(t, os.IsNotExist(err), must.Sprint("a write at the top of /alloc reached the host"))
-	// Nomad reads what the task wrote on the host path while the
-	// sandbox is there.
-	fi, err := os.Stat(filepath.Join(nb.AllocDir, "alloc", "data", "n23"))
-	must.NoError(t, err)
-	must.Eq(t, int64(1<<20), fi.Size())
-
-	recs := exitRecords(t, e.config.AuditLog)
-	must.StrContains(t, recs[fast.ID].DiskLimitReached, "alloc/data and alloc/tmp are full at 16MiB")
-	must.StrContains(t, recs[small.ID].DiskLimitReached, "inode limit reached: alloc/data and alloc/tmp")
-	must.Eq(t, "", recs[nb.ID].DiskLimitReached)
 }
 
 // Two tasks of one allocation share alloc/data live, the second one's

@@ -34,6 +34,22 @@ func diskLeft(allocID string) []string {
 	return left
 }
 
+// purgeWithoutDisks purges the jobs and waits until nothing of their disks
+// is left.
+func purgeWithoutDisks(t *testing.T, jobs ...*runningJob) {
+	t.Helper()
+	for _, j := range jobs {
+		j.purge(t)
+		var left []string
+		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+			left = diskLeft(j.allocID)
+			return len(left) == 0
+		}), wait.Timeout(30*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
+			return "disk left behind: " + strings.Join(left, "\n")
+		}))
+	}
+}
+
 // A task's disk_limit holds through the real agent: a fast writer and a
 // many-small-files writer each stop at their 16 MiB (ENOSPC) with an event
 // naming the limit, while a task of another allocation writes its 24 MiB at
@@ -76,16 +92,7 @@ func TestDiskLimit(t *testing.T) {
 	must.Len(t, 0, ts.events("Started"), must.Sprintf("task: %s", ts))
 	must.NotNil(t, eventWith(ts, "", "disk_limit", "max_disk_limit"), must.Sprintf("no event names max_disk_limit; task: %s", ts))
 
-	for _, j := range []*runningJob{fast, small, neighbour, refused} {
-		j.purge(t)
-		var left []string
-		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
-			left = diskLeft(j.allocID)
-			return len(left) == 0
-		}), wait.Timeout(30*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
-			return "disk left behind: " + strings.Join(left, "\n")
-		}))
-	}
+	purgeWithoutDisks(t, fast, small, neighbour, refused)
 }
 
 // The allocation's share of alloc/ holds through the real agent: a task
@@ -129,14 +136,5 @@ func TestAllocDiskLimit(t *testing.T) {
 	a, ts := running.waitDone(t)
 	must.Eq(t, "complete", a.ClientStatus, must.Sprintf("task: %s", ts))
 
-	for _, j := range []*runningJob{fast, running} {
-		j.purge(t)
-		var left []string
-		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
-			left = diskLeft(j.allocID)
-			return len(left) == 0
-		}), wait.Timeout(30*time.Second), wait.Gap(250*time.Millisecond)), must.Func(func() string {
-			return "disk left behind: " + strings.Join(left, "\n")
-		}))
-	}
+	purgeWithoutDisks(t, fast, running)
 }
