@@ -8,20 +8,16 @@ package driver
 // show that every service the sandbox must not reach does answer.
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	goruntime "runtime"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -29,526 +25,10 @@ import (
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
 
-	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
-
-const (
-	egTCP1, egTCP2, egHTTP = 8080, 8081, 80
-	egUDP                  = 5353
-	// egDeadline bounds every wait on the collector (it polls every
-	// denialPoll) and on the task.
-	egDeadline = 20 * time.Second
-)
-
-// egressEnv is a test env whose sandbox pool is routed to a test host, with
-// a DNS server acting as upstream and an audit log.
-type egressEnv struct {
-	*testEnv
-	host  *testutil.NetHost
-	dns   *testutil.DNSUpstream
-	audit string
-}
-
-// newEgressEnv makes the test host, then the DNS upstream (records may use
-// the host's addresses), then the driver with ceiling as allowed_egress.
-func newEgressEnv(t *testing.T, extraPorts []uint16, ceiling []string, records func(*testutil.NetHost) map[string]netip.Addr) *egressEnv {
-	t.Helper()
-	testutil.RequireRoot(t)
-	ee := &egressEnv{}
-	ports := []uint16{egTCP1, egTCP2, egHTTP}
-	for _, p := range extraPorts {
-		if !slices.Contains(ports, p) {
-			ports = append(ports, p)
-		}
-	}
-	ee.host = testutil.StartNetHost(t, ports, egUDP)
-	var recs map[string]netip.Addr
-	if records != nil {
-		recs = records(ee.host)
-	}
-	ee.dns = testutil.StartDNSUpstream(t, recs)
-	ee.audit = filepath.Join(t.TempDir(), "audit.log")
-	// The server's addresses are private space, which a sandbox reaches
-	// only where allowed_egress names it: the operator names Addr and
-	// Extra; Other stays private space nobody named.
-	ceiling = append(slices.Clone(ceiling), ee.host.Addr.String()+"/32", ee.host.Extra.String()+"/32")
-	ee.testEnv = newTestEnv(t, func(pc *PluginConfig) {
-		pc.AllowedEgress = ceiling
-		pc.DNSServers = []string{ee.dns.Addr}
-		pc.NetworkSubnet = ee.host.Pool.String()
-		pc.AuditLog = ee.audit
-	})
-	t.Logf("test host %d: pool %s, server %s (extra %s, other %s), client %s, DNS upstream %s",
-		ee.host.K, ee.host.Pool, ee.host.Addr, ee.host.Extra, ee.host.Other, ee.host.ClientAddr, ee.dns.Addr)
-	return ee
-}
-
-// fromPool keeps the hits of sandbox traffic: whatever did not come from
-// the control client (the sandbox's arrives masqueraded to the host end of
-// the server's link, but a hit from anywhere else counts too).
-func (ee *egressEnv) fromPool(proto string, dst netip.AddrPort) func(testutil.Hit) bool {
-	return func(h testutil.Hit) bool {
-		return h.Proto == proto && h.Remote != ee.host.ClientAddr && (!dst.IsValid() || h.Local == dst)
-	}
-}
-
-// release lets a task that waits for /alloc/data/<name> go on; for
-// deferred cleanups, where a failure must not stop the cleanup.
-func release(cfg *drivers.TaskConfig, names ...string) {
-	for _, n := range names {
-		_ = os.WriteFile(filepath.Join(cfg.TaskDir().SharedAllocDir, "data", n), nil, 0o644)
-	}
-}
-
-// probe is one command run inside the sandbox, bounded by a timeout.
-type probe struct{ name, cmd string }
-
-// probeScript runs the probes concurrently (each within 4 s) once the file
-// gate (if any) exists, prints one line "[name] rc=N output" each, then
-// "probes-done", and waits for /alloc/data/finish before it exits 0.
-func probeScript(gate string, probes []probe) string {
-	var b strings.Builder
-	b.WriteString("echo ready\n")
-	if gate != "" {
-		fmt.Fprintf(&b, "while [ ! -e /alloc/data/%s ]; do sleep 0.05; done\n", gate)
-	}
-	for i, p := range probes {
-		fmt.Fprintf(&b, "( out=$(timeout 4 sh -c %s 2>&1); echo \"[%s] rc=$? $(echo \"$out\" | tr '\\n' ' ')\" ) > /tmp/probe-%03d &\n", shQuote(p.cmd), p.name, i)
-	}
-	b.WriteString("wait\ncat /tmp/probe-*\necho probes-done\n")
-	b.WriteString("while [ ! -e /alloc/data/finish ]; do sleep 0.05; done\necho finished\n")
-	return b.String()
-}
-
-func shQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
-
-var probeLine = regexp.MustCompile(`(?m)^\[([^\]]+)\] rc=(\d+) ?(.*)$`)
-
-type probeResult struct {
-	rc  string
-	out string
-}
-
-func (r probeResult) ok() bool { return r.rc == "0" }
-
-func parseProbes(t *testing.T, out string, probes []probe) map[string]probeResult {
-	t.Helper()
-	res := map[string]probeResult{}
-	for _, m := range probeLine.FindAllStringSubmatch(out, -1) {
-		res[m[1]] = probeResult{rc: m[2], out: m[3]}
-	}
-	for _, p := range probes {
-		if _, ok := res[p.name]; !ok {
-			t.Fatalf("no result for probe %s in:\n%s", p.name, out)
-		}
-	}
-	return res
-}
-
-// wgetCmd fetches http://host:port/ with busybox wget (its -T option
-// crashes busybox 1.35, so the probe's timeout bounds it).
-func wgetCmd(host string, port int) string {
-	return fmt.Sprintf("wget -q -O - http://%s:%d/", host, port)
-}
-
-// The busybox of the test rootfs has no UDP client (nc has no -u) and its
-// ping needs a raw socket, which gVisor does not give a task. A task can
-// still send UDP and ICMP echo (through an unprivileged ICMP socket, which
-// gVisor supports): egressProbeSrc is such a task, built static.
-const egressProbeSrc = `package main
-
-import (
-	"encoding/binary"
-	"fmt"
-	"net"
-	"os"
-	"syscall"
-	"time"
-)
-
-func main() {
-	if len(os.Args) < 3 {
-		fmt.Println("usage: egress-probe udp IP:PORT | ping IP | spoof SRC IP:PORT")
-		os.Exit(2)
-	}
-	var err error
-	switch {
-	case os.Args[1] == "udp":
-		err = udp(os.Args[2])
-	case os.Args[1] == "ping":
-		err = ping(os.Args[2])
-	case os.Args[1] == "spoof" && len(os.Args) == 4:
-		err = spoof(os.Args[2], os.Args[3])
-	case os.Args[1] == "flood" && len(os.Args) == 5:
-		err = flood(os.Args[2], os.Args[3], os.Args[4])
-	default:
-		err = fmt.Errorf("unknown probe %q", os.Args[1])
-	}
-	if err != nil {
-		fmt.Println("error:", err)
-		os.Exit(1)
-	}
-}
-
-func udp(dst string) error {
-	c, err := net.Dial("udp4", dst)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := c.Write([]byte("probe")); err != nil {
-		return err
-	}
-	buf := make([]byte, 1500)
-	n, err := c.Read(buf)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("reply: %s\n", buf[:n])
-	return nil
-}
-
-func ping(dst string) error {
-	ip := net.ParseIP(dst).To4()
-	if ip == nil {
-		return fmt.Errorf("not an IPv4 address: %s", dst)
-	}
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, syscall.IPPROTO_ICMP)
-	if err != nil {
-		return fmt.Errorf("ICMP socket: %w", err)
-	}
-	defer syscall.Close(fd)
-	tv := syscall.Timeval{Sec: 2}
-	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
-		return err
-	}
-	msg := []byte{8, 0, 0, 0, 0, 1, 0, 1, 'p', 'r', 'o', 'b', 'e'}
-	binary.BigEndian.PutUint16(msg[2:], checksum(msg))
-	to := &syscall.SockaddrInet4{}
-	copy(to.Addr[:], ip)
-	if err := syscall.Sendto(fd, msg, 0, to); err != nil {
-		return fmt.Errorf("send: %w", err)
-	}
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := syscall.Recvfrom(fd, buf, 0)
-		if err != nil {
-			return fmt.Errorf("no reply: %w", err)
-		}
-		if f, ok := from.(*syscall.SockaddrInet4); ok && n >= 8 && buf[0] == 0 && net.IP(f.Addr[:]).Equal(ip) {
-			fmt.Printf("reply from %s\n", dst)
-			return nil
-		}
-	}
-}
-
-// spoof sends one UDP datagram from src (any address) to dst through a raw
-// socket that writes the IPv4 header itself (needs CAP_NET_RAW and runsc
-// --net-raw).
-func spoof(src, dst string) error {
-	s := net.ParseIP(src).To4()
-	d, err := net.ResolveUDPAddr("udp4", dst)
-	if s == nil || err != nil {
-		return fmt.Errorf("bad source or destination: %s %s", src, dst)
-	}
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
-	if err != nil {
-		return fmt.Errorf("raw socket: %w", err)
-	}
-	defer syscall.Close(fd)
-	payload := []byte("spoofed-from-" + src)
-	pkt := make([]byte, 28+len(payload))
-	pkt[0], pkt[8], pkt[9] = 0x45, 64, syscall.IPPROTO_UDP
-	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-	copy(pkt[12:16], s)
-	copy(pkt[16:20], d.IP.To4())
-	binary.BigEndian.PutUint16(pkt[10:], checksum(pkt[:20]))
-	binary.BigEndian.PutUint16(pkt[20:], 40000)
-	binary.BigEndian.PutUint16(pkt[22:], uint16(d.Port))
-	binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(payload)))
-	copy(pkt[28:], payload)
-	to := &syscall.SockaddrInet4{Port: d.Port}
-	copy(to.Addr[:], d.IP.To4())
-	if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
-		return fmt.Errorf("send: %w", err)
-	}
-	fmt.Printf("sent from %s\n", src)
-	return nil
-}
-
-// flood holds tcp connections to dst open while it sends n DNS queries
-// for unique names, each from a socket (a source port) of its own, without
-// waiting for answers.
-func flood(dst, n, tcp string) error {
-	var count, tcpCount int
-	fmt.Sscan(n, &count)
-	fmt.Sscan(tcp, &tcpCount)
-	var held []net.Conn
-	for i := 0; i < tcpCount; i++ {
-		if c, err := net.DialTimeout("tcp4", dst, 200*time.Millisecond); err == nil {
-			held = append(held, c)
-		}
-	}
-	sent := 0
-	for i := 0; i < count; i++ {
-		c, err := net.Dial("udp4", dst)
-		if err != nil {
-			continue
-		}
-		q := []byte{byte(i >> 8), byte(i), 1, 0, 0, 1, 0, 0, 0, 0, 0, 0}
-		for _, l := range []string{fmt.Sprintf("f%d", i), "flood", "test"} {
-			q = append(append(q, byte(len(l))), l...)
-		}
-		q = append(q, 0, 0, 1, 0, 1)
-		if _, err := c.Write(q); err == nil {
-			sent++
-		}
-		c.Close()
-	}
-	for _, c := range held {
-		c.Close()
-	}
-	fmt.Printf("sent %d queries, held %d tcp connections\n", sent, len(held))
-	return nil
-}
-
-func checksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
-}
-`
-
-var (
-	egressProbeOnce sync.Once
-	egressProbeBin  []byte
-	egressProbeErr  error
-)
-
-// installEgressProbe builds egressProbeSrc (static, once per test binary)
-// and puts it in the task's local dir: /local/egress-probe in the sandbox.
-func installEgressProbe(t *testing.T, cfg *drivers.TaskConfig) {
-	t.Helper()
-	egressProbeOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "egress-probe-")
-		if err != nil {
-			egressProbeErr = err
-			return
-		}
-		defer os.RemoveAll(dir)
-		if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module egressprobe\n\ngo 1.21\n"), 0o644); err != nil {
-			egressProbeErr = err
-			return
-		}
-		if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(egressProbeSrc), 0o644); err != nil {
-			egressProbeErr = err
-			return
-		}
-		goBin, err := exec.LookPath("go")
-		if err != nil {
-			goBin = filepath.Join(goruntime.GOROOT(), "bin", "go")
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, goBin, "build", "-o", "egress-probe", ".")
-		cmd.Dir = dir
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			egressProbeErr = fmt.Errorf("build the egress probe: %v: %s", err, out)
-			return
-		}
-		egressProbeBin, egressProbeErr = os.ReadFile(filepath.Join(dir, "egress-probe"))
-	})
-	must.NoError(t, egressProbeErr)
-	must.NoError(t, os.WriteFile(filepath.Join(cfg.TaskDir().LocalDir, "egress-probe"), egressProbeBin, 0o755))
-}
-
-func udpCmd(a netip.Addr, port int) string {
-	return fmt.Sprintf("/local/egress-probe udp %s:%d", a, port)
-}
-
-func pingCmd(a netip.Addr) string { return "/local/egress-probe ping " + a.String() }
-
-// waitNetRecord waits until the sandbox's network.json (refreshed by the
-// collector every denialPoll) lists every denial and refused name wanted.
-func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) runtime.NetworkRecord {
-	t.Helper()
-	path := filepath.Join(ee.config.StateDir, sandboxID(cfg), runtime.NetworkFile)
-	var rec runtime.NetworkRecord
-	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return false
-		}
-		rec = runtime.NetworkRecord{}
-		if json.Unmarshal(b, &rec) != nil {
-			return false
-		}
-		for _, k := range denials {
-			if rec.Denials[k] == 0 {
-				return false
-			}
-		}
-		for _, k := range refused {
-			if rec.RefusedDNS[k] == 0 {
-				return false
-			}
-		}
-		return true
-	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)).Run()
-	if err != nil {
-		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", runtime.NetworkFile, denials, refused, rec)
-	}
-	return rec
-}
-
-// touch creates name in the task's shared alloc data dir (/alloc/data).
-func touch(t *testing.T, cfg *drivers.TaskConfig, name string) {
-	t.Helper()
-	must.NoError(t, os.WriteFile(filepath.Join(cfg.TaskDir().SharedAllocDir, "data", name), nil, 0o644))
-}
-
-// finish lets the task end, waits for its exit (0), destroys it and
-// returns its audit exit record; then checks that nothing of the sandbox's
-// network is left on the host.
-func (ee *egressEnv) finish(t *testing.T, cfg *drivers.TaskConfig) audit.Record {
-	t.Helper()
-	touch(t, cfg, "finish")
-	res := ee.wait(cfg.ID, egDeadline)
-	must.Eq(t, 0, res.ExitCode, must.Sprint(readLog(cfg, "stderr")))
-	waitLog(t, cfg, "stdout", has("finished"))
-	must.NoError(t, ee.harness.DestroyTask(cfg.ID, true))
-	ee.assertNoNetworkLeft(t)
-	var exit *audit.Record
-	for _, r := range readAudit(t, ee.audit)[cfg.ID] {
-		if r.Event == audit.EventExited {
-			r := r
-			exit = &r
-		}
-	}
-	must.NotNil(t, exit, must.Sprint("no exit record in the audit log"))
-	must.NotNil(t, exit.Policy)
-	must.StrContains(t, exit.Policy.Network, "sandbox")
-	return *exit
-}
-
-// assertNoNetworkLeft checks `ip netns`, `ip link` and `nft list ruleset`
-// for anything of the env's prefix, the node-wide tables excepted (they
-// stay while the plugin runs; the env's cleanup removes them and checks).
-func (ee *egressEnv) assertNoNetworkLeft(t *testing.T) {
-	t.Helper()
-	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
-	must.NoError(t, err)
-	for _, l := range strings.Split(string(out), "\n") {
-		must.False(t, strings.HasPrefix(l, ee.netPrefix+"-"), must.Sprintf("ip netns: %s left", l))
-	}
-	out, err = exec.Command("ip", "-o", "link").CombinedOutput()
-	must.NoError(t, err)
-	for _, l := range strings.Split(string(out), "\n") {
-		// "3: name@peer: <...>"
-		if f := strings.Fields(l); len(f) > 1 {
-			must.False(t, strings.HasPrefix(f[1], ee.netPrefix), must.Sprintf("ip link: %s left", l))
-		}
-	}
-	tableHeader := regexp.MustCompile(`^table (ip|netdev) ` + regexp.QuoteMeta(ee.driver.netTable) + ` \{$`)
-	var left []string
-	for _, l := range nftLinesOf(t, ee.netPrefix) {
-		if !tableHeader.MatchString(l) {
-			left = append(left, l)
-		}
-	}
-	must.SliceEmpty(t, left, must.Sprint("nftables objects of the sandbox left"))
-	leases, _ := os.ReadDir(filepath.Join(ee.base, "netpolicy", "leases"))
-	must.SliceEmpty(t, leases)
-}
-
-// nftLinesOf returns the lines of `nft list ruleset` that mention prefix.
-func nftLinesOf(t *testing.T, prefix string) []string {
-	t.Helper()
-	out, err := exec.Command("nft", "list", "ruleset").CombinedOutput()
-	must.NoError(t, err, must.Sprint(string(out)))
-	var lines []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.Contains(l, prefix) {
-			lines = append(lines, strings.TrimSpace(l))
-		}
-	}
-	return lines
-}
-
-// nodeAddr is an IPv4 address of the node outside the test ranges and
-// loopback, or invalid if there is none.
-func nodeAddr(t *testing.T) netip.Addr {
-	t.Helper()
-	ps, err := netpolicy.NodeAddrs()
-	must.NoError(t, err)
-	for _, p := range ps {
-		a := p.Addr()
-		if a.Is4() && !a.IsLoopback() && !a.IsLinkLocalUnicast() && !netip.MustParsePrefix("10.187.0.0/16").Contains(a) &&
-			!netip.MustParsePrefix("10.188.0.0/14").Contains(a) {
-			return a
-		}
-	}
-	return netip.Addr{}
-}
-
-// tcpListener serves a greeting on addr (port 0: any) and records where
-// each connection came from.
-type tcpListener struct {
-	ln    net.Listener
-	mu    sync.Mutex
-	peers []netip.Addr
-}
-
-func listenTCP(t *testing.T, addr netip.AddrPort) *tcpListener {
-	t.Helper()
-	ln, err := net.Listen("tcp4", addr.String())
-	must.NoError(t, err)
-	l := &tcpListener{ln: ln}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-			l.mu.Lock()
-			l.peers = append(l.peers, ap.Addr())
-			l.mu.Unlock()
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			fmt.Fprintf(c, "HTTP/1.0 200 OK\r\n\r\nhello from %s\n", ln.Addr())
-			c.Close()
-		}
-	}()
-	return l
-}
-
-func (l *tcpListener) addr() netip.AddrPort { return netip.MustParseAddrPort(l.ln.Addr().String()) }
-
-func (l *tcpListener) from(p netip.Prefix) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := 0
-	for _, a := range l.peers {
-		if p.Contains(a) {
-			n++
-		}
-	}
-	return n
-}
 
 // TestDriver_EgressAllowlist: an allowlisted address and port (TCP and UDP)
 // answers from inside the sandbox; another port of the same host, another
@@ -603,9 +83,7 @@ func TestDriver_EgressAllowlist(t *testing.T) {
 		release(cfg, "finish")
 		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
 	}()
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	_, res := probeResults(t, cfg, probes)
 
 	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
 	must.StrContains(t, res["allowed"].out, "hello from "+allowed.String()+" to "+h.HostAddr.String())
@@ -737,9 +215,7 @@ func TestDriver_EgressNames(t *testing.T) {
 		release(cfg, "finish")
 		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
 	}()
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	_, res := probeResults(t, cfg, probes)
 
 	extra := netip.AddrPortFrom(h.Extra, egTCP2)
 	must.StrContains(t, res["lookup-allowed"].out, "Address: "+h.Extra.String())
@@ -805,10 +281,7 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 	if nodeLn != nil {
 		gwPort = nodeLn.addr().Port()
 	} else {
-		probeLn, err := net.Listen("tcp4", "127.0.0.1:0")
-		must.NoError(t, err)
-		gwPort = netip.MustParseAddrPort(probeLn.Addr().String()).Port()
-		probeLn.Close()
+		gwPort = freePort(t)
 	}
 	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
 	metaHTTP := netip.AddrPortFrom(h.Metadata, egHTTP)
@@ -855,12 +328,7 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 		Timeout: "60s",
 	}))
 	defer cleanup()
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "go", "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true) // gone already if the test got to finish
-	}()
+	defer ee.startProbing(t, cfg, "go")()
 	waitLog(t, cfg, "stdout", has("ready"))
 	sb, err := ee.driver.net.Get(sandboxID(cfg))
 	must.NoError(t, err)
@@ -929,21 +397,6 @@ func TestDriver_EgressNoneLoopbackOnly(t *testing.T) {
 	must.Eq(t, 0, res.ExitCode)
 }
 
-// lateAddrs are two addresses the node gains while a sandbox runs, outside
-// the private space (so that nothing but the node rule stands in the way).
-func lateAddrs(h *testutil.NetHost) (byCIDR, byGrant netip.Addr) {
-	return netip.AddrFrom4([4]byte{198, 18, byte(h.K), 1}), netip.AddrFrom4([4]byte{198, 18, byte(h.K), 2})
-}
-
-// freePort is a TCP port nothing listens on at the moment.
-func freePort(t *testing.T) uint16 {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	must.NoError(t, err)
-	defer ln.Close()
-	return netip.MustParseAddrPort(ln.Addr().String()).Port()
-}
-
 // checkNodeLaterAddress: the node gains two addresses after the plugin
 // started and after the sandbox's filter is in place (on dev, or on a test
 // veth of its own if dev is empty), and serves on them. The sandbox lists
@@ -953,7 +406,9 @@ func freePort(t *testing.T) uint16 {
 // same sandbox. an, if set, puts the task in that group network.
 func checkNodeLaterAddress(t *testing.T, ee *egressEnv, an *allocNet, dev string) {
 	h := ee.host
-	byCIDR, byGrant := lateAddrs(h)
+	// Two addresses the node gains while the sandbox runs, outside the
+	// private space (so that nothing but the node rule stands in the way).
+	byCIDR, byGrant := h.Spare[0], h.Spare[1]
 	port := freePort(t)
 	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
 	probes := []probe{
@@ -973,18 +428,13 @@ func checkNodeLaterAddress(t *testing.T, ee *egressEnv, an *allocNet, dev string
 	if an != nil {
 		groupTask(cfg, an)
 	}
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "go", "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true)
-	}()
+	defer ee.startProbing(t, cfg, "go")()
 	out := waitLog(t, cfg, "stdout", has("ready"))
 	must.StrContains(t, out, "Address: "+byGrant.String(), must.Sprint("precondition: the name was granted before the address became the node's"))
 
 	if dev == "" {
-		dev = fmt.Sprintf("sbxla%d", h.K)
-		ipCmd(t, "link", "add", dev, "type", "veth", "peer", "name", fmt.Sprintf("sbxlb%d", h.K))
+		dev = h.Name("la")
+		ipCmd(t, "link", "add", dev, "type", "veth", "peer", "name", h.Name("lb"))
 		t.Cleanup(func() { _ = exec.Command("ip", "link", "del", dev).Run() })
 		ipCmd(t, "link", "set", dev, "up")
 	}
@@ -1002,9 +452,7 @@ func checkNodeLaterAddress(t *testing.T, ee *egressEnv, an *allocNet, dev string
 	}
 	touch(t, cfg, "go")
 
-	out = waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	out, res := probeResults(t, cfg, probes)
 	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
 	for _, n := range []string{"by-cidr", "by-grant", "by-name"} {
 		must.False(t, res[n].ok(), must.Sprintf("%s reached the node: %+v", n, res[n]))
@@ -1030,7 +478,7 @@ func checkNodeLaterAddress(t *testing.T, ee *egressEnv, an *allocNet, dev string
 // address, by an earlier DNS grant or by a name.
 func TestDriver_EgressNodeLaterAddress(t *testing.T) {
 	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "*.late.test"}, func(h *testutil.NetHost) map[string]netip.Addr {
-		byCIDR, byGrant := lateAddrs(h)
+		byCIDR, byGrant := h.Spare[0], h.Spare[1]
 		return map[string]netip.Addr{"grant.late.test": byGrant, "node.late.test": byCIDR}
 	})
 	checkNodeLaterAddress(t, ee, nil, "")
@@ -1124,12 +572,7 @@ while [ ! -e /alloc/data/finish ]; do sleep 0.05; done; echo finished`},
 	}))
 	defer cleanupR()
 	for _, cfg := range []*drivers.TaskConfig{floodCfg, resolverCfg} {
-		_, _, err := ee.harness.StartTask(cfg)
-		must.NoError(t, err)
-		defer func() {
-			release(cfg, "go", "stop", "finish")
-			_ = ee.harness.DestroyTask(cfg.ID, true)
-		}()
+		defer ee.startProbing(t, cfg, "go", "stop")()
 		waitLog(t, cfg, "stdout", has("ready"))
 	}
 	var before goruntime.MemStats

@@ -18,6 +18,7 @@ import (
 	"github.com/shoenig/test/wait"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/netnsrun"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
@@ -41,9 +42,9 @@ func newAllocNet(t *testing.T, h *testutil.NetHost, withIf bool) *allocNet {
 	t.Helper()
 	p := h.Pool.Addr().As4()
 	an := &allocNet{
-		bridge:  fmt.Sprintf("sbxtb%d", h.K),
-		netns:   fmt.Sprintf("sbxtb-%da", h.K),
-		hostIf:  fmt.Sprintf("sbxtb%da", h.K),
+		bridge:  h.Name("b"),
+		netns:   h.Name("b-n"),
+		hostIf:  h.Name("ba"),
 		gateway: netip.AddrFrom4([4]byte{p[0], p[1], p[2], 1}),
 		addr:    netip.AddrFrom4([4]byte{p[0], p[1], p[2], 10}),
 	}
@@ -109,7 +110,7 @@ func httpGet(ns string, dst netip.AddrPort) (string, error) {
 	if ns == "" {
 		return body, get()
 	}
-	return body, testutil.InNetns(ns, get)
+	return body, netnsrun.In(ns, get)
 }
 
 // nodeServices listens on the bridge's gateway and on the node's own
@@ -128,7 +129,7 @@ func nodeServices(t *testing.T, an *allocNet) ([]probe, func(map[string]probeRes
 	seen := map[string]int{}
 	for name, l := range svcs {
 		var body []byte
-		err := testutil.InNetns(an.path(), func() error {
+		err := netnsrun.In(an.path(), func() error {
 			c, err := net.DialTimeout("tcp4", l.addr().String(), 2*time.Second)
 			if err != nil {
 				return err
@@ -180,15 +181,8 @@ func TestDriver_GroupNetwork(t *testing.T) {
 	groupTask(cfg, an)
 	installEgressProbe(t, cfg)
 	ev := ee.events(t, cfg.ID)
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true)
-	}()
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	defer ee.startProbing(t, cfg)()
+	_, res := probeResults(t, cfg, probes)
 	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
 	must.False(t, res["other-port"].ok(), must.Sprintf("%s reached: %+v", otherPort, res["other-port"]))
 	unreached(res)
@@ -206,7 +200,7 @@ func TestDriver_GroupNetwork(t *testing.T) {
 		return err
 	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)))
 	must.StrContains(t, body, "served-from-the-sandbox")
-	body, err = httpGet(h.ClientNetns, web)
+	body, err := httpGet(h.ClientNetns, web)
 	must.NoError(t, err, must.Sprint("from the client namespace"))
 	must.StrContains(t, body, "served-from-the-sandbox")
 
@@ -246,7 +240,7 @@ func TestDriver_GroupNetwork(t *testing.T) {
 // its bridge is made or renumbered) are no destination either.
 func TestDriver_GroupNetworkNodeLaterAddress(t *testing.T) {
 	ee := newEgressEnv(t, nil, []string{"0.0.0.0/0", "*.late.test"}, func(h *testutil.NetHost) map[string]netip.Addr {
-		byCIDR, byGrant := lateAddrs(h)
+		byCIDR, byGrant := h.Spare[0], h.Spare[1]
 		return map[string]netip.Addr{"grant.late.test": byGrant, "node.late.test": byCIDR}
 	})
 	an := newAllocNet(t, ee.host, true)
@@ -265,12 +259,7 @@ func TestDriver_GroupNetworkNoEgress(t *testing.T) {
 	cfg, cleanup := ee.task(t, "web", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, Timeout: "60s"}))
 	defer cleanup()
 	groupTask(cfg, an)
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true)
-	}()
+	defer ee.startProbing(t, cfg)()
 	out := waitLog(t, cfg, "stdout", has("probes-done"))
 	res := parseProbes(t, out, probes)
 	must.False(t, res["server"].ok(), must.Sprintf("reached the server without egress: %+v", res["server"]))
@@ -412,9 +401,7 @@ func TestDriver_GroupNetworkRecover(t *testing.T) {
 	ee.driver = fresh
 	must.NoError(t, fresh.RecoverTask(handle))
 	touch(t, cfg, "go")
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	_, res := probeResults(t, cfg, probes)
 	must.True(t, res["name-allowed"].ok(), must.Sprintf("allowlisted name after the restart: %+v", res["name-allowed"]))
 	must.StrContains(t, res["name-allowed"].out, "hello from "+netip.AddrPortFrom(h.Extra, egTCP2).String())
 	must.False(t, res["name-refused"].ok() && strings.Contains(res["name-refused"].out, h.Addr.String()),

@@ -4,6 +4,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -22,7 +23,7 @@ func TestMain(m *testing.M) {
 	before, err := os.ReadFile(fwd)
 	code := m.Run()
 	if err == nil && os.Geteuid() == 0 {
-		_ = os.WriteFile(fwd, before, 0)
+		_ = testutil.RestoreIPForward(before)
 	}
 	os.Exit(code)
 }

@@ -41,15 +41,8 @@ func TestDriver_EgressSpoofing(t *testing.T) {
 	}))
 	defer cleanup()
 	installEgressProbe(t, cfg)
-	_, _, err := ee.harness.StartTask(cfg)
-	must.NoError(t, err)
-	defer func() {
-		release(cfg, "finish")
-		_ = ee.harness.DestroyTask(cfg.ID, true)
-	}()
-	out := waitLog(t, cfg, "stdout", has("probes-done"))
-	t.Logf("inside the sandbox:\n%s", out)
-	res := parseProbes(t, out, probes)
+	defer ee.startProbing(t, cfg)()
+	_, res := probeResults(t, cfg, probes)
 	must.True(t, res["own-source"].ok(), must.Sprintf("raw socket with the own address: %+v", res["own-source"]))
 	must.True(t, res["spoofed-source"].ok(), must.Sprintf("gVisor did not send the spoofed datagram: %+v", res["spoofed-source"]))
 

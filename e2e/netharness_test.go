@@ -55,7 +55,8 @@ const (
 	cniPath = "/usr/lib/cni"
 	// bridgeSubnet is the client's bridge_network_subnet: apart from the
 	// driver's network_subnet default 10.89.0.0/16 and from the test
-	// host's 10.92.0.0/23. The CNI bridge takes its first address.
+	// host's address plan (testutil.NetHost). The CNI bridge takes its
+	// first address.
 	bridgeSubnet  = "10.91.0.0/24"
 	bridgeGateway = "10.91.0.1"
 	// cniNetwork is the name of Nomad's bridge CNI network (its chain
@@ -122,7 +123,7 @@ func (h *harness) prepareNetwork() error {
 			return fmt.Errorf("CNI plugin %s missing in %s (Debian: apt-get install containernetworking-plugins): %v", p, cniPath, err)
 		}
 	}
-	if err := checkFreeSubnets(bridgeSubnet, testHostSubnet, testHostOtherSubnet); err != nil {
+	if err := checkFreeSubnets(bridgeSubnet); err != nil {
 		return err
 	}
 	snap, err := takeNetSnapshot()
@@ -146,25 +147,14 @@ func checkFreeSubnets(subnets ...string) error {
 	for _, s := range subnets {
 		ps = append(ps, netip.MustParsePrefix(s))
 	}
-	ifs, err := net.Interfaces()
+	addrs, err := netpolicy.NodeAddrs()
 	if err != nil {
 		return err
 	}
-	for _, i := range ifs {
-		addrs, _ := i.Addrs()
-		for _, a := range addrs {
-			n, ok := a.(*net.IPNet)
-			if !ok {
-				continue
-			}
-			ip, ok := netip.AddrFromSlice(n.IP)
-			if !ok {
-				continue
-			}
-			for _, p := range ps {
-				if p.Contains(ip.Unmap()) {
-					return fmt.Errorf("interface %s has address %s in %s, which the suite uses (left by another run?)", i.Name, n, p)
-				}
+	for _, a := range addrs {
+		for _, p := range ps {
+			if p.Contains(a.Addr()) {
+				return fmt.Errorf("the host has address %s in %s, which the suite uses (left by another run?)", a.Addr(), p)
 			}
 		}
 	}
@@ -498,18 +488,12 @@ func cniStateOf(allocID string) []string {
 }
 
 // suiteNetLeftovers lists the network leftovers of everything the suite ran:
-// its allocations' and sandboxes' networks, interfaces on its bridge, and
-// the test host.
+// its allocations' and sandboxes' networks and interfaces on its bridge
+// (the test host checks its own removal).
 func (h *harness) suiteNetLeftovers() []string {
 	out := netLeftovers(h.recordedList(allocsFile), h.recordedList(sandboxesFile))
 	for _, p := range bridgePorts(h.bridge) {
 		out = append(out, fmt.Sprintf("interface %s on the bridge %s", p, h.bridge))
-	}
-	if netnsExists(h.testHostNetns()) {
-		out = append(out, "test host namespace "+h.testHostNetns())
-	}
-	if linkExists(h.testHostLink()) {
-		out = append(out, "test host interface "+h.testHostLink())
 	}
 	return out
 }
@@ -556,14 +540,6 @@ func (h *harness) cleanNetwork(report func(kind reportKind, format string, args 
 			report(leftBehind, "interface %s of sandbox %s left behind; removing it", link, s)
 			run("ip", "link", "delete", link)
 		}
-	}
-	if netnsExists(h.testHostNetns()) {
-		report(leftBehind, "test host namespace %s left behind; removing it", h.testHostNetns())
-		run("ip", "netns", "delete", h.testHostNetns())
-	}
-	if linkExists(h.testHostLink()) {
-		report(leftBehind, "test host interface %s left behind; removing it", h.testHostLink())
-		run("ip", "link", "delete", h.testHostLink())
 	}
 	for _, p := range bridgePorts(h.bridge) {
 		report(leftBehind, "interface %s left on the bridge %s; removing it", p, h.bridge)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -28,14 +29,9 @@ import (
 // loopback only without a network block. The bridge tests reach a test host
 // (testhost_test.go) and nothing else.
 
-// testHostCeiling is the plugin's allowed_egress entry for the test host: it
-// covers both of its addresses, so that the task's own egress list is what
-// denies the second one.
-const testHostCeiling = "10.92.0.0/23"
-
 // bridgePluginConfig is the suite's plugin config with the test host added
 // to allowed_egress.
-func bridgePluginConfig(extra ...string) []string {
+func bridgePluginConfig(th *testHost, extra ...string) []string {
 	var out []string
 	for _, l := range suitePluginConfig {
 		if strings.HasPrefix(strings.TrimSpace(l), "allowed_egress") {
@@ -43,7 +39,8 @@ func bridgePluginConfig(extra ...string) []string {
 		}
 		out = append(out, l)
 	}
-	out = append(out, fmt.Sprintf(`allowed_egress = ["deb.debian.org:443", %q]`, testHostCeiling))
+	ceiling := th.ceiling()
+	out = append(out, fmt.Sprintf(`allowed_egress = ["deb.debian.org:443", %q, %q]`, ceiling[0], ceiling[1]))
 	return append(out, extra...)
 }
 
@@ -256,8 +253,6 @@ exec httpd -f -p 8080 -h /tmp/www
 	return b.String()
 }
 
-func hostPort(ip string, port int) string { return fmt.Sprintf("%s:%d", ip, port) }
-
 // A group in bridge mode with a mapped port and a Nomad service check: the
 // port answers from the host, the check passes, and the task's egress is
 // default deny. With an allowlist, the allowed test host port connects and
@@ -269,11 +264,11 @@ func hostPort(ip string, port int) string { return fmt.Sprintf("%s:%d", ip, port
 func TestNetworkBridge(t *testing.T) {
 	defer catchPanic(t)
 	th := newTestHost(t)
-	suite.withPluginConfig(t, bridgePluginConfig()...)
+	suite.withPluginConfig(t, bridgePluginConfig(th)...)
 
-	allowed := hostPort(testHostAddr, testHostPort)
-	otherPort := hostPort(testHostAddr, testHostOtherPort)
-	otherHost := hostPort(testHostOther, testHostPort)
+	allowed := netip.AddrPortFrom(th.Addr, testHostPort).String()
+	otherPort := netip.AddrPortFrom(th.Addr, testHostOtherPort).String()
+	otherHost := netip.AddrPortFrom(th.Other, testHostPort).String()
 	for _, tc := range []struct {
 		name    string
 		egress  []string
@@ -296,7 +291,7 @@ func TestNetworkBridge(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			defer catchPanic(t)
-			th.reset()
+			th.ResetHits()
 			marker := "bridge-ok-" + randHex(4)
 			var targets []string
 			if tc.allowed != "" {
@@ -331,7 +326,7 @@ func TestNetworkBridge(t *testing.T) {
 			t.Logf("task stdout:\n%s", out)
 			must.StrNotContains(t, out, "no signal from the test")
 			if tc.allowed != "" {
-				must.StrContains(t, out, fmt.Sprintf("probe %s connected: testhost %s", tc.allowed, tc.allowed),
+				must.StrContains(t, out, fmt.Sprintf("probe %s connected: hello ", tc.allowed),
 					must.Sprint("the allowlisted destination did not connect"))
 				must.Positive(t, th.count(tc.allowed), must.Sprintf("the test host saw no connection on %s: %v", tc.allowed, th.counts()))
 			}

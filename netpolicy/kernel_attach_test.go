@@ -12,10 +12,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // An allocation network as Nomad's CNI bridge makes it: a bridge on the
@@ -33,9 +34,8 @@ type ktAlloc struct {
 }
 
 // ktStartBridge makes the bridge, routes what the allocations send through
-// it to the test server (srv must exist: its table holds the route) and returns the
-// gateway address.
-func ktStartBridge(t *testing.T) netip.Addr {
+// it to the test host srv (if not nil) and returns the gateway address.
+func ktStartBridge(t *testing.T, srv *testutil.NetHost) netip.Addr {
 	t.Helper()
 	gw := netip.MustParseAddr("10.197.0.1")
 	ktMust(t, netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: ktBridge}}))
@@ -50,16 +50,9 @@ func ktStartBridge(t *testing.T) netip.Addr {
 	ktMust(t, err)
 	ktMust(t, netlink.AddrAdd(br, ktAddr(gw, 24)))
 	ktMust(t, netlink.LinkSetUp(br))
-	rule := netlink.NewRule()
-	rule.IifName = ktBridge
-	rule.Table = ktRouteTable
-	rule.Priority = ktRulePrio + 1
-	ktMust(t, netlink.RuleAdd(rule))
-	t.Cleanup(func() {
-		if err := netlink.RuleDel(rule); err != nil {
-			t.Errorf("cleanup: rule: %v", err)
-		}
-	})
+	if srv != nil {
+		srv.RouteFromLink(t, ktBridge)
+	}
 	return gw
 }
 
@@ -118,7 +111,7 @@ func ktListen(t *testing.T, ns string, addr netip.AddrPort) netip.AddrPort {
 		return err
 	}))
 	t.Cleanup(func() { ln.Close() })
-	go ktServeTCP(ln)
+	go testutil.ServeLines(ln)
 	return netip.MustParseAddrPort(ln.Addr().String())
 }
 
@@ -143,18 +136,6 @@ func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
 	return addrs, gw
 }
 
-// ktHandle is a netlink handle in the namespace at ns, closed with the test.
-func ktHandle(t *testing.T, ns string) *netlink.Handle {
-	t.Helper()
-	nsh, err := netns.GetFromPath(ns)
-	ktMust(t, err)
-	defer nsh.Close()
-	h, err := netlink.NewHandleAt(nsh)
-	ktMust(t, err)
-	t.Cleanup(h.Close)
-	return h
-}
-
 // ktStrip does to eth0 what runsc does when it takes the namespace over.
 func ktStrip(t *testing.T, ns string) {
 	t.Helper()
@@ -168,36 +149,19 @@ func ktStrip(t *testing.T, ns string) {
 	}
 }
 
-// ktObjectsGone checks that nothing of id is left in nftables nor in the
-// leases.
-func ktObjectsGone(t *testing.T, m *Manager, id string) {
-	t.Helper()
-	n := m.cfg.names(id)
-	c, err := nftables.New()
-	ktMust(t, err)
-	objs, err := m.listOurs(c)
-	ktMust(t, err)
-	if o := objs[n.hash]; o != nil {
-		t.Errorf("nftables objects still there: %+v", *o)
-	}
-	if _, err := os.Stat(m.cfg.leasePath(n.hash)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("lease %s still there (%v)", n.hash, err)
-	}
-}
-
 // TestKernelAttach puts the filter on an allocation network like Nomad's
 // bridge mode makes, and checks what it lets through from a namespace
 // whose plain Linux stack stands in for the sandbox's.
 func TestKernelAttach(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 4)
-	gw := ktStartBridge(t)
+	srv := ktStartServer(t)
+	gw := ktStartBridge(t, srv)
 	a1 := ktAddAlloc(t, 1)
 	a2 := ktAddAlloc(t, 2)
 	m := ktManager(t, "", nil)
 	const id = "alloc-a1/task-web"
-	srv1 := netip.AddrPortFrom(srv.addr, ktTCP1)
-	srv2 := netip.AddrPortFrom(srv.addr, ktTCP2)
+	srv1 := netip.AddrPortFrom(srv.Addr, ktTCP1)
+	srv2 := netip.AddrPortFrom(srv.Addr, ktTCP2)
 
 	// Controls before any filter: everything answers.
 	web := ktListen(t, a1.netns, netip.MustParseAddrPort("0.0.0.0:8080"))
@@ -271,7 +235,7 @@ func TestKernelAttach(t *testing.T) {
 			return err
 		}))
 		defer pc.Close()
-		go ktServeUDP(pc)
+		go testutil.ServeUDPEcho(pc)
 		if _, err := ktUDPEcho("", netip.AddrPortFrom(a1.addr, 8080)); err != nil {
 			t.Errorf("inbound UDP to a served port: %v", err)
 		}
@@ -298,7 +262,7 @@ func TestKernelAttach(t *testing.T) {
 		// UDP from a served port to the server's echo, which would answer.
 		var got error
 		ktMust(t, ktIn(a1.netns, func() error {
-			c, err := net.DialUDP("udp4", &net.UDPAddr{Port: 8080}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srv.addr, ktUDP)))
+			c, err := net.DialUDP("udp4", &net.UDPAddr{Port: 8080}, net.UDPAddrFromAddrPort(netip.AddrPortFrom(srv.Addr, ktUDP)))
 			if err != nil {
 				return err
 			}
@@ -311,7 +275,7 @@ func TestKernelAttach(t *testing.T) {
 			return nil
 		}))
 		if got == nil {
-			t.Errorf("UDP from served port 8080 got an answer from %s", srv.addr)
+			t.Errorf("UDP from served port 8080 got an answer from %s", srv.Addr)
 		}
 	})
 
@@ -342,7 +306,7 @@ func TestKernelAttach(t *testing.T) {
 		pc, err := net.ListenPacket("udp4", netip.AddrPortFrom(gw, 0).String())
 		ktMust(t, err)
 		defer pc.Close()
-		go ktServeUDP(pc)
+		go testutil.ServeUDPEcho(pc)
 		to := netip.MustParseAddrPort(pc.LocalAddr().String())
 		if _, err := ktUDPEcho(a1.netns, to); err == nil {
 			t.Errorf("the DNS service's own port %s is reachable directly", to)
@@ -408,13 +372,13 @@ func TestKernelAttachRefuses(t *testing.T) {
 // and removes the filter, and leaves the allocation's network alone.
 func TestKernelAttachReconcile(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 5)
-	gw := ktStartBridge(t)
+	srv := ktStartServer(t)
+	gw := ktStartBridge(t, srv)
 	a1 := ktAddAlloc(t, 1)
 	state := t.TempDir()
 	m := ktManager(t, state, nil)
 	const id = "alloc-r1/task"
-	_, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, netip.AddrPortFrom(srv.addr, ktTCP1).String()), AttachOptions{})
+	_, err := m.Attach(context.Background(), id, a1.netns, ktEntries(t, netip.AddrPortFrom(srv.Addr, ktTCP1).String()), AttachOptions{})
 	ktMust(t, err)
 	ktMust(t, m.RedirectDNS(id, netip.AddrPortFrom(gw, 5353)))
 	ktStrip(t, a1.netns)
@@ -429,7 +393,7 @@ func TestKernelAttachReconcile(t *testing.T) {
 	if _, err := netlink.LinkByName(a1.hostIf); err != nil {
 		t.Errorf("the allocation's veth went: %v", err)
 	}
-	if _, err := ktTCPWorks(a1.netns, netip.AddrPortFrom(srv.addr, ktTCP2)); err != nil {
+	if _, err := ktTCPWorks(a1.netns, netip.AddrPortFrom(srv.Addr, ktTCP2)); err != nil {
 		t.Errorf("after Reconcile the namespace is not as Nomad made it: %v", err)
 	}
 }
@@ -438,8 +402,7 @@ func TestKernelAttachReconcile(t *testing.T) {
 // in leaves no filter, no lease, and the namespace as it was.
 func TestKernelAttachIsAllOrNothing(t *testing.T) {
 	ktRequireRoot(t)
-	ktStartServer(t, 6)
-	gw := ktStartBridge(t)
+	gw := ktStartBridge(t, ktStartServer(t))
 	a1 := ktAddAlloc(t, 1)
 	m := ktManager(t, "", nil)
 	const id = "alloc-f1/task"
@@ -469,7 +432,7 @@ func TestKernelAttachIsAllOrNothing(t *testing.T) {
 // the namespace's interface, in the namespace that was attached.
 func TestKernelAttachRefusesAForeignPeer(t *testing.T) {
 	ktRequireRoot(t)
-	ktStartBridge(t)
+	ktStartBridge(t, nil)
 	victim := ktAddAlloc(t, 1)
 	vh, err := netlink.LinkByName(victim.hostIf)
 	ktMust(t, err)

@@ -24,22 +24,16 @@ import (
 func TestKernelGVisor(t *testing.T) {
 	ktRequireRoot(t)
 	runsc := testutil.Runsc(t)
-	srv := ktStartServer(t, 9)
+	srv := ktStartServer(t)
 	m := ktManager(t, "", nil)
 	const id = "alloc-9/task-gvisor"
-	sb, err := m.Create(context.Background(), id, ktEntries(t, "10.199.9.2:8081"))
-	ktMust(t, err)
-	t.Cleanup(func() {
-		if err := m.Destroy(id); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	sb := ktCreate(t, m, id, ktEntries(t, netip.AddrPortFrom(srv.Addr, ktTCP1).String()))
 	// A service on the gateway's DNS port (TCP, so that busybox nc can
 	// show it answers).
 	ln, err := net.Listen("tcp4", netip.AddrPortFrom(sb.Gateway, 53).String())
 	ktMust(t, err)
 	t.Cleanup(func() { ln.Close() })
-	go ktServeTCP(ln)
+	go testutil.ServeLines(ln)
 
 	dir := t.TempDir()
 	root := filepath.Join(dir, "runsc")
@@ -57,8 +51,8 @@ func TestKernelGVisor(t *testing.T) {
 		dst  netip.AddrPort
 		want string // greeting expected, "" for none
 	}{
-		{"allowed port", netip.AddrPortFrom(srv.addr, ktTCP1), "hello " + srv.hostAddr.String()},
-		{"other port", netip.AddrPortFrom(srv.addr, ktTCP2), ""},
+		{"allowed port", netip.AddrPortFrom(srv.Addr, ktTCP1), "hello " + srv.HostAddr.String()},
+		{"other port", netip.AddrPortFrom(srv.Addr, ktTCP2), ""},
 		{"gateway DNS port", netip.AddrPortFrom(sb.Gateway, 53), "hello " + sb.Addr.Addr().String()},
 		{"metadata address", netip.AddrPortFrom(netip.MustParseAddr("169.254.169.254"), ktTCP1), ""},
 	}

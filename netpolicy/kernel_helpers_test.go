@@ -1,20 +1,20 @@
 package netpolicy
 
-// Helpers of the real-kernel tests: a test server in a namespace of its
-// own, clients that run inside a sandbox's namespace, raw frames, and the
-// check that nothing is left behind.
+// Helpers of the real-kernel tests: the test host as these tests use it,
+// clients that run inside a sandbox's namespace, raw frames, and the check
+// that nothing is left behind.
 //
 // Traffic stays on this machine: the sandboxes' pool (ktSubnet) is routed,
-// by a policy rule the test adds, to the test server's namespace and nowhere
-// else, so a broken filter sends packets to the test server, never out of
-// the uplink.
+// by a policy rule of the test host (internal/testutil.NetHost), to its
+// server's namespace and nowhere else, so a broken filter sends packets to
+// the test server, never out of the uplink.
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -31,16 +31,17 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/netnsrun"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil/packet"
 )
 
 const (
-	ktTable     = "nomad_sandbox_test"
-	ktPrefix    = "tnpx" // sandboxes of the tests
-	ktSrvPrefix = "tnps" // test servers: netns tnps-<k>, host end tnps<k>
-	// ktRouteTable routes the pool to the test server (policy routing).
-	ktRouteTable = 19899
-	ktRulePrio   = 1999
+	ktTable  = "nomad_sandbox_test"
+	ktPrefix = "tnpx" // sandboxes of the tests
+	// ktSrvPrefix names the other namespaces and interfaces the tests make
+	// (allocation networks).
+	ktSrvPrefix = "tnps"
 
 	ktTCP1, ktTCP2 = 8081, 8082
 	ktUDP          = 5353
@@ -77,7 +78,7 @@ func ktNodeAddrs(t *testing.T) []netip.Addr {
 	var out []netip.Addr
 	for _, p := range ps {
 		a := p.Addr()
-		if !a.Is4() || a.IsLoopback() || ktSubnet.Contains(a) || netip.MustParsePrefix("10.199.0.0/16").Contains(a) {
+		if !a.Is4() || a.IsLoopback() || ktSubnet.Contains(a) || testutil.IsNetHostAddr(a) {
 			continue
 		}
 		out = append(out, a)
@@ -111,6 +112,36 @@ func ktManager(t *testing.T, stateDir string, mod func(*Config)) *Manager {
 	return m
 }
 
+// ktCreate creates sandbox id, destroyed when the test ends.
+// ktObjectsGone checks that nothing of id is left in nftables nor in the
+// leases.
+func ktObjectsGone(t *testing.T, m *Manager, id string) {
+	t.Helper()
+	n := m.cfg.names(id)
+	c, err := nftables.New()
+	ktMust(t, err)
+	objs, err := m.listOurs(c)
+	ktMust(t, err)
+	if o := objs[n.hash]; o != nil {
+		t.Errorf("nftables objects still there: %+v", *o)
+	}
+	if _, err := os.Stat(m.cfg.leasePath(n.hash)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lease %s still there (%v)", n.hash, err)
+	}
+}
+
+func ktCreate(t *testing.T, m *Manager, id string, allow []Entry) *Sandbox {
+	t.Helper()
+	sb, err := m.Create(context.Background(), id, allow)
+	ktMust(t, err)
+	t.Cleanup(func() {
+		if err := m.Destroy(id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return sb
+}
+
 func ktEntries(t *testing.T, ss ...string) []Entry {
 	t.Helper()
 	var out []Entry
@@ -124,155 +155,26 @@ func ktEntries(t *testing.T, ss ...string) []Entry {
 	return out
 }
 
-// ktServer is a test host in a namespace of its own, reached from the root
-// namespace over a veth: 10.199.k.2, plus 10.199.(100+k).2 and
-// 169.254.169.254 on its loopback. It runs TCP servers on ktTCP1 and ktTCP2
-// (a greeting naming the client's address, then an echo of each line) and a
-// UDP echo on ktUDP, on every address.
-type ktServer struct {
-	netns    string
-	hostIf   string
-	hostAddr netip.Addr // host end, 10.199.k.1
-	addr     netip.Addr // 10.199.k.2
-	extra    netip.Addr // 10.199.(100+k).2
-	mac      net.HardwareAddr
-}
-
-func ktStartServer(t *testing.T, k int) *ktServer {
+// ktStartServer starts the test host with the services these tests talk
+// to (the line service on ktTCP1 and ktTCP2, a UDP echo on ktUDP) and
+// routes the sandboxes' pool, ktSubnet, to it.
+func ktStartServer(t *testing.T) *testutil.NetHost {
 	t.Helper()
-	// The host routes between the test's namespaces and the server; a
-	// fresh machine does not forward until a Manager's first Create.
-	testutil.IPForward(t)
-	s := &ktServer{
-		netns:    filepath.Join(DefaultNetnsDir, fmt.Sprintf("%s-%d", ktSrvPrefix, k)),
-		hostIf:   fmt.Sprintf("%s%d", ktSrvPrefix, k),
-		hostAddr: netip.AddrFrom4([4]byte{10, 199, byte(k), 1}),
-		addr:     netip.AddrFrom4([4]byte{10, 199, byte(k), 2}),
-		extra:    netip.AddrFrom4([4]byte{10, 199, byte(100 + k), 2}),
-	}
-	if err := createNetns(s.netns, nil); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if l, err := netlink.LinkByName(s.hostIf); err == nil {
-			if err := netlink.LinkDel(l); err != nil {
-				t.Errorf("cleanup: %v", err)
-			}
-		}
-		if err := deleteNetns(s.netns); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
-	nsh, err := netns.GetFromPath(s.netns)
-	if err != nil {
-		t.Fatal(err)
-	}
+	h := testutil.StartNetHost(t, testutil.NetServices{Lines: []uint16{ktTCP1, ktTCP2}, UDP: ktUDP})
+	h.RouteFrom(t, ktSubnet)
+	return h
+}
+
+// ktHandle is a netlink handle in the namespace at ns, closed with the test.
+func ktHandle(t *testing.T, ns string) *netlink.Handle {
+	t.Helper()
+	nsh, err := netns.GetFromPath(ns)
+	ktMust(t, err)
 	defer nsh.Close()
-	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: s.hostIf}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(nsh))}); err != nil {
-		t.Fatal(err)
-	}
-	host, err := netlink.LinkByName(s.hostIf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.mac = host.Attrs().HardwareAddr
-	ktMust(t, netlink.AddrAdd(host, ktAddr(s.hostAddr, 30)))
-	ktMust(t, netlink.LinkSetUp(host))
 	h, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
 	ktMust(t, err)
-	ktMust(t, h.LinkSetUp(lo))
-	ktMust(t, h.AddrAdd(lo, ktAddr(s.extra, 32)))
-	ktMust(t, h.AddrAdd(lo, ktAddr(netip.MustParseAddr("169.254.169.254"), 32)))
-	eth, err := h.LinkByName("eth0")
-	ktMust(t, err)
-	ktMust(t, h.AddrAdd(eth, ktAddr(s.addr, 30)))
-	ktMust(t, h.LinkSetUp(eth))
-	ktMust(t, h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: s.hostAddr.AsSlice()}))
-
-	// The host reaches the server's extra address through it.
-	ktMust(t, netlink.RouteAdd(&netlink.Route{LinkIndex: host.Attrs().Index,
-		Dst: ktNet("10.199." + fmt.Sprint(100+k) + ".0/24"), Gw: s.addr.AsSlice()}))
-
-	// Everything the pool sends that is not for the node itself or the pool
-	// goes to the server, never to the uplink.
-	throw := &netlink.Route{Dst: ktNet(ktSubnet.String()), Table: ktRouteTable, Type: unix.RTN_THROW}
-	ktMust(t, netlink.RouteAdd(&netlink.Route{LinkIndex: host.Attrs().Index, Gw: s.addr.AsSlice(), Table: ktRouteTable}))
-	ktMust(t, netlink.RouteAdd(throw))
-	rule := netlink.NewRule()
-	rule.Src = ktNet(ktSubnet.String())
-	rule.Table = ktRouteTable
-	rule.Priority = ktRulePrio
-	ktMust(t, netlink.RuleAdd(rule))
-	t.Cleanup(func() {
-		if err := netlink.RuleDel(rule); err != nil {
-			t.Errorf("cleanup: rule: %v", err)
-		}
-		if err := netlink.RouteDel(throw); err != nil {
-			t.Errorf("cleanup: throw route: %v", err)
-		}
-	})
-
-	// Servers, started inside the namespace.
-	var lns []io.Closer
-	err = testutil.InNetns(s.netns, func() error {
-		for _, port := range []int{ktTCP1, ktTCP2} {
-			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", port))
-			if err != nil {
-				return err
-			}
-			lns = append(lns, ln)
-			go ktServeTCP(ln)
-		}
-		pc, err := net.ListenPacket("udp4", fmt.Sprintf(":%d", ktUDP))
-		if err != nil {
-			return err
-		}
-		lns = append(lns, pc)
-		go ktServeUDP(pc)
-		return nil
-	})
-	t.Cleanup(func() {
-		for _, c := range lns {
-			c.Close()
-		}
-	})
-	ktMust(t, err)
-	return s
-}
-
-func ktServeTCP(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			ip, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-			fmt.Fprintf(c, "hello %s\n", ip)
-			sc := bufio.NewScanner(c)
-			for sc.Scan() {
-				fmt.Fprintf(c, "%s\n", sc.Text())
-			}
-		}()
-	}
-}
-
-func ktServeUDP(pc net.PacketConn) {
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := pc.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		ip, _, _ := net.SplitHostPort(from.String())
-		pc.WriteTo([]byte(fmt.Sprintf("echo %s %s", ip, buf[:n])), from)
-	}
+	t.Cleanup(h.Close)
+	return h
 }
 
 func ktMust(t *testing.T, err error) {
@@ -286,20 +188,12 @@ func ktAddr(a netip.Addr, bits int) *netlink.Addr {
 	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())}}
 }
 
-func ktNet(s string) *net.IPNet {
-	_, n, err := net.ParseCIDR(s)
-	if err != nil {
-		panic(err)
-	}
-	return n
-}
-
 // ktIn runs fn in the namespace at ns, or in the root namespace if ns is "".
 func ktIn(ns string, fn func() error) error {
 	if ns == "" {
 		return fn()
 	}
-	return testutil.InNetns(ns, fn)
+	return netnsrun.In(ns, fn)
 }
 
 // ktDial connects from namespace ns (from src if valid) to dst and reads
@@ -376,8 +270,7 @@ func ktPing(ns string, dst netip.Addr) error {
 	}
 	defer pc.Close()
 	id := uint16(os.Getpid()) ^ uint16(time.Now().UnixNano())
-	msg := []byte{8, 0, 0, 0, byte(id >> 8), byte(id), 0, 1, 'k', 't'}
-	binary.BigEndian.PutUint16(msg[2:], ktChecksum(msg))
+	msg := packet.ICMPEcho(id, 1, []byte("kt"))
 	if _, err := pc.WriteTo(msg, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
 		return err
 	}
@@ -394,20 +287,6 @@ func ktPing(ns string, dst netip.Addr) error {
 			return nil
 		}
 	}
-}
-
-func ktChecksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
 }
 
 // ktSendFrame sends a raw Ethernet frame out of ifname in namespace ns.
@@ -451,7 +330,7 @@ func ktIPv6UDP(src, dst netip.Addr, sport, dport uint16, payload []byte) []byte 
 	pseudo := append(append([]byte{}, src.AsSlice()...), dst.AsSlice()...)
 	pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(udp)))
 	pseudo = append(pseudo, 0, 0, 0, unix.IPPROTO_UDP)
-	binary.BigEndian.PutUint16(udp[6:], ktChecksum(append(pseudo, udp...)))
+	binary.BigEndian.PutUint16(udp[6:], packet.Checksum(append(pseudo, udp...)))
 	ip := []byte{0x60, 0, 0, 0, 0, 0, unix.IPPROTO_UDP, 64}
 	binary.BigEndian.PutUint16(ip[4:], uint16(len(udp)))
 	ip = append(ip, src.AsSlice()...)
@@ -472,8 +351,8 @@ func ktEventually(timeout time.Duration, cond func() error) error {
 	}
 }
 
-// ktLeftovers lists what the tests may leave: namespaces, interfaces, nft
-// tables, routing rules and routes of theirs.
+// ktLeftovers lists what the tests may leave: namespaces, interfaces and
+// nft tables of theirs (the test host checks its own).
 func ktLeftovers() []string {
 	var out []string
 	isOurs := func(name string) bool {
@@ -506,18 +385,6 @@ func ktLeftovers() []string {
 			out = append(out, "list nft tables: "+err.Error())
 		}
 	}
-	if rules, err := netlink.RuleList(unix.AF_INET); err == nil {
-		for _, r := range rules {
-			if r.Table == ktRouteTable {
-				out = append(out, fmt.Sprintf("ip rule %v", r))
-			}
-		}
-	}
-	if routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: ktRouteTable}, netlink.RT_FILTER_TABLE); err == nil {
-		for _, r := range routes {
-			out = append(out, fmt.Sprintf("route table %d %v", ktRouteTable, r))
-		}
-	}
 	return out
 }
 
@@ -546,18 +413,6 @@ func ktRemoveLeftovers() error {
 				}
 			}
 			errs = append(errs, c.Flush())
-		}
-	}
-	if rules, err := netlink.RuleList(unix.AF_INET); err == nil {
-		for _, r := range rules {
-			if r.Table == ktRouteTable {
-				errs = append(errs, netlink.RuleDel(&r))
-			}
-		}
-	}
-	if routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: ktRouteTable}, netlink.RT_FILTER_TABLE); err == nil {
-		for _, r := range routes {
-			errs = append(errs, netlink.RouteDel(&r))
 		}
 	}
 	return errors.Join(errs...)

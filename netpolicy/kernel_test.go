@@ -16,8 +16,9 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // TestMain checks, after the tests, that nothing of theirs is left on the
@@ -43,8 +44,10 @@ func TestMain(m *testing.M) {
 		}
 		code = 1
 	}
-	if fwdErr == nil && fwd == "0" {
-		writeSysctl("net/ipv4/ip_forward", "0")
+	if fwdErr == nil {
+		if err := testutil.RestoreIPForward([]byte(fwd)); err != nil {
+			fmt.Fprintf(os.Stderr, "netpolicy tests: %v\n", err)
+		}
 	}
 	os.Exit(code)
 }
@@ -60,16 +63,7 @@ func ktGone(t *testing.T, m *Manager, id string) {
 	if _, err := netlink.LinkByName(n.base); err == nil {
 		t.Errorf("interface %s still there", n.base)
 	}
-	c, err := nftables.New()
-	ktMust(t, err)
-	objs, err := m.listOurs(c)
-	ktMust(t, err)
-	if o := objs[n.hash]; o != nil {
-		t.Errorf("nftables objects still there: %+v", *o)
-	}
-	if _, err := os.Stat(m.cfg.leasePath(n.hash)); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("lease %s still there (%v)", n.hash, err)
-	}
+	ktObjectsGone(t, m, id)
 }
 
 func ktCounters(t *testing.T, m *Manager, id string) Counters {
@@ -83,21 +77,16 @@ func ktCounters(t *testing.T, m *Manager, id string) Counters {
 // checks what its host-side filter lets through.
 func TestKernelFilter(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 1)
+	srv := ktStartServer(t)
 	m := ktManager(t, "", nil)
 	const id = "alloc-1/task-filter"
 	allow := ktEntries(t,
-		"10.199.1.0/30:8081", "10.199.1.2:8081", // overlapping on purpose
+		fmt.Sprintf("%s:%d", netip.PrefixFrom(srv.Addr, 30).Masked(), ktTCP1), // overlapping on purpose
+		netip.AddrPortFrom(srv.Addr, ktTCP1).String(),
 		"dyn.test:8082",
 		"[2001:db8::1]:443", // ignored: IPv6 is dropped
 	)
-	sb, err := m.Create(context.Background(), id, allow)
-	ktMust(t, err)
-	t.Cleanup(func() {
-		if err := m.Destroy(id); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	sb := ktCreate(t, m, id, allow)
 	if _, err := m.Create(context.Background(), id, allow); !errors.Is(err, ErrExists) {
 		t.Fatalf("second Create: %v, want ErrExists", err)
 	}
@@ -115,7 +104,7 @@ func TestKernelFilter(t *testing.T) {
 	udpDNS, err := net.ListenPacket("udp4", gwDNS.String())
 	ktMust(t, err)
 	t.Cleanup(func() { udpDNS.Close() })
-	go ktServeUDP(udpDNS)
+	go testutil.ServeUDPEcho(udpDNS)
 	var hostLns []net.Listener
 	t.Cleanup(func() {
 		for _, l := range hostLns {
@@ -126,7 +115,7 @@ func TestKernelFilter(t *testing.T) {
 		ln, err := net.Listen("tcp4", a.String())
 		ktMust(t, err)
 		hostLns = append(hostLns, ln)
-		go ktServeTCP(ln)
+		go testutil.ServeLines(ln)
 		return netip.MustParseAddrPort(ln.Addr().String())
 	}
 	listen(gwDNS)
@@ -136,10 +125,10 @@ func TestKernelFilter(t *testing.T) {
 		nodeSvcs = append(nodeSvcs, listen(netip.AddrPortFrom(a, 0)))
 	}
 
-	srv1 := netip.AddrPortFrom(srv.addr, ktTCP1)
-	srv2 := netip.AddrPortFrom(srv.addr, ktTCP2)
-	srvUDP := netip.AddrPortFrom(srv.addr, ktUDP)
-	extra2 := netip.AddrPortFrom(srv.extra, ktTCP2)
+	srv1 := netip.AddrPortFrom(srv.Addr, ktTCP1)
+	srv2 := netip.AddrPortFrom(srv.Addr, ktTCP2)
+	srvUDP := netip.AddrPortFrom(srv.Addr, ktUDP)
+	extra2 := netip.AddrPortFrom(srv.Extra, ktTCP2)
 	metadata := netip.MustParseAddr("169.254.169.254")
 
 	// Positive controls from the root namespace: every service answers, so
@@ -152,8 +141,8 @@ func TestKernelFilter(t *testing.T) {
 	if _, err := ktUDPEcho("", srvUDP); err != nil {
 		t.Fatalf("control: UDP %s from the host: %v", srvUDP, err)
 	}
-	if err := ktPing("", srv.addr); err != nil {
-		t.Fatalf("control: ping %s from the host: %v", srv.addr, err)
+	if err := ktPing("", srv.Addr); err != nil {
+		t.Fatalf("control: ping %s from the host: %v", srv.Addr, err)
 	}
 
 	t.Run("allowed port answers, through the masquerade", func(t *testing.T) {
@@ -161,7 +150,7 @@ func TestKernelFilter(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", srv1, err)
 		}
-		if want := "hello " + srv.hostAddr.String(); g != want {
+		if want := "hello " + srv.HostAddr.String(); g != want {
 			t.Errorf("greeting %q, want %q (source masqueraded to the host end)", g, want)
 		}
 	})
@@ -173,13 +162,13 @@ func TestKernelFilter(t *testing.T) {
 		if _, err := ktUDPEcho(sb.Netns, srvUDP); err == nil {
 			t.Errorf("UDP %s reachable", srvUDP)
 		}
-		if err := ktPing(sb.Netns, srv.addr); err == nil {
-			t.Errorf("ping %s answered", srv.addr)
+		if err := ktPing(sb.Netns, srv.Addr); err == nil {
+			t.Errorf("ping %s answered", srv.Addr)
 		}
 	})
 
 	t.Run("DNS on the gateway answers, its other ports do not", func(t *testing.T) {
-		if r, err := ktUDPEcho(sb.Netns, gwDNS); err != nil || !strings.HasPrefix(r, "echo "+sb.Addr.Addr().String()) {
+		if r, err := ktUDPEcho(sb.Netns, gwDNS); err != nil || !strings.Contains(r, " to "+sb.Addr.Addr().String()+":") {
 			t.Errorf("UDP %s: %q, %v", gwDNS, r, err)
 		}
 		if g, err := ktTCPWorks(sb.Netns, gwDNS); err != nil || g != "hello "+sb.Addr.Addr().String() {
@@ -215,7 +204,7 @@ func TestKernelFilter(t *testing.T) {
 		want := []string{
 			srv2.String() + "/tcp",
 			srvUDP.String() + "/udp",
-			srv.addr.String() + "/icmp",
+			srv.Addr.String() + "/icmp",
 			gwOther.String() + "/tcp",
 			metadata.String() + ":80/tcp",
 			fmt.Sprintf("%s:%d/tcp", metadata, ktTCP1),
@@ -243,7 +232,7 @@ func TestKernelFilter(t *testing.T) {
 		if _, err := ktTCPWorks(sb.Netns, extra2); err == nil {
 			t.Fatalf("%s reachable before the grant", extra2)
 		}
-		if err := m.Allow(id, srv.extra, dyn, 2*time.Second); err != nil {
+		if err := m.Allow(id, srv.Extra, dyn, 2*time.Second); err != nil {
 			t.Fatal(err)
 		}
 		conn, g, err := ktDial(sb.Netns, netip.Addr{}, extra2)
@@ -253,8 +242,8 @@ func TestKernelFilter(t *testing.T) {
 		defer conn.Close()
 		t.Logf("granted: %s", g)
 		// The port of the grant only.
-		if _, err := ktTCPWorks(sb.Netns, netip.AddrPortFrom(srv.extra, ktTCP1)); err == nil {
-			t.Errorf("%s:%d reachable under a grant for %d", srv.extra, ktTCP1, ktTCP2)
+		if _, err := ktTCPWorks(sb.Netns, netip.AddrPortFrom(srv.Extra, ktTCP1)); err == nil {
+			t.Errorf("%s:%d reachable under a grant for %d", srv.Extra, ktTCP1, ktTCP2)
 		}
 		// The grant expires: new connections fail again.
 		err = ktEventually(15*time.Second, func() error {
@@ -278,7 +267,7 @@ func TestKernelFilter(t *testing.T) {
 		}
 
 		// AllowName grants by name, for every entry that matches it.
-		if err := m.AllowName(id, "DYN.test.", srv.extra, time.Minute); err != nil {
+		if err := m.AllowName(id, "DYN.test.", srv.Extra, time.Minute); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := ktTCPWorks(sb.Netns, extra2); err != nil {
@@ -292,13 +281,13 @@ func TestKernelFilter(t *testing.T) {
 			err  error
 			want error
 		}{
-			{"entry not in the allowlist", m.Allow(id, srv.extra, other, time.Minute), ErrNotAllowed},
-			{"IP entry", m.Allow(id, srv.extra, allow[0], time.Minute), ErrNotAllowed},
-			{"name not in the allowlist", m.AllowName(id, "other.test", srv.extra, time.Minute), ErrNotAllowed},
+			{"entry not in the allowlist", m.Allow(id, srv.Extra, other, time.Minute), ErrNotAllowed},
+			{"IP entry", m.Allow(id, srv.Extra, allow[0], time.Minute), ErrNotAllowed},
+			{"name not in the allowlist", m.AllowName(id, "other.test", srv.Extra, time.Minute), ErrNotAllowed},
 			{"metadata address", m.Allow(id, metadata, dyn, time.Minute), ErrDeniedAddr},
 			{"pool address", m.Allow(id, sb.Gateway, dyn, time.Minute), ErrDeniedAddr},
 			{"IPv6", m.Allow(id, netip.MustParseAddr("2001:db8::1"), dyn, time.Minute), ErrIPv6},
-			{"unknown sandbox", m.Allow("nope", srv.extra, dyn, time.Minute), ErrNotFound},
+			{"unknown sandbox", m.Allow("nope", srv.Extra, dyn, time.Minute), ErrNotFound},
 		} {
 			if !errors.Is(c.err, c.want) {
 				t.Errorf("%s: %v, want %v", c.name, c.err, c.want)
@@ -308,12 +297,7 @@ func TestKernelFilter(t *testing.T) {
 
 	t.Run("spoofed source address gets nothing through", func(t *testing.T) {
 		spoof := netip.MustParseAddr("10.198.255.254")
-		nsh, err := netns.GetFromPath(sb.Netns)
-		ktMust(t, err)
-		defer nsh.Close()
-		h, err := netlink.NewHandleAt(nsh)
-		ktMust(t, err)
-		defer h.Close()
+		h := ktHandle(t, sb.Netns)
 		eth, err := h.LinkByName("eth0")
 		ktMust(t, err)
 		ktMust(t, h.AddrAdd(eth, ktAddr(spoof, 32)))
@@ -337,12 +321,7 @@ func TestKernelFilter(t *testing.T) {
 	})
 
 	t.Run("spoofed MAC gets nothing through", func(t *testing.T) {
-		nsh, err := netns.GetFromPath(sb.Netns)
-		ktMust(t, err)
-		defer nsh.Close()
-		h, err := netlink.NewHandleAt(nsh)
-		ktMust(t, err)
-		defer h.Close()
+		h := ktHandle(t, sb.Netns)
 		eth, err := h.LinkByName("eth0")
 		ktMust(t, err)
 		host, err := netlink.LinkByName(sb.HostIf)
@@ -538,11 +517,11 @@ func TestKernelDestroy(t *testing.T) {
 // new Manager on the same state removes those not live, and orphans.
 func TestKernelReconcile(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 4)
+	srv := ktStartServer(t)
 	dir := t.TempDir()
 	noMasq := func(c *Config) { c.Masquerade = false }
 	crashed := ktManager(t, dir, noMasq)
-	allow := ktEntries(t, "10.199.4.2:8081")
+	allow := ktEntries(t, netip.AddrPortFrom(srv.Addr, ktTCP1).String())
 	a, err := crashed.Create(context.Background(), "alloc-4/a", allow)
 	ktMust(t, err)
 	b, err := crashed.Create(context.Background(), "alloc-4/b", allow)
@@ -551,7 +530,7 @@ func TestKernelReconcile(t *testing.T) {
 		t.Fatalf("two sandboxes share an address: %+v %+v", a, b)
 	}
 	// Without the masquerade the server sees the sandbox's own address.
-	if g, err := ktTCPWorks(a.Netns, netip.AddrPortFrom(srv.addr, ktTCP1)); err != nil || g != "hello "+a.Addr.Addr().String() {
+	if g, err := ktTCPWorks(a.Netns, netip.AddrPortFrom(srv.Addr, ktTCP1)); err != nil || g != "hello "+a.Addr.Addr().String() {
 		t.Fatalf("from a: %q, %v", g, err)
 	}
 	// Sandboxes cannot reach each other, even where one listens: a's filter
@@ -564,7 +543,7 @@ func TestKernelReconcile(t *testing.T) {
 		return err
 	}))
 	defer bln.Close()
-	go ktServeTCP(bln)
+	go testutil.ServeLines(bln)
 	bsvc := netip.AddrPortFrom(b.Addr.Addr(), 8081)
 	if _, err := ktTCPWorks(b.Netns, bsvc); err != nil {
 		t.Fatalf("control: %s from b itself: %v", bsvc, err)
@@ -586,7 +565,7 @@ func TestKernelReconcile(t *testing.T) {
 	if _, err := os.Stat(b.Netns); err != nil {
 		t.Errorf("live sandbox b lost its netns: %v", err)
 	}
-	if _, err := ktTCPWorks(b.Netns, netip.AddrPortFrom(srv.addr, ktTCP1)); err != nil {
+	if _, err := ktTCPWorks(b.Netns, netip.AddrPortFrom(srv.Addr, ktTCP1)); err != nil {
 		t.Errorf("live sandbox b after Reconcile: %v", err)
 	}
 	// The restarted manager serves b.
@@ -617,17 +596,11 @@ func TestKernelReconcile(t *testing.T) {
 // of its own: a new flow beyond them is dropped.
 func TestKernelConnLimit(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 7)
+	srv := ktStartServer(t)
 	m := ktManager(t, "", nil)
 	const id = "alloc-1/task-connlimit"
-	sb, err := m.Create(context.Background(), id, ktEntries(t, fmt.Sprintf("%s:%d/udp", srv.addr, ktUDP)))
-	ktMust(t, err)
-	t.Cleanup(func() {
-		if err := m.Destroy(id); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
-	dst := netip.AddrPortFrom(srv.addr, ktUDP)
+	sb := ktCreate(t, m, id, ktEntries(t, fmt.Sprintf("%s:%d/udp", srv.Addr, ktUDP)))
+	dst := netip.AddrPortFrom(srv.Addr, ktUDP)
 	if _, err := ktUDPEcho(sb.Netns, dst); err != nil {
 		t.Fatalf("control: UDP echo: %v", err)
 	}
@@ -654,7 +627,7 @@ func TestKernelConnLimit(t *testing.T) {
 		if err != nil {
 			t.Skipf("no /proc/net/nf_conntrack: %v", err)
 		}
-		return strings.Count(string(b), "src="+sb.Addr.Addr().String()+" dst="+srv.addr.String()+" ")
+		return strings.Count(string(b), "src="+sb.Addr.Addr().String()+" dst="+srv.Addr.String()+" ")
 	}
 	ktMust(t, ktEventually(10*time.Second, func() error {
 		if n := count(); n < MaxConns {
@@ -680,13 +653,7 @@ func TestKernelDNSTCPConnLimit(t *testing.T) {
 	ktRequireRoot(t)
 	m := ktManager(t, "", nil)
 	const id = "alloc-1/task-dnstcp"
-	sb, err := m.Create(context.Background(), id, ktEntries(t, "10.199.9.2:443"))
-	ktMust(t, err)
-	t.Cleanup(func() {
-		if err := m.Destroy(id); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	sb := ktCreate(t, m, id, ktEntries(t, "10.199.9.2:443"))
 	// A listener on the gateway that never accepts: every connection
 	// stays in its accept queue.
 	ln, err := net.Listen("tcp4", netip.AddrPortFrom(sb.Gateway, 53).String())
@@ -744,7 +711,7 @@ func TestKernelDNSTCPConnLimit(t *testing.T) {
 // node on that port.
 func TestKernelBroadcastAndMulticastToTheNode(t *testing.T) {
 	ktRequireRoot(t)
-	srv := ktStartServer(t, 8)
+	srv := ktStartServer(t)
 	pc, err := net.ListenPacket("udp4", "0.0.0.0:0")
 	ktMust(t, err)
 	t.Cleanup(func() { pc.Close() })
@@ -773,18 +740,12 @@ func TestKernelBroadcastAndMulticastToTheNode(t *testing.T) {
 
 	m := ktManager(t, "", nil)
 	const id = "alloc-1/task-bcast"
-	sb, err := m.Create(context.Background(), id, ktEntries(t, fmt.Sprintf("0.0.0.0/0:%d/udp", port)))
-	ktMust(t, err)
-	t.Cleanup(func() {
-		if err := m.Destroy(id); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	sb := ktCreate(t, m, id, ktEntries(t, fmt.Sprintf("0.0.0.0/0:%d/udp", port)))
 	ownBcast := netip.PrefixFrom(sb.Addr.Addr(), sb.Addr.Bits()).Masked().Addr()
 	for i := 0; i < 1<<(32-sb.Addr.Bits())-1; i++ {
 		ownBcast = ownBcast.Next()
 	}
-	other := srv.hostAddr.As4()
+	other := srv.HostAddr.As4()
 	other[3] |= 3 // the broadcast address of its /30
 	targets := []netip.Addr{
 		netip.MustParseAddr("255.255.255.255"),

@@ -6,9 +6,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/netnsrun"
 )
 
 // Named network namespaces are files bind-mounted from /proc/<tid>/ns/net,
@@ -49,37 +50,15 @@ func createNetns(path string, setup func() error) (err error) {
 			deleteNetns(path)
 		}
 	}()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("create netns: %w", err)
-			return
+	return netnsrun.InNew(func() error {
+		if err := unix.Mount("/proc/thread-self/ns/net", path, "none", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("create netns: mount: %w", err)
 		}
-		defer orig.Close()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("create netns: unshare: %w", err)
-			return
+		if setup == nil {
+			return nil
 		}
-		err = unix.Mount("/proc/thread-self/ns/net", path, "none", unix.MS_BIND, "")
-		if err != nil {
-			err = fmt.Errorf("create netns: mount: %w", err)
-		} else if setup != nil {
-			err = setup()
-		}
-		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr != nil {
-			// The thread stays locked and dies with this goroutine rather
-			// than running other goroutines in the wrong namespace.
-			errc <- errors.Join(err, fmt.Errorf("create netns: return to the original namespace: %w", serr))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	return <-errc
+		return setup()
+	})
 }
 
 // deleteNetns unmounts and removes a namespace mounted at path; a missing

@@ -20,17 +20,7 @@ func fmtElems(els []allowElem) string {
 }
 
 func TestAllowElemsDisjoint(t *testing.T) {
-	entries := func(ss ...string) []Entry {
-		var out []Entry
-		for _, s := range ss {
-			e, err := ParseEgress(s)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out = append(out, e)
-		}
-		return out
-	}
+	entries := func(ss ...string) []Entry { return ktEntries(t, ss...) }
 	cases := []struct {
 		in   []Entry
 		want string

@@ -1,16 +1,18 @@
 package testutil
 
-// A test host for network tests: a server in a network namespace of its
-// own, a pool of sandbox addresses that the host routes to it (and nowhere
-// else), a client namespace routed the same way for positive controls, and
-// a DNS server to act as upstream resolver.
+// The test network host: one server in a network namespace of its own that
+// every network test of the project talks to (netpolicy's kernel tests, the
+// driver's egress and group network tests, the e2e suite), a client
+// namespace routed like the sandboxes for positive controls, and a DNS
+// server to act as upstream resolver.
 //
 // Traffic stays on this machine. A policy rule sends everything from the
-// pool that is not for the machine itself nor for the pool to the test
-// server, so a sandbox whose filter is broken reaches the test server (and
-// the test sees it), never the uplink.
+// sandboxes' addresses that is not for the machine itself nor for those
+// addresses to the test server, so a sandbox whose filter is broken reaches
+// the test server (and the test sees it), never the uplink.
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -30,11 +32,14 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/netnsrun"
 )
 
 const (
-	// netHostPrefix starts the names of the namespaces (sbxtest-<k>,
-	// sbxtest-<k>c) and host interfaces (sbxts<k>, sbxtc<k>) of test hosts.
+	// netHostPrefix starts the names of the namespaces (sbxttest-<k>,
+	// sbxttest-<k>c) and host interfaces (sbxts<k>, sbxtc<k>) of test hosts,
+	// and those a test makes with Name.
 	netHostPrefix = "sbxt"
 	// netHostTable + k is the routing table of test host k; its rules have
 	// priority netHostRulePrio.
@@ -44,20 +49,45 @@ const (
 	netHostTimeout = 2 * time.Second
 )
 
-// NetHost is a test host in a network namespace of its own. With k chosen
-// per host (so that concurrent tests do not collide):
+// netHostRanges are the ranges of the address plan (see NetHost) for every
+// k; none of them is the machine's uplink (192.0.2.0/24) nor routed to it.
+var netHostRanges = []netip.Prefix{
+	netip.MustParsePrefix("10.188.0.0/16"),
+	netip.MustParsePrefix("10.189.0.0/16"),
+	netip.MustParsePrefix("10.190.0.0/16"),
+	netip.MustParsePrefix("198.18.0.0/16"),
+}
+
+// IsNetHostAddr reports whether a belongs to the address plan of test
+// hosts (of this test or of tests running at the same time).
+func IsNetHostAddr(a netip.Addr) bool {
+	for _, p := range netHostRanges {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// NetHost is the test network host. Its address plan, with k its index
+// (claimed by creating the namespace sbxttest-<k>, so that the hosts of tests
+// and packages that run at the same time never share one):
 //
-//	Pool      10.188.k.0/24  sandbox addresses: routed to the server
-//	Addr      10.189.k.2     the server's eth0 (10.189.k.1 is the host end)
-//	Extra     10.190.k.1     second address of the server (loopback)
-//	Other     10.190.k.2     third address of the server (loopback)
-//	Metadata  169.254.169.254 on the server's loopback
-//	client    10.189.k.6     a client namespace routed like the pool
+//	Pool        10.188.k.0/24    sandbox addresses, routed to the server
+//	HostAddr    10.189.k.1/30    host end (sbxts<k>) of the server's link
+//	Addr        10.189.k.2/30    the server's eth0
+//	            10.189.k.5/30    host end (sbxtc<k>) of the client's link
+//	ClientAddr  10.189.k.6/30    the client namespace, routed like the pool
+//	Extra       10.190.k.1       on the server's loopback (the host routes
+//	Other       10.190.k.2         10.190.k.0/24 through Addr)
+//	Metadata    169.254.169.254  on the server's loopback, reached only by
+//	                             what is routed to the server
+//	Spare       198.18.k.1, .2   nobody's, outside private space: a test may
+//	                             give them to the node
+//	routing     table 20000+k, rules at priority 1998
 //
-// It serves HTTP on every TCP port given, on all its addresses (the body
-// names the address and port connected to and the client), and a UDP echo
-// on the UDP port of each address. Every connection and datagram is
-// recorded (Hits).
+// The server runs the services asked for (NetServices) on all its
+// addresses. Every connection and datagram is recorded (Hits).
 type NetHost struct {
 	K int
 	// Netns is the server's namespace (a path for setns).
@@ -68,14 +98,26 @@ type NetHost struct {
 	// masqueraded by the host arrives from it.
 	HostAddr                     netip.Addr
 	Addr, Extra, Other, Metadata netip.Addr
+	Spare                        [2]netip.Addr
 	// ClientNetns and ClientAddr are the client namespace, for controls.
 	ClientNetns string
 	ClientAddr  netip.Addr
-	TCPPorts    []uint16
-	UDPPort     uint16
+	Services    NetServices
 
 	mu   sync.Mutex
 	hits []Hit
+}
+
+// NetServices are the services a test host runs on each of its addresses.
+type NetServices struct {
+	// HTTP ports answer every request with "hello from <address:port
+	// reached> to <client address>".
+	HTTP []uint16
+	// Lines ports run ServeLines: a greeting naming the client, then an
+	// echo of each line.
+	Lines []uint16
+	// UDP, if not 0, runs ServeUDPEcho on each address.
+	UDP uint16
 }
 
 // Hit is one connection or datagram the test host received.
@@ -86,27 +128,44 @@ type Hit struct {
 }
 
 // StartNetHost creates the test host; everything it made is removed when
-// the test ends, failed or not.
-func StartNetHost(t testing.TB, tcpPorts []uint16, udpPort uint16) *NetHost {
+// the test ends, failed or not, and the test fails if some of it is still
+// there afterwards.
+func StartNetHost(t testing.TB, svc NetServices) *NetHost {
 	t.Helper()
 	RequireRoot(t)
-	IPForward(t)
-	start := rand.IntN(256)
 	var h *NetHost
-	for i := 0; i < 256 && h == nil; i++ {
-		k := (start + i) % 256
-		var err error
-		h, err = claimNetHost(t, k)
-		if err != nil {
-			t.Fatal(err)
+	withNetHostLock(t, func() {
+		ipForward(t)
+		// Registered after ipForward's, so that it runs before it and
+		// after every other cleanup of the host.
+		t.Cleanup(func() {
+			if h != nil {
+				h.checkRemoved(t)
+			}
+		})
+		start := rand.IntN(256)
+		for i := 0; i < 256 && h == nil; i++ {
+			k := (start + i) % 256
+			var err error
+			h, err = claimNetHost(t, k)
+			if err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
+	})
 	if h == nil {
 		t.Fatal("test host: no free index (leftovers named " + netHostPrefix + "* from earlier runs?)")
 	}
-	h.TCPPorts, h.UDPPort = tcpPorts, udpPort
+	h.Services = svc
 	h.setup(t)
 	return h
+}
+
+// Name is a name for an interface or namespace that a test makes beside
+// host k: netHostPrefix, tag and k, so that concurrent tests do not collide
+// and leftovers are recognised as a test's.
+func (h *NetHost) Name(tag string) string {
+	return fmt.Sprintf("%s%s%d", netHostPrefix, tag, h.K)
 }
 
 func netnsPath(name string) string { return filepath.Join("/run/netns", name) }
@@ -115,10 +174,16 @@ func v4(a, b, c, d int) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(a), byte(b), byte(c), byte(d)})
 }
 
+func (h *NetHost) serverName() string { return fmt.Sprintf("%stest-%d", netHostPrefix, h.K) }
+func (h *NetHost) serverIf() string   { return h.Name("s") }
+func (h *NetHost) clientIf() string   { return h.Name("c") }
+func (h *NetHost) table() int         { return netHostTable + h.K }
+
 // claimNetHost takes index k by creating the server's namespace (which
 // fails if it exists); nil, nil if k is taken.
 func claimNetHost(t testing.TB, k int) (*NetHost, error) {
-	name := fmt.Sprintf("%stest-%d", netHostPrefix, k)
+	h := &NetHost{K: k}
+	name := h.serverName()
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		if strings.Contains(string(out), "exists") {
 			return nil, nil
@@ -126,21 +191,20 @@ func claimNetHost(t testing.TB, k int) (*NetHost, error) {
 		return nil, fmt.Errorf("ip netns add %s: %v: %s", name, err, out)
 	}
 	t.Cleanup(func() { delNetns(t, name) })
-	if _, err := netlink.LinkByName(fmt.Sprintf("%ss%d", netHostPrefix, k)); err == nil {
+	if _, err := netlink.LinkByName(h.serverIf()); err == nil {
 		return nil, nil // a leftover: leave it be
 	}
-	return &NetHost{
-		K:           k,
-		Netns:       netnsPath(name),
-		Pool:        netip.PrefixFrom(v4(10, 188, k, 0), 24),
-		HostAddr:    v4(10, 189, k, 1),
-		Addr:        v4(10, 189, k, 2),
-		Extra:       v4(10, 190, k, 1),
-		Other:       v4(10, 190, k, 2),
-		Metadata:    netip.MustParseAddr("169.254.169.254"),
-		ClientNetns: netnsPath(name + "c"),
-		ClientAddr:  v4(10, 189, k, 6),
-	}, nil
+	h.Netns = netnsPath(name)
+	h.Pool = netip.PrefixFrom(v4(10, 188, k, 0), 24)
+	h.HostAddr = v4(10, 189, k, 1)
+	h.Addr = v4(10, 189, k, 2)
+	h.ClientNetns = netnsPath(name + "c")
+	h.ClientAddr = v4(10, 189, k, 6)
+	h.Extra = v4(10, 190, k, 1)
+	h.Other = v4(10, 190, k, 2)
+	h.Metadata = netip.MustParseAddr("169.254.169.254")
+	h.Spare = [2]netip.Addr{v4(198, 18, k, 1), v4(198, 18, k, 2)}
+	return h, nil
 }
 
 func delNetns(t testing.TB, name string) {
@@ -210,9 +274,8 @@ func (h *NetHost) setup(t testing.TB) {
 	}
 	t.Cleanup(func() { delNetns(t, clientName) })
 
-	srvIf := fmt.Sprintf("%ss%d", netHostPrefix, k)
-	host := link(t, h.Netns, srvIf, h.HostAddr, h.Addr, h.Extra, h.Other, h.Metadata)
-	link(t, h.ClientNetns, fmt.Sprintf("%sc%d", netHostPrefix, k), v4(10, 189, k, 5), h.ClientAddr)
+	host := link(t, h.Netns, h.serverIf(), h.HostAddr, h.Addr, h.Extra, h.Other, h.Metadata)
+	link(t, h.ClientNetns, h.clientIf(), v4(10, 189, k, 5), h.ClientAddr)
 
 	// The host reaches the server's loopback addresses through it (the
 	// metadata address excepted: that stays for the pool's table only).
@@ -228,36 +291,67 @@ func (h *NetHost) setup(t testing.TB) {
 	// (the local table comes first), the pool or the client goes to the
 	// server. (The rule for the pool also catches what this machine sends
 	// from the sandboxes' gateways: their answers to the client.)
-	table := netHostTable + k
-	flushTable(table) // a crashed run's, if any: the index is ours now
-	def := &netlink.Route{LinkIndex: host.Attrs().Index, Gw: h.Addr.AsSlice(), Table: table}
-	throw := &netlink.Route{Dst: ipnet(h.Pool), Table: table, Type: unix.RTN_THROW}
+	flushTable(h.table()) // a crashed run's, if any: the index is ours now
+	def := &netlink.Route{LinkIndex: host.Attrs().Index, Gw: h.Addr.AsSlice(), Table: h.table()}
 	must(t, netlink.RouteAdd(def))
-	t.Cleanup(func() { flushTable(table) })
-	must(t, netlink.RouteAdd(throw))
-	must(t, netlink.RouteAdd(&netlink.Route{Dst: ipnet(netip.PrefixFrom(h.ClientAddr, 30).Masked()), Table: table, Type: unix.RTN_THROW}))
-	for _, src := range []netip.Prefix{h.Pool, netip.PrefixFrom(h.ClientAddr, 32)} {
-		rule := netlink.NewRule()
-		rule.Src = ipnet(src)
-		rule.Table = table
-		rule.Priority = netHostRulePrio
-		must(t, netlink.RuleAdd(rule))
-		t.Cleanup(func() {
-			if err := netlink.RuleDel(rule); err != nil {
-				t.Errorf("cleanup: rule from %s: %v", src, err)
-			}
-		})
-	}
+	t.Cleanup(func() { flushTable(h.table()) })
+	h.RouteFrom(t, h.Pool)
+	h.throw(t, netip.PrefixFrom(h.ClientAddr, 30).Masked())
+	h.rule(t, "from "+h.ClientAddr.String(), func(r *netlink.Rule) { r.Src = ipnet(netip.PrefixFrom(h.ClientAddr, 32)) })
 
-	// The services, in the server's namespace.
+	must(t, h.serve(t))
+}
+
+// RouteFrom routes everything that src sends, and that is not for this
+// machine nor for src, to the server, until the test ends: for sandbox
+// addresses other than Pool.
+func (h *NetHost) RouteFrom(t testing.TB, src netip.Prefix) {
+	t.Helper()
+	h.throw(t, src)
+	h.rule(t, "from "+src.String(), func(r *netlink.Rule) { r.Src = ipnet(src) })
+}
+
+// RouteFromLink routes everything that arrives on the host's interface
+// name, and that is not for this machine nor for a range routed with
+// RouteFrom, to the server, until the test ends: for a bridge whose
+// namespaces may send from any address.
+func (h *NetHost) RouteFromLink(t testing.TB, name string) {
+	t.Helper()
+	h.rule(t, "iif "+name, func(r *netlink.Rule) { r.IifName = name })
+}
+
+// throw makes dst leave the host's table (for the main table).
+func (h *NetHost) throw(t testing.TB, dst netip.Prefix) {
+	t.Helper()
+	must(t, netlink.RouteAdd(&netlink.Route{Dst: ipnet(dst), Table: h.table(), Type: unix.RTN_THROW}))
+}
+
+// rule adds a rule to the host's table, removed when the test ends.
+func (h *NetHost) rule(t testing.TB, what string, sel func(*netlink.Rule)) {
+	t.Helper()
+	rule := netlink.NewRule()
+	sel(rule)
+	rule.Table = h.table()
+	rule.Priority = netHostRulePrio
+	must(t, netlink.RuleAdd(rule))
+	t.Cleanup(func() {
+		if err := netlink.RuleDel(rule); err != nil {
+			t.Errorf("cleanup: rule %s: %v", what, err)
+		}
+	})
+}
+
+// serve starts the services in the server's namespace (a socket belongs to
+// the namespace of the thread that made it); they stop when the test ends.
+func (h *NetHost) serve(t testing.TB) error {
 	var closers []func()
 	t.Cleanup(func() {
 		for _, c := range closers {
 			c()
 		}
 	})
-	err := InNetns(h.Netns, func() error {
-		for _, port := range h.TCPPorts {
+	return netnsrun.In(h.Netns, func() error {
+		for _, port := range h.Services.HTTP {
 			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", port))
 			if err != nil {
 				return err
@@ -278,22 +372,58 @@ func (h *NetHost) setup(t testing.TB) {
 			go srv.Serve(ln)
 			closers = append(closers, func() { srv.Close() })
 		}
-		if h.UDPPort == 0 {
+		for _, port := range h.Services.Lines {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", port))
+			if err != nil {
+				return err
+			}
+			go serveLines(ln, func(c net.Conn) { h.record("tcp", c.LocalAddr(), c.RemoteAddr()) })
+			closers = append(closers, func() { ln.Close() })
+		}
+		if h.Services.UDP == 0 {
 			return nil
 		}
 		// One socket per address, so that each reply leaves from the
 		// address the datagram came to.
 		for _, a := range []netip.Addr{h.Addr, h.Extra, h.Other, h.Metadata} {
-			pc, err := net.ListenPacket("udp4", netip.AddrPortFrom(a, h.UDPPort).String())
+			pc, err := net.ListenPacket("udp4", netip.AddrPortFrom(a, h.Services.UDP).String())
 			if err != nil {
 				return err
 			}
-			go h.serveUDP(pc)
+			go serveUDPEcho(pc, func(from net.Addr) { h.record("udp", pc.LocalAddr(), from) })
 			closers = append(closers, func() { pc.Close() })
 		}
 		return nil
 	})
-	must(t, err)
+}
+
+// checkRemoved fails the test if anything of the host is left once its
+// cleanups have run.
+func (h *NetHost) checkRemoved(t testing.TB) {
+	var left []string
+	for _, ns := range []string{h.serverName(), h.serverName() + "c"} {
+		if _, err := os.Stat(netnsPath(ns)); err == nil {
+			left = append(left, "netns "+ns)
+		}
+	}
+	for _, l := range []string{h.serverIf(), h.clientIf()} {
+		if _, err := netlink.LinkByName(l); err == nil {
+			left = append(left, "link "+l)
+		}
+	}
+	if rules, err := netlink.RuleList(unix.AF_INET); err == nil {
+		for _, r := range rules {
+			if r.Table == h.table() {
+				left = append(left, fmt.Sprintf("ip rule %v", r))
+			}
+		}
+	}
+	if routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: h.table()}, netlink.RT_FILTER_TABLE); err == nil && len(routes) > 0 {
+		left = append(left, fmt.Sprintf("%d routes in table %d", len(routes), h.table()))
+	}
+	if len(left) > 0 {
+		t.Errorf("test host %d left behind: %s", h.K, strings.Join(left, "; "))
+	}
 }
 
 func flushTable(table int) {
@@ -306,15 +436,47 @@ func flushTable(table int) {
 	}
 }
 
-func (h *NetHost) serveUDP(pc net.PacketConn) {
+// ServeLines serves ln until it is closed: each connection gets a greeting
+// "hello <client address>\n", then each line it sends echoed, until it
+// closes its side.
+func ServeLines(ln net.Listener) { serveLines(ln, nil) }
+
+func serveLines(ln net.Listener, accepted func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if accepted != nil {
+			accepted(c)
+		}
+		go func() {
+			defer c.Close()
+			ip, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+			fmt.Fprintf(c, "hello %s\n", ip)
+			sc := bufio.NewScanner(c)
+			for sc.Scan() {
+				fmt.Fprintf(c, "%s\n", sc.Text())
+			}
+		}()
+	}
+}
+
+// ServeUDPEcho answers each datagram on pc, until pc is closed, with "echo
+// from <local address:port> to <client address:port>: <payload>".
+func ServeUDPEcho(pc net.PacketConn) { serveUDPEcho(pc, nil) }
+
+func serveUDPEcho(pc net.PacketConn, received func(from net.Addr)) {
 	buf := make([]byte, 1500)
 	for {
 		n, from, err := pc.ReadFrom(buf)
 		if err != nil {
 			return
 		}
-		h.record("udp", pc.LocalAddr(), from)
-		pc.WriteTo([]byte(fmt.Sprintf("echo from %s: %s", pc.LocalAddr(), buf[:n])), from)
+		if received != nil {
+			received(from)
+		}
+		pc.WriteTo([]byte(fmt.Sprintf("echo from %s to %s: %s", pc.LocalAddr(), from, buf[:n])), from)
 	}
 }
 
@@ -342,11 +504,18 @@ func (h *NetHost) Hits(keep func(Hit) bool) []Hit {
 	return out
 }
 
+// ResetHits forgets what the host received so far.
+func (h *NetHost) ResetHits() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.hits = nil
+}
+
 // ClientGet does an HTTP GET of dst from the client namespace and returns
 // the body, within a bounded time.
 func (h *NetHost) ClientGet(dst netip.AddrPort) (string, error) {
 	var c net.Conn
-	err := InNetns(h.ClientNetns, func() error {
+	err := netnsrun.In(h.ClientNetns, func() error {
 		var err error
 		c, err = net.DialTimeout("tcp4", dst.String(), netHostTimeout)
 		return err
@@ -377,7 +546,7 @@ func (h *NetHost) ClientGet(dst netip.AddrPort) (string, error) {
 // the reply.
 func (h *NetHost) ClientUDP(dst netip.AddrPort) (string, error) {
 	var c net.Conn
-	err := InNetns(h.ClientNetns, func() error {
+	err := netnsrun.In(h.ClientNetns, func() error {
 		var err error
 		c, err = net.Dial("udp4", dst.String())
 		return err
@@ -479,28 +648,4 @@ func (u *DNSUpstream) Queries(name string) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.queries[name]
-}
-
-// IPForward turns IPv4 forwarding on for the rest of the test, as a test
-// host routed through this machine needs (a fresh machine has it off, and
-// the driver turns it on only with its first sandbox network), and puts back
-// the value it found when the test ends.
-func IPForward(t testing.TB) {
-	t.Helper()
-	const path = "/proc/sys/net/ipv4/ip_forward"
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("read %s: %v", path, err)
-	}
-	if strings.TrimSpace(string(b)) == "1" {
-		return
-	}
-	if err := os.WriteFile(path, []byte("1"), 0); err != nil {
-		t.Fatalf("enable IPv4 forwarding: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := os.WriteFile(path, b, 0); err != nil {
-			t.Errorf("restore %s: %v", path, err)
-		}
-	})
 }
