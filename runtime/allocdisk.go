@@ -161,13 +161,14 @@ func readAllocDiskRecord(base string) *allocDiskRecord {
 // allocation's disk: it makes and mounts the disk when none exists and the
 // task has a limit. The disk keeps the size it was made with: a task with a
 // larger limit joins it as it is (notice says so). Growing it online
-// (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE, which a plugin may lack, and
-// a start must not fail on it. It never makes one while other tasks of the allocation
-// run without it (their sandboxes write the plain directories, and an
-// overlay mounted under them would split what the tasks see): then notice
-// says so and alloc/ is not limited. The holding is recorded before
-// anything is made, so that a crash leaves something LeaveAllocDisk or the
-// sweep finds. dir's parent is the driver's state_dir.
+// (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE, which a plugin may lack,
+// and a start must not fail on it. It never makes one while other tasks of
+// the allocation run without it (their sandboxes write the plain
+// directories, and an overlay mounted under them would split what the
+// tasks see): then notice says so and alloc/ is not limited. The holding
+// is recorded before anything is made, so that a crash leaves something
+// LeaveAllocDisk or the sweep finds. dir's parent is the driver's
+// state_dir.
 func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string, err error) {
 	base := allocDiskBase(d.Dir, d.AllocID)
 	unlock, err := lockAllocDisk(base)
@@ -179,7 +180,20 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 	if err := atomicfile.WriteJSON(StateDir(dir).AllocDisk(), allocHolder{Base: base, AllocID: d.AllocID, LimitBytes: d.LimitBytes}, 0o600); err != nil {
 		return "", err
 	}
-	if rec := readAllocDiskRecord(base); rec != nil {
+	rec := readAllocDiskRecord(base)
+	if rec != nil && !allocOverlaysMounted(base, rec) {
+		// A record whose overlays are gone (the node restarted, or
+		// someone unmounted them): nothing of it can be held. With no
+		// other holder it is removed and made again below.
+		if len(others) > 0 {
+			return "alloc/data and alloc/tmp are not limited: the allocation's disk is not mounted over them", nil
+		}
+		if err := removeAllocDisk(base, *rec, true); err != nil {
+			return "", fmt.Errorf("remove the allocation's stale disk: %w", err)
+		}
+		rec = nil
+	}
+	if rec != nil {
 		if d.LimitBytes > rec.LimitBytes {
 			return fmt.Sprintf("alloc/data and alloc/tmp are on the allocation's disk of %s, made by the task of the allocation that started first; it does not grow to this task's %s", FormatSize(rec.LimitBytes), FormatSize(d.LimitBytes)), nil
 		}
@@ -192,6 +206,18 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 		return fmt.Sprintf("alloc/data and alloc/tmp are not limited: %d other task(s) of the allocation without a disk limit run on them", len(others)), nil
 	}
 	return "", makeAllocDisk(ctx, base, d)
+}
+
+// allocOverlaysMounted says whether the disk's overlays are on alloc/data
+// and alloc/tmp.
+func allocOverlaysMounted(base string, rec *allocDiskRecord) bool {
+	for _, sub := range allocSubdirs {
+		src, err := mountSource(filepath.Join(rec.AllocDir, "alloc", sub))
+		if err != nil || src != allocOverlaySource(base, sub) {
+			return false
+		}
+	}
+	return true
 }
 
 // makeAllocDisk makes, formats and mounts the disk and its overlays; on
@@ -231,8 +257,9 @@ func makeAllocDisk(ctx context.Context, base string, d AllocDisk) (err error) {
 	if dev := loopOf(disk.Image); dev != "" {
 		return fmt.Errorf("allocation disk image %s is in use already (%s)", disk.Image, dev)
 	}
-	// An image kept from a failed copy back is never reused: its
-	// content was not copied, so it is older than the directories.
+	// An image without its record (a crash while it was removed) is
+	// never reused: what it held is not known to be newer than the
+	// directories.
 	_ = os.Remove(disk.Image)
 	if _, err := disk.Prepare(ctx); err != nil {
 		return err
