@@ -2,7 +2,6 @@ package runtime
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -133,25 +132,21 @@ func holders(stateRoot, base string) []string {
 	return out
 }
 
+// readHolder is the holding recorded in the state directory dir; nil when
+// there is none (or it is unreadable: a holding is written whole).
 func readHolder(dir string) *allocHolder {
-	b, err := os.ReadFile(StateDir(dir).AllocDisk())
-	if err != nil {
-		return nil
-	}
 	var h allocHolder
-	if json.Unmarshal(b, &h) != nil || h.Base == "" {
+	if atomicfile.ReadJSON(StateDir(dir).AllocDisk(), &h) != nil || h.Base == "" {
 		return nil
 	}
 	return &h
 }
 
+// readAllocDiskRecord is the record of the disk at base; nil when there is
+// none.
 func readAllocDiskRecord(base string) *allocDiskRecord {
-	b, err := os.ReadFile(base + ".json")
-	if err != nil {
-		return nil
-	}
 	var r allocDiskRecord
-	if json.Unmarshal(b, &r) != nil {
+	if atomicfile.ReadJSON(base+".json", &r) != nil {
 		return nil
 	}
 	return &r
