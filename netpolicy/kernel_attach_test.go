@@ -118,11 +118,7 @@ func ktListen(t *testing.T, ns string, addr netip.AddrPort) netip.AddrPort {
 // ktNetnsState is eth0's IPv4 addresses and default gateway in ns.
 func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
 	t.Helper()
-	h := ktHandle(t, ns)
-	eth, err := h.LinkByName("eth0")
-	ktMust(t, err)
-	as, err := h.AddrList(eth, netlink.FAMILY_V4)
-	ktMust(t, err)
+	h, eth, as := ktEth0(t, ns)
 	for _, a := range as {
 		addrs = append(addrs, a.IPNet.String())
 	}
@@ -139,14 +135,21 @@ func ktNetnsState(t *testing.T, ns string) (addrs []string, gw string) {
 // ktStrip does to eth0 what runsc does when it takes the namespace over.
 func ktStrip(t *testing.T, ns string) {
 	t.Helper()
+	h, eth, as := ktEth0(t, ns)
+	for _, a := range as {
+		ktMust(t, h.AddrDel(eth, &a))
+	}
+}
+
+// ktEth0 is a handle in ns, its eth0 and eth0's IPv4 addresses.
+func ktEth0(t *testing.T, ns string) (*netlink.Handle, netlink.Link, []netlink.Addr) {
+	t.Helper()
 	h := ktHandle(t, ns)
 	eth, err := h.LinkByName("eth0")
 	ktMust(t, err)
 	as, err := h.AddrList(eth, netlink.FAMILY_V4)
 	ktMust(t, err)
-	for _, a := range as {
-		ktMust(t, h.AddrDel(eth, &a))
-	}
+	return h, eth, as
 }
 
 // TestKernelAttach puts the filter on an allocation network like Nomad's
