@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -228,117 +229,167 @@ func (c *PluginConfig) imageMaxSizeMB() int64 {
 	return defaultImageMaxSizeMB
 }
 
-// timeouts returns default_timeout and max_timeout, which Validate checked.
-func (c *PluginConfig) timeouts() (def, max time.Duration) {
-	def, _ = parseTimeout("default_timeout", c.DefaultTimeout)
-	max, _ = parseTimeout("max_timeout", c.MaxTimeout)
-	return def, max
+// Settings is the plugin configuration as Validate returns it, and the
+// only form the driver reads: the decoded fields, normalised (capability
+// names, host rootfs directories, the subnet and trace points defaulted),
+// and every value that is parsed from a string (the platform, durations,
+// sizes, prefixes, egress entries) parsed once, by Validate.
+//
+// A type of its own rather than unexported fields that Validate fills in
+// PluginConfig: a configuration that was never validated cannot be passed
+// where parsed values are read, so no caller can forget the parse and read
+// zeros, and no parse of a field happens twice (where two parsers could
+// one day disagree).
+type Settings struct {
+	PluginConfig
+
+	platform runtime.Platform
+	// defaultTimeout and maxTimeout are 0 when unset.
+	defaultTimeout, maxTimeout time.Duration
+	// imagePullTimeout is 0 when unset: the image store's own default.
+	imagePullTimeout time.Duration
+	// imageMaxAge is image_gc.max_age, or defaultImageMaxAge.
+	imageMaxAge time.Duration
+	subnet      netip.Prefix
+	// deniedEgress is denied_egress, each an address or a prefix.
+	deniedEgress []netip.Prefix
+	// allowedEgress is the ceiling of every task's egress.
+	allowedEgress []netpolicy.Entry
+	// defaultDiskBytes and maxDiskBytes are 0 for none.
+	defaultDiskBytes, maxDiskBytes int64
 }
 
-// Validate checks the plugin configuration and normalises capability names.
-func (c *PluginConfig) Validate() error {
-	var p runtime.Platform
-	if err := p.Set(c.Platform); err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+// Validate checks the plugin configuration and returns it parsed and
+// normalised; c itself is left as it is. Every message names the field.
+func (c PluginConfig) Validate() (*Settings, error) {
+	s, err := c.validate()
+	if err != nil {
+		return nil, fmt.Errorf("plugin config: %w", err)
+	}
+	return s, nil
+}
+
+func (c PluginConfig) validate() (*Settings, error) {
+	s := &Settings{PluginConfig: c}
+	if err := s.platform.Set(c.Platform); err != nil {
+		return nil, err
 	}
 	if c.RunscPath == "" {
-		return fmt.Errorf("plugin config: runsc_path must not be empty")
+		return nil, errors.New("runsc_path must not be empty")
 	}
 	for _, f := range []struct{ name, val string }{{"runsc_root", c.RunscRoot}, {"state_dir", c.StateDir}} {
 		if !filepath.IsAbs(f.val) {
-			return fmt.Errorf("plugin config: %s %q must be an absolute path", f.name, f.val)
+			return nil, fmt.Errorf("%s %q must be an absolute path", f.name, f.val)
 		}
 	}
 	caps, err := normalizeCaps(c.AllowCaps)
 	if err != nil {
-		return fmt.Errorf("plugin config: allow_caps: %w", err)
+		return nil, fmt.Errorf("allow_caps: %w", err)
 	}
-	c.AllowCaps = caps
+	s.AllowCaps = caps
+	// A new slice: the caller's stays as it was decoded.
+	s.AllowHostRootfs = make([]string, len(c.AllowHostRootfs))
 	for i, d := range c.AllowHostRootfs {
 		if !filepath.IsAbs(d) || filepath.Clean(d) == "/" {
-			return fmt.Errorf("plugin config: allow_host_rootfs %q must be an absolute directory other than /", d)
+			return nil, fmt.Errorf("allow_host_rootfs %q must be an absolute directory other than /", d)
 		}
-		c.AllowHostRootfs[i] = filepath.Clean(d)
+		s.AllowHostRootfs[i] = filepath.Clean(d)
 	}
 	if c.DefaultPidsLimit < 0 || c.MaxPidsLimit < 0 {
-		return fmt.Errorf("plugin config: default_pids_limit and max_pids_limit must not be negative")
+		return nil, errors.New("default_pids_limit and max_pids_limit must not be negative")
 	}
 	if c.MaxPidsLimit > 0 && c.DefaultPidsLimit > c.MaxPidsLimit {
-		return fmt.Errorf("plugin config: default_pids_limit %d is above max_pids_limit %d", c.DefaultPidsLimit, c.MaxPidsLimit)
+		return nil, fmt.Errorf("default_pids_limit %d is above max_pids_limit %d", c.DefaultPidsLimit, c.MaxPidsLimit)
 	}
-	def, err := parseTimeout("default_timeout", c.DefaultTimeout)
-	if err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if s.defaultTimeout, err = parseTimeout("default_timeout", c.DefaultTimeout); err != nil {
+		return nil, err
 	}
-	max, err := parseTimeout("max_timeout", c.MaxTimeout)
-	if err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if s.maxTimeout, err = parseTimeout("max_timeout", c.MaxTimeout); err != nil {
+		return nil, err
 	}
-	if max > 0 && def > max {
-		return fmt.Errorf("plugin config: default_timeout %s is above max_timeout %s", def, max)
+	if s.maxTimeout > 0 && s.defaultTimeout > s.maxTimeout {
+		return nil, fmt.Errorf("default_timeout %s is above max_timeout %s", s.defaultTimeout, s.maxTimeout)
 	}
 	if !filepath.IsAbs(c.ImageDir) {
-		return fmt.Errorf("plugin config: image_dir %q must be an absolute path", c.ImageDir)
+		return nil, fmt.Errorf("image_dir %q must be an absolute path", c.ImageDir)
 	}
 	if c.AuthConfig != "" && !filepath.IsAbs(c.AuthConfig) {
-		return fmt.Errorf("plugin config: auth_config %q must be an absolute path to a docker config.json", c.AuthConfig)
+		return nil, fmt.Errorf("auth_config %q must be an absolute path to a docker config.json", c.AuthConfig)
 	}
-	if _, err := parseTimeout("image_pull_timeout", c.ImagePullTimeout); err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if s.imagePullTimeout, err = parseTimeout("image_pull_timeout", c.ImagePullTimeout); err != nil {
+		return nil, err
 	}
-	if _, err := parseTimeout("image_gc.max_age", c.ImageGC.MaxAge); err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if s.imageMaxAge, err = parseTimeout("image_gc.max_age", c.ImageGC.MaxAge); err != nil {
+		return nil, err
+	}
+	if s.imageMaxAge == 0 {
+		s.imageMaxAge = defaultImageMaxAge
 	}
 	if c.ImageGC.MaxSizeMB < 0 {
-		return fmt.Errorf("plugin config: image_gc.max_size_mb must not be negative")
+		return nil, errors.New("image_gc.max_size_mb must not be negative")
 	}
 	if c.ImageMaxSizeMB < 0 {
-		return fmt.Errorf("plugin config: image_max_size_mb must not be negative: give the largest unpacked image a task may use in MiB, e.g. 4096")
+		return nil, errors.New("image_max_size_mb must not be negative: give the largest unpacked image a task may use in MiB, e.g. 4096")
 	}
 	if c.imageMaxSizeMB() > c.imageCacheMB() {
-		return fmt.Errorf("plugin config: image_max_size_mb %d is larger than the image cache (image_gc.max_size_mb %d): lower image_max_size_mb or raise image_gc.max_size_mb", c.imageMaxSizeMB(), c.imageCacheMB())
+		return nil, fmt.Errorf("image_max_size_mb %d is larger than the image cache (image_gc.max_size_mb %d): lower image_max_size_mb or raise image_gc.max_size_mb", c.imageMaxSizeMB(), c.imageCacheMB())
 	}
-	for _, e := range c.AllowedEgress {
-		if _, err := netpolicy.ParseEgress(e); err != nil {
-			return fmt.Errorf("plugin config: allowed_egress: %w", err)
+	for _, a := range c.AllowedEgress {
+		e, err := netpolicy.ParseEgress(a)
+		if err != nil {
+			return nil, fmt.Errorf("allowed_egress: %w", err)
 		}
+		s.allowedEgress = append(s.allowedEgress, e)
 	}
 	for _, d := range c.DeniedEgress {
-		if _, err := netip.ParsePrefix(d); err != nil {
-			if _, err := netip.ParseAddr(d); err != nil {
-				return fmt.Errorf("plugin config: denied_egress %q is not an address or CIDR prefix", d)
-			}
+		p, err := parseDenied(d)
+		if err != nil {
+			return nil, err
 		}
+		s.deniedEgress = append(s.deniedEgress, p)
 	}
-	for _, s := range c.DNSServers {
-		if _, err := netip.ParseAddr(s); err != nil {
-			if _, err := netip.ParseAddrPort(s); err != nil {
-				return fmt.Errorf("plugin config: dns_servers %q is not an IP address or IP:port", s)
+	for _, d := range c.DNSServers {
+		if _, err := netip.ParseAddr(d); err != nil {
+			if _, err := netip.ParseAddrPort(d); err != nil {
+				return nil, fmt.Errorf("dns_servers %q is not an IP address or IP:port", d)
 			}
 		}
 	}
 	if c.NetworkSubnet == "" {
-		c.NetworkSubnet = netpolicy.DefaultSubnet
+		s.NetworkSubnet = netpolicy.DefaultSubnet
 	}
-	if p, err := netip.ParsePrefix(c.NetworkSubnet); err != nil || !p.Addr().Is4() || p.Bits() > 24 {
-		return fmt.Errorf("plugin config: network_subnet %q must be an IPv4 CIDR prefix of /24 or larger, e.g. \"10.89.0.0/16\"", c.NetworkSubnet)
+	if s.subnet, err = netip.ParsePrefix(s.NetworkSubnet); err != nil || !s.subnet.Addr().Is4() || s.subnet.Bits() > 24 {
+		return nil, fmt.Errorf("network_subnet %q must be an IPv4 CIDR prefix of /24 or larger, e.g. \"10.89.0.0/16\"", s.NetworkSubnet)
 	}
 	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
-		return fmt.Errorf("plugin config: audit_log %q must be an absolute path", c.AuditLog)
+		return nil, fmt.Errorf("audit_log %q must be an absolute path", c.AuditLog)
 	}
 	if c.MaxSandboxes < 0 {
-		return fmt.Errorf("plugin config: max_sandboxes must not be negative (0 means no limit)")
+		return nil, errors.New("max_sandboxes must not be negative (0 means no limit)")
 	}
-	if err := c.validateTrace(); err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if err := s.validateTrace(); err != nil {
+		return nil, err
 	}
-	if err := c.validateDisk(); err != nil {
-		return fmt.Errorf("plugin config: %w", err)
+	if s.defaultDiskBytes, s.maxDiskBytes, err = c.parseDisk(); err != nil {
+		return nil, err
 	}
 	if c.MaxEgressEntries < 0 {
-		return fmt.Errorf("plugin config: max_egress_entries must not be negative (0 means the default, %d)", defaultMaxEgressEntries)
+		return nil, fmt.Errorf("max_egress_entries must not be negative (0 means the default, %d)", defaultMaxEgressEntries)
 	}
-	return nil
+	return s, nil
+}
+
+// parseDenied parses one denied_egress entry: a CIDR prefix, else a single
+// address (its own /32 or /128).
+func parseDenied(d string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(d); err == nil {
+		return p, nil
+	}
+	a, err := netip.ParseAddr(d)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("denied_egress %q is not an address or CIDR prefix", d)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // parseTimeout parses a Go duration such as "90s" or "1h30m"; empty is none.
@@ -377,202 +428,6 @@ type TaskConfig struct {
 type TaskAuth struct {
 	Username string `codec:"username"`
 	Password string `codec:"password"`
-}
-
-// taskLimits are the limits that apply to a task once the plugin's
-// defaults and ceilings are taken into account.
-type taskLimits struct {
-	pids    int64
-	timeout time.Duration
-	// egress is the task's allowlist, checked against the node's ceiling;
-	// empty means no network but loopback (or, in a group network, nothing
-	// but replies to the allocation's ports).
-	egress []netpolicy.Entry
-	// net is where the sandbox's network comes from.
-	net netMode
-	// diskBytes and diskInodes size the task's disk (local/); 0 bytes
-	// means no limit.
-	diskBytes, diskInodes int64
-}
-
-// netMode is where a sandbox's network comes from.
-type netMode int
-
-const (
-	// netOwn: a namespace of the driver's own when the task has egress,
-	// loopback only otherwise.
-	netOwn netMode = iota
-	// netGroup: the allocation's namespace, made by Nomad (group network
-	// in bridge, cni/* or none mode).
-	netGroup
-	// netHost: the node's network (host mode, allowed by allow_host_network).
-	netHost
-)
-
-// Validate checks a task's configuration against the plugin's ceiling and
-// returns the limits that apply. It runs before anything is created, and
-// every message names the field and what to change.
-func (tc *TaskConfig) Validate(pc *PluginConfig) (taskLimits, error) {
-	var lim taskLimits
-	err := tc.validate(pc, &lim)
-	return lim, err
-}
-
-func (tc *TaskConfig) validate(pc *PluginConfig, lim *taskLimits) error {
-	if err := tc.checkBytes(); err != nil {
-		return err
-	}
-	switch {
-	case tc.Image != "" && tc.Rootfs != "":
-		return fmt.Errorf("image and rootfs are both set: use one of them")
-	case tc.Image == "" && strings.TrimSpace(tc.Rootfs) == "":
-		return fmt.Errorf("rootfs or image is required: set image to an OCI image reference, or rootfs to a directory holding the task's root filesystem")
-	case tc.Image == "" && tc.Command == "" && len(tc.Entrypoint) == 0:
-		return fmt.Errorf("command is required: set command (and args) or entrypoint")
-	}
-	if tc.WorkDir != "" && !filepath.IsAbs(tc.WorkDir) {
-		return fmt.Errorf("work_dir %q must be an absolute path inside the sandbox", tc.WorkDir)
-	}
-	caps, err := normalizeCaps(tc.CapAdd)
-	if err != nil {
-		return fmt.Errorf("cap_add: %w", err)
-	}
-	for _, c := range caps {
-		if !slices.Contains(pc.AllowCaps, c) {
-			return fmt.Errorf("cap_add: %s is not allowed on this node: the operator must add it to the plugin's allow_caps", c)
-		}
-	}
-	tc.CapAdd = caps
-	if !tc.ReadonlyRootfs && !pc.AllowWritableRootfs {
-		return fmt.Errorf("readonly_rootfs = false is not allowed on this node: the operator must set allow_writable_rootfs in the plugin config")
-	}
-	seen := map[string]bool{}
-	for _, p := range tc.Tmpfs {
-		clean := filepath.Clean(p)
-		if !filepath.IsAbs(p) || clean == "/" {
-			return fmt.Errorf("tmpfs %q must be an absolute path other than /", p)
-		}
-		if reservedMount(clean) {
-			return fmt.Errorf("tmpfs %q would cover a path the driver mounts (/alloc, /local, /secrets, /proc, /dev, /sys, /etc/resolv.conf, /etc/hosts)", p)
-		}
-		if seen[clean] {
-			return fmt.Errorf("tmpfs %q is listed twice", p)
-		}
-		seen[clean] = true
-	}
-	switch {
-	case tc.PidsLimit < 0:
-		return fmt.Errorf("pids_limit %d must be positive", tc.PidsLimit)
-	case tc.PidsLimit == 0:
-		lim.pids = pc.DefaultPidsLimit
-	case pc.MaxPidsLimit > 0 && tc.PidsLimit > pc.MaxPidsLimit:
-		return fmt.Errorf("pids_limit %d is above this node's ceiling of %d (the plugin's max_pids_limit): ask for %d or less", tc.PidsLimit, pc.MaxPidsLimit, pc.MaxPidsLimit)
-	default:
-		lim.pids = tc.PidsLimit
-	}
-	timeout, err := parseTimeout("timeout", tc.Timeout)
-	if err != nil {
-		return err
-	}
-	def, max := pc.timeouts()
-	switch {
-	case timeout == 0 && def > 0:
-		lim.timeout = def
-	case timeout == 0:
-		// With a ceiling but no default, the ceiling applies.
-		lim.timeout = max
-	case max > 0 && timeout > max:
-		return fmt.Errorf("timeout %s is above this node's ceiling of %s (the plugin's max_timeout): ask for %s or less", timeout, max, max)
-	default:
-		lim.timeout = timeout
-	}
-	if err := tc.diskLimits(pc, lim); err != nil {
-		return err
-	}
-	if tc.Hostname != "" && !validHostname(tc.Hostname) {
-		return fmt.Errorf("hostname %q is not a valid host name: use letters, digits and '-', at most 63 characters per label", tc.Hostname)
-	}
-	return nil
-}
-
-// checkBytes refuses a NUL byte in any string of the task config, and a
-// control character in the ones that are paths or names: runsc and the
-// kernel would cut such a string short or fail on it only after the
-// sandbox's state, cgroup and network were made.
-func (tc *TaskConfig) checkBytes() error {
-	one := func(s string) []string { return []string{s} }
-	for _, f := range []struct {
-		name string
-		vals []string
-		// list fields are named with the index of the bad element.
-		list, path bool
-	}{
-		{"rootfs", one(tc.Rootfs), false, true},
-		{"image", one(tc.Image), false, true},
-		{"command", one(tc.Command), false, true},
-		{"work_dir", one(tc.WorkDir), false, true},
-		{"hostname", one(tc.Hostname), false, true},
-		{"timeout", one(tc.Timeout), false, true},
-		{"disk_limit", one(tc.DiskLimit), false, true},
-		{"auth.username", one(tc.Auth.Username), false, true},
-		{"auth.password", one(tc.Auth.Password), false, false},
-		{"args", tc.Args, true, false},
-		{"entrypoint", tc.Entrypoint, true, false},
-		{"cap_add", tc.CapAdd, true, true},
-		{"tmpfs", tc.Tmpfs, true, true},
-		{"egress", tc.Egress, true, true},
-	} {
-		for i, v := range f.vals {
-			name := f.name
-			if f.list {
-				name = fmt.Sprintf("%s[%d]", f.name, i)
-			}
-			if err := checkString(name, v, f.path); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// checkString refuses a NUL byte in s, and any control character when s is
-// a path or a name; the error names field.
-func checkString(field, s string, path bool) error {
-	for _, r := range s {
-		switch {
-		case r == 0:
-			return fmt.Errorf("%s holds a NUL byte: remove it (no string the sandbox gets may contain one)", field)
-		case path && (r < 0x20 || r == 0x7f):
-			return fmt.Errorf("%s %q holds a control character (%U): remove it, paths and names must be printable", field, s, r)
-		}
-	}
-	return nil
-}
-
-func reservedMount(p string) bool {
-	for _, r := range []string{"/alloc", "/local", "/secrets", "/proc", "/dev", "/sys"} {
-		if p == r || strings.HasPrefix(p, r+"/") {
-			return true
-		}
-	}
-	return p == "/etc/resolv.conf" || p == "/etc/hosts"
-}
-
-func validHostname(h string) bool {
-	if len(h) > 253 {
-		return false
-	}
-	for _, label := range strings.Split(h, ".") {
-		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-		for _, r := range label {
-			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // knownCaps are the Linux capabilities by their OCI names.

@@ -30,29 +30,28 @@ func parseDiskLimit(field, s string) (int64, error) {
 	return runtime.ParseSize(field, s)
 }
 
-// validateDisk checks the plugin's disk settings.
-func (c *PluginConfig) validateDisk() error {
-	def, err := parseDiskLimit("default_disk_limit", c.DefaultDiskLimit)
-	if err != nil {
-		return err
+// parseDisk parses and checks the plugin's disk settings; 0 bytes is no
+// limit (default_disk_limit) or no ceiling (max_disk_limit).
+func (c *PluginConfig) parseDisk() (def, max int64, err error) {
+	if def, err = parseDiskLimit("default_disk_limit", c.DefaultDiskLimit); err != nil {
+		return 0, 0, err
 	}
-	max, err := parseDiskLimit("max_disk_limit", c.MaxDiskLimit)
-	if err != nil {
-		return err
+	if max, err = parseDiskLimit("max_disk_limit", c.MaxDiskLimit); err != nil {
+		return 0, 0, err
 	}
 	switch {
 	case def > 0 && def < minDiskLimit:
-		return fmt.Errorf("default_disk_limit %q is below the smallest disk of %s: raise it, or write \"0\" for no limit", c.DefaultDiskLimit, runtime.FormatSize(minDiskLimit))
+		return 0, 0, fmt.Errorf("default_disk_limit %q is below the smallest disk of %s: raise it, or write \"0\" for no limit", c.DefaultDiskLimit, runtime.FormatSize(minDiskLimit))
 	case max > 0 && def > max:
-		return fmt.Errorf("default_disk_limit %s is above max_disk_limit %s", c.DefaultDiskLimit, c.MaxDiskLimit)
+		return 0, 0, fmt.Errorf("default_disk_limit %s is above max_disk_limit %s", c.DefaultDiskLimit, c.MaxDiskLimit)
 	case c.DefaultDiskInodes < 0 || c.MaxDiskInodes < 0:
-		return errors.New("default_disk_inodes and max_disk_inodes must not be negative (0: the default)")
+		return 0, 0, errors.New("default_disk_inodes and max_disk_inodes must not be negative (0: the default)")
 	case c.MaxDiskInodes > 0 && c.DefaultDiskInodes > c.MaxDiskInodes:
-		return fmt.Errorf("default_disk_inodes %d is above max_disk_inodes %d", c.DefaultDiskInodes, c.MaxDiskInodes)
+		return 0, 0, fmt.Errorf("default_disk_inodes %d is above max_disk_inodes %d", c.DefaultDiskInodes, c.MaxDiskInodes)
 	case c.DiskDir != "" && !filepath.IsAbs(c.DiskDir):
-		return fmt.Errorf("disk_dir %q must be an absolute path (a directory on the node's data disk, not tmpfs)", c.DiskDir)
+		return 0, 0, fmt.Errorf("disk_dir %q must be an absolute path (a directory on the node's data disk, not tmpfs)", c.DiskDir)
 	}
-	return nil
+	return def, max, nil
 }
 
 // defaultDiskDir holds the disk images when disk_dir is unset: the node's
@@ -69,10 +68,9 @@ func (c *PluginConfig) diskDir() string {
 
 // diskLimits sets the task's disk limits from disk_limit and disk_inodes,
 // the plugin's defaults and its ceilings.
-func (tc *TaskConfig) diskLimits(pc *PluginConfig, lim *taskLimits) error {
-	def, _ := parseDiskLimit("default_disk_limit", pc.DefaultDiskLimit)
-	max, _ := parseDiskLimit("max_disk_limit", pc.MaxDiskLimit)
-	size := def
+func (tc *TaskConfig) diskLimits(s *Settings, lim *taskLimits) error {
+	max := s.maxDiskBytes
+	size := s.defaultDiskBytes
 	if tc.DiskLimit != "" {
 		var err error
 		if size, err = runtime.ParseSize("disk_limit", tc.DiskLimit); err != nil {
@@ -95,18 +93,18 @@ func (tc *TaskConfig) diskLimits(pc *PluginConfig, lim *taskLimits) error {
 	}
 	inodes := tc.DiskInodes
 	if inodes == 0 {
-		inodes = pc.DefaultDiskInodes
+		inodes = s.DefaultDiskInodes
 		if inodes == 0 {
 			inodes = runtime.DefaultInodes(size)
 		}
 		// A default never refuses a task that asked for nothing.
 		inodes = min(inodes, runtime.MaxInodes(size))
-		if pc.MaxDiskInodes > 0 {
-			inodes = min(inodes, pc.MaxDiskInodes)
+		if s.MaxDiskInodes > 0 {
+			inodes = min(inodes, s.MaxDiskInodes)
 		}
 	}
-	if pc.MaxDiskInodes > 0 && inodes > pc.MaxDiskInodes {
-		return fmt.Errorf("disk_inodes %d is above this node's ceiling of %d (the plugin's max_disk_inodes): ask for %d or less", inodes, pc.MaxDiskInodes, pc.MaxDiskInodes)
+	if s.MaxDiskInodes > 0 && inodes > s.MaxDiskInodes {
+		return fmt.Errorf("disk_inodes %d is above this node's ceiling of %d (the plugin's max_disk_inodes): ask for %d or less", inodes, s.MaxDiskInodes, s.MaxDiskInodes)
 	}
 	if m := runtime.MaxInodes(size); inodes > m {
 		return fmt.Errorf("disk_inodes %d is more than a disk of %s holds (at most %d): raise disk_limit or lower disk_inodes", inodes, runtime.FormatSize(size), m)

@@ -285,40 +285,6 @@ func TestDisk_RefusedAboveMax(t *testing.T) {
 	must.SliceEmpty(t, images)
 }
 
-func TestDiskLimits_Validate(t *testing.T) {
-	pc := &PluginConfig{DefaultDiskLimit: "1GiB", MaxDiskLimit: "16GiB", MaxDiskInodes: 100000}
-	for _, c := range []struct {
-		tc            TaskConfig
-		bytes, inodes int64
-		err           string
-	}{
-		{TaskConfig{}, 1 << 30, 65536, ""},
-		{TaskConfig{DiskLimit: "2GiB"}, 2 << 30, 100000, ""},
-		{TaskConfig{DiskLimit: "2GiB", DiskInodes: 100001}, 0, 0, "max_disk_inodes"},
-		{TaskConfig{DiskLimit: "500MB", DiskInodes: 5000}, 500e6, 5000, ""},
-		{TaskConfig{DiskLimit: "17GiB"}, 0, 0, "max_disk_limit"},
-		{TaskConfig{DiskLimit: "2 GiB"}, 2 << 30, 100000, ""},
-		{TaskConfig{DiskLimit: "2G"}, 0, 0, "not a size"},
-		{TaskConfig{DiskLimit: "16MiB", DiskInodes: 50000}, 0, 0, "more than a disk of 16MiB holds"},
-		{TaskConfig{DiskInodes: -1}, 0, 0, "disk_inodes -1 must be positive"},
-	} {
-		var lim taskLimits
-		err := c.tc.diskLimits(pc, &lim)
-		if c.err != "" {
-			must.ErrorContains(t, err, c.err, must.Sprintf("%+v", c.tc))
-			continue
-		}
-		must.NoError(t, err)
-		must.Eq(t, c.bytes, lim.diskBytes)
-		must.Eq(t, c.inodes, lim.diskInodes)
-	}
-	var lim taskLimits
-	must.NoError(t, (&TaskConfig{}).diskLimits(&PluginConfig{DefaultDiskLimit: "0"}, &lim))
-	must.Eq(t, 0, lim.diskBytes)
-	must.ErrorContains(t, (&TaskConfig{DiskInodes: 10}).diskLimits(&PluginConfig{}, &lim), "disk_inodes needs a disk_limit")
-	must.ErrorContains(t, (&PluginConfig{DefaultDiskLimit: "2GiB", MaxDiskLimit: "1GiB"}).validateDisk(), "above max_disk_limit")
-}
-
 // After a plugin crash (its task never recovered), the sweep removes the
 // task's disk as it removes its sandbox: the overlay and the file system
 // are unmounted, the loop device detached, what the task wrote is in the

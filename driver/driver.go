@@ -28,10 +28,11 @@ import (
 // Driver runs Nomad tasks in gVisor sandboxes.
 type Driver struct {
 	eventer *eventer.Eventer
-	config  *PluginConfig
-	runsc   *runtime.Runsc
-	tasks   *taskStore
-	logger  hclog.Logger
+	// config is the plugin configuration, validated and parsed once.
+	config *Settings
+	runsc  *runtime.Runsc
+	tasks  *taskStore
+	logger hclog.Logger
 
 	// supervisorExe is the binary started as each task's supervisor; it
 	// is the plugin's own executable unless a test sets it.
@@ -54,10 +55,8 @@ type Driver struct {
 	// images is the node's image cache.
 	images *image.Store
 
-	// net makes sandboxes' network namespaces and host-side filters;
-	// ceiling is the parsed allowed_egress.
-	net     *netpolicy.Manager
-	ceiling []netpolicy.Entry
+	// net makes sandboxes' network namespaces and host-side filters.
+	net *netpolicy.Manager
 	// netPrefix and netTable, when set (tests), name what this driver's
 	// network manager creates, so that drivers side by side in one test
 	// process never reconcile away each other's sandboxes.
@@ -110,18 +109,17 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 			return fmt.Errorf("plugin config: %w", err)
 		}
 	}
-	if err := pc.Validate(); err != nil {
+	s, err := pc.Validate()
+	if err != nil {
 		return err
 	}
-	path, err := exec.LookPath(pc.RunscPath)
+	path, err := exec.LookPath(s.RunscPath)
 	if err != nil {
 		// Not fatal: the fingerprint reports the driver unhealthy with
 		// this reason, and recovers once runsc is installed.
-		path = pc.RunscPath
+		path = s.RunscPath
 	}
-	var platform runtime.Platform
-	_ = platform.Set(pc.Platform)
-	for _, dir := range []string{pc.RunscRoot, pc.StateDir} {
+	for _, dir := range []string{s.RunscRoot, s.StateDir} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return fmt.Errorf("plugin config: create %s: %w", dir, err)
 		}
@@ -133,7 +131,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		}
 		d.supervisorExe = exe
 	}
-	for _, f := range []struct{ name, path string }{{"audit_log", pc.AuditLog}, {"trace_log", pc.TraceLog}} {
+	for _, f := range []struct{ name, path string }{{"audit_log", s.AuditLog}, {"trace_log", s.TraceLog}} {
 		if f.path == "" {
 			continue
 		}
@@ -141,19 +139,17 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 			return fmt.Errorf("plugin config: %s: %w", f.name, err)
 		}
 	}
-	d.images = &image.Store{Dir: pc.ImageDir, AuthConfig: pc.AuthConfig, MaxImageSize: pc.imageMaxSizeMB() << 20, Logger: d.logger.Named("image")}
-	if timeout, _ := parseTimeout("image_pull_timeout", pc.ImagePullTimeout); timeout > 0 {
-		d.images.PullTimeout = timeout
+	d.images = &image.Store{Dir: s.ImageDir, AuthConfig: s.AuthConfig, MaxImageSize: s.imageMaxSizeMB() << 20, Logger: d.logger.Named("image")}
+	if s.imagePullTimeout > 0 {
+		d.images.PullTimeout = s.imagePullTimeout
 	}
 	if err := d.images.Open(); err != nil {
 		return fmt.Errorf("plugin config: image_dir: %w", err)
 	}
-	if err := d.configureNetwork(&pc); err != nil {
-		return err
-	}
-	d.config = &pc
-	d.audit = &audit.Log{Path: pc.AuditLog}
-	d.runsc = &runtime.Runsc{Path: path, Root: pc.RunscRoot, Platform: platform}
+	d.configureNetwork(s)
+	d.config = s
+	d.audit = &audit.Log{Path: s.AuditLog}
+	d.runsc = &runtime.Runsc{Path: path, Root: s.RunscRoot, Platform: s.platform}
 	go d.collectGarbage(d.ctx)
 	return nil
 }

@@ -522,7 +522,7 @@ func TestDriver_EgressMaxEntries(t *testing.T) {
 		pc.AllowedEgress = []string{"203.0.113.0/24"}
 		pc.MaxEgressEntries = 3
 	})
-	got, err := e.driver.checkEgress(&TaskConfig{Egress: entries(3)})
+	got, err := (&TaskConfig{Egress: entries(3)}).validateEgress(e.driver.config)
 	must.NoError(t, err)
 	must.Len(t, 3, got)
 }

@@ -59,11 +59,7 @@ func (d *Driver) collectImages() {
 			inUse[m.ImageDigest] = true
 		}
 	}
-	maxAge, _ := parseTimeout("image_gc.max_age", d.config.ImageGC.MaxAge)
-	if maxAge == 0 {
-		maxAge = defaultImageMaxAge
-	}
-	removed, err := d.images.GC(maxAge, d.config.imageCacheMB()<<20, func(digest string) bool { return inUse[digest] })
+	removed, err := d.images.GC(d.config.imageMaxAge, d.config.imageCacheMB()<<20, func(digest string) bool { return inUse[digest] })
 	if err != nil {
 		d.logger.Warn("image garbage collection failed", "error", err)
 	}

@@ -271,26 +271,6 @@ func TestDriver_ImageMaxSize(t *testing.T) {
 	must.SliceEmpty(t, tmp)
 }
 
-// TestPluginConfig_ImageSizes: the image size caps default to non-zero
-// values, and settings that cannot work are refused naming the fields.
-func TestPluginConfig_ImageSizes(t *testing.T) {
-	pc := PluginConfig{RunscPath: "runsc", RunscRoot: "/run/r", StateDir: "/run/s", Platform: "systrap", ImageDir: "/var/lib/i"}
-	must.NoError(t, pc.Validate())
-	must.Eq(t, 4096, pc.imageMaxSizeMB())
-	must.Eq(t, 16384, pc.imageCacheMB())
-
-	neg := pc
-	neg.ImageMaxSizeMB = -1
-	must.ErrorContains(t, neg.Validate(), "image_max_size_mb must not be negative")
-
-	over := pc
-	over.ImageGC.MaxSizeMB = 1000
-	must.ErrorContains(t, over.Validate(), "image_max_size_mb 4096 is larger than the image cache (image_gc.max_size_mb 1000)")
-	over.ImageMaxSizeMB = 500
-	must.NoError(t, over.Validate())
-	must.Eq(t, 500<<20, over.imageMaxSizeMB()<<20)
-}
-
 // TestDriver_ImageForeignErrorNotReported: a registry that sends a blob
 // fetch to another host (one the operator allows) cannot get that host's
 // answer into the task's events or the audit log.

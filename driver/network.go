@@ -97,40 +97,27 @@ type taskNet struct {
 	denials map[string]uint64
 }
 
-// configureNetwork prepares the network policy from the plugin config: the
-// ceiling, the always-denied destinations (the defaults and denied_egress;
-// the node's own addresses are denied per packet by the filter, whenever
-// they appeared), private space outside what allowed_egress names, and the
-// upstream DNS servers.
-func (d *Driver) configureNetwork(pc *PluginConfig) error {
-	subnet, _ := netip.ParsePrefix(pc.NetworkSubnet)
+// configureNetwork prepares the network policy from the plugin's settings:
+// the always-denied destinations (the defaults and denied_egress; the node's
+// own addresses are denied per packet by the filter, whenever they
+// appeared), private space outside what allowed_egress names, and the
+// upstream DNS servers (the node's own when dns_servers is empty).
+func (d *Driver) configureNetwork(s *Settings) {
 	// The manager adds netpolicy.DefaultDeny() and the subnet itself.
-	var deny []netip.Prefix
-	for _, s := range pc.DeniedEgress {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			a, _ := netip.ParseAddr(s)
-			p = netip.PrefixFrom(a, a.BitLen())
-		}
-		deny = append(deny, p)
-	}
-	d.ceiling = nil
 	var named []netip.Prefix
-	for _, s := range pc.AllowedEgress {
-		e, _ := netpolicy.ParseEgress(s)
-		d.ceiling = append(d.ceiling, e)
+	for _, e := range s.allowedEgress {
 		if e.Prefix.IsValid() {
 			named = append(named, e.Prefix)
 		}
 	}
-	if len(pc.DNSServers) == 0 {
-		pc.DNSServers = runtime.HostNameservers()
+	if len(s.DNSServers) == 0 {
+		s.DNSServers = runtime.HostNameservers()
 	}
 	d.net = &netpolicy.Manager{
 		Config: netpolicy.Config{
-			Subnet:     subnet,
-			Deny:       deny,
-			StateDir:   filepath.Join(filepath.Dir(pc.StateDir), "netpolicy"),
+			Subnet:     s.subnet,
+			Deny:       s.deniedEgress,
+			StateDir:   filepath.Join(filepath.Dir(s.StateDir), "netpolicy"),
 			Masquerade: true,
 			// Private space only where allowed_egress names it (and the
 			// task's egress too, as for any destination).
@@ -141,33 +128,6 @@ func (d *Driver) configureNetwork(pc *PluginConfig) error {
 		},
 		Logger: d.logger.Named("netpolicy"),
 	}
-	return nil
-}
-
-// checkEgress parses the task's egress entries and checks each against the
-// node's ceiling (allowed_egress).
-func (d *Driver) checkEgress(tc *TaskConfig) ([]netpolicy.Entry, error) {
-	if len(tc.Egress) == 0 {
-		return nil, nil
-	}
-	if n, limit := len(tc.Egress), d.config.maxEgressEntries(); n > limit {
-		return nil, fmt.Errorf("egress lists %d entries, more than this node allows (the plugin's max_egress_entries, %d): use CIDR prefixes, port ranges or wildcard names to cover more with fewer entries", n, limit)
-	}
-	var out []netpolicy.Entry
-	for _, s := range tc.Egress {
-		e, err := netpolicy.ParseEgress(s)
-		if err != nil {
-			return nil, err
-		}
-		if !covered(e, d.ceiling) {
-			if len(d.ceiling) == 0 {
-				return nil, fmt.Errorf("egress %q: this node allows no egress: the operator must list permitted destinations in the plugin's allowed_egress", s)
-			}
-			return nil, fmt.Errorf("egress %q is outside what this node permits (the plugin's allowed_egress): ask for a destination within %s", s, strings.Join(d.config.AllowedEgress, ", "))
-		}
-		out = append(out, e)
-	}
-	return out, nil
 }
 
 // ipv6Entries are the IPv6 entries of an allowlist, which allow nothing:
@@ -180,46 +140,6 @@ func ipv6Entries(entries []netpolicy.Entry) []string {
 		}
 	}
 	return out
-}
-
-// covered reports whether entry e is within one of the ceiling entries.
-func covered(e netpolicy.Entry, ceiling []netpolicy.Entry) bool {
-	for _, c := range ceiling {
-		if proto(c) != proto(e) || !portsWithin(e, c) {
-			continue
-		}
-		switch {
-		case e.Prefix.IsValid() && c.Prefix.IsValid():
-			if c.Prefix.Bits() <= e.Prefix.Bits() && c.Prefix.Contains(e.Prefix.Addr()) {
-				return true
-			}
-		case e.Host != "" && c.Host != "":
-			if !c.Wildcard && !e.Wildcard && c.Host == e.Host {
-				return true
-			}
-			if c.Wildcard && (e.Host == c.Host && e.Wildcard || c.MatchesHost(e.Host)) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-func proto(e netpolicy.Entry) string {
-	if e.Proto == "" {
-		return "tcp"
-	}
-	return e.Proto
-}
-
-func portsWithin(e, c netpolicy.Entry) bool {
-	if c.PortLo == 0 && c.PortHi == 0 {
-		return true
-	}
-	if e.PortLo == 0 && e.PortHi == 0 {
-		return false
-	}
-	return e.PortLo >= c.PortLo && e.PortHi <= c.PortHi
 }
 
 // networkMode decides where the sandbox's network comes from. Nomad 1.6

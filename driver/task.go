@@ -60,7 +60,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	// have run; the start record replaces it with what did.
 	rec.Rootfs, rec.Image = tc.Rootfs, tc.Image
 	rec.Command = taskArgs(&tc, image.Config{})
-	lim, err := d.checkTask(cfg, &tc)
+	lim, err := d.validateTask(cfg, &tc)
 	if err != nil {
 		return nil, nil, d.refuse(cfg, rec, err)
 	}
@@ -266,68 +266,6 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	h := newTaskHandle(cfg, st, sup, spec, d.logger.With("task_id", cfg.ID, "sandbox_id", id))
 	h.net = tn
 	return h, handle, nil
-}
-
-// checkTask validates the task against the node's ceiling and returns the
-// limits that apply. It is cheap and creates nothing.
-func (d *Driver) checkTask(cfg *drivers.TaskConfig, tc *TaskConfig) (taskLimits, error) {
-	lim, err := tc.Validate(d.config)
-	if err != nil {
-		return lim, err
-	}
-	if err := checkTaskBytes(cfg); err != nil {
-		return lim, err
-	}
-	if lim.egress, err = d.checkEgress(tc); err != nil {
-		return lim, err
-	}
-	if d.config.DenyEnvIdentity {
-		for k := range cfg.Env {
-			if k == "NOMAD_TOKEN" || strings.HasPrefix(k, "NOMAD_TOKEN_") {
-				return lim, fmt.Errorf("the job asks for its workload identity in the environment (identity { env = true }), which this node forbids (the plugin's deny_env_identity): use identity { file = true } and read /secrets/nomad_token")
-			}
-		}
-	}
-	if lim.net, err = d.networkMode(cfg, lim.egress); err != nil {
-		return lim, err
-	}
-	for _, m := range cfg.Mounts {
-		if !filepath.IsAbs(m.TaskPath) || reservedMount(filepath.Clean(m.TaskPath)) || filepath.Clean(m.TaskPath) == "/" {
-			return lim, fmt.Errorf("volume_mount destination %q must be an absolute path outside /alloc, /local, /secrets, /proc, /dev and /sys", m.TaskPath)
-		}
-	}
-	return lim, nil
-}
-
-// checkTaskBytes refuses NUL bytes in what the job sets outside the driver's
-// config block (env, user, volume paths), and control characters in the
-// paths and names among them (see checkString).
-func checkTaskBytes(cfg *drivers.TaskConfig) error {
-	if err := checkString("user", cfg.User, true); err != nil {
-		return err
-	}
-	for _, env := range []map[string]string{cfg.Env, cfg.DeviceEnv} {
-		for k, v := range env {
-			if err := checkString(fmt.Sprintf("env name %q", k), k, false); err != nil {
-				return err
-			}
-			if strings.Contains(k, "=") {
-				return fmt.Errorf("env name %q holds '=': rename the variable", k)
-			}
-			if err := checkString(fmt.Sprintf("env %q", k), v, false); err != nil {
-				return err
-			}
-		}
-	}
-	for _, m := range cfg.Mounts {
-		if err := checkString("volume_mount destination", m.TaskPath, true); err != nil {
-			return err
-		}
-		if err := checkString("volume source path", m.HostPath, true); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 func sandboxID(cfg *drivers.TaskConfig) string {

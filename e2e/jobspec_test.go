@@ -283,7 +283,9 @@ func TestExampleJobspecs(t *testing.T) {
 		must.True(t, names[want], must.Sprintf("%s was not found among %v", want, names))
 	}
 
-	pc := &driver.PluginConfig{AllowHostRootfs: []string{exampleRootfsParent}, DefaultPidsLimit: 1024, MaxPidsLimit: 4096}
+	pc, err := driver.PluginConfig{RunscPath: "runsc", RunscRoot: "/run/nomad-sandbox/runsc", StateDir: "/run/nomad-sandbox/tasks",
+		ImageDir: "/var/lib/nomad-sandbox/images", AllowHostRootfs: []string{exampleRootfsParent}, DefaultPidsLimit: 1024, MaxPidsLimit: 4096}.Validate()
+	must.NoError(t, err)
 	for _, s := range specs {
 		t.Run(s.Name, func(t *testing.T) {
 			job, err := s.parse()
@@ -322,7 +324,7 @@ func TestExampleJobspecs(t *testing.T) {
 }
 
 // checkSandboxTask renders and validates a sandbox task's config.
-func checkSandboxTask(job *api.Job, tg *api.TaskGroup, task *api.Task, pc *driver.PluginConfig) error {
+func checkSandboxTask(job *api.Job, tg *api.TaskGroup, task *api.Task, pc *driver.Settings) error {
 	cfg, err := decodeSandboxConfig(job, tg, task)
 	if err != nil {
 		return err
