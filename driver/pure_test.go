@@ -7,9 +7,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/netpolicy"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -82,4 +85,42 @@ func TestExitResult(t *testing.T) {
 	oom := exitResult(&runtime.ExitStatus{ExitCode: 137, OOMKilled: true}, time.Minute)
 	must.True(t, oom.OOMKilled)
 	must.ErrorContains(t, oom.Err, "out of memory")
+}
+
+func TestNetworkMode(t *testing.T) {
+	ports := &structs.AllocatedPorts{{Label: "http", Value: 8080}}
+	egress := []netpolicy.Entry{{}}
+	cases := []struct {
+		name      string
+		cfg       drivers.TaskConfig
+		egress    []netpolicy.Entry
+		allowHost bool
+		want      netMode
+		err       string
+	}{
+		{name: "no network block", want: netOwn},
+		{name: "no network block, egress", egress: egress, want: netOwn},
+		{name: "bridge", cfg: drivers.TaskConfig{NetworkIsolation: &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup, Path: "/var/run/netns/x"}}, want: netGroup},
+		{name: "group without a path", cfg: drivers.TaskConfig{NetworkIsolation: &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeGroup}}, err: "no network namespace path"},
+		{name: "driver mode", cfg: drivers.TaskConfig{NetworkIsolation: &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeTask}}, err: `network mode "driver" is not supported`},
+		{name: "host mode forbidden", cfg: drivers.TaskConfig{NetworkIsolation: &drivers.NetworkIsolationSpec{Mode: drivers.NetIsolationModeHost}}, err: "allow_host_network"},
+		{name: "ports forbidden", cfg: drivers.TaskConfig{Resources: &drivers.Resources{Ports: ports}}, err: "ports http (8080)"},
+		{name: "dns block forbidden", cfg: drivers.TaskConfig{DNS: &drivers.DNSConfig{}}, err: "a dns block"},
+		{name: "host mode allowed", cfg: drivers.TaskConfig{Resources: &drivers.Resources{Ports: ports}}, allowHost: true, want: netHost},
+		{name: "host mode with egress", cfg: drivers.TaskConfig{DNS: &drivers.DNSConfig{}}, egress: egress, allowHost: true, err: "egress cannot be enforced"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d := New(hclog.NewNullLogger())
+			t.Cleanup(d.Shutdown)
+			d.config = &Settings{PluginConfig: PluginConfig{AllowHostNetwork: tc.allowHost}}
+			got, err := d.networkMode(&tc.cfg, tc.egress)
+			if tc.err != "" {
+				must.ErrorContains(t, err, tc.err)
+				return
+			}
+			must.NoError(t, err)
+			must.Eq(t, tc.want, got)
+		})
+	}
 }
