@@ -178,10 +178,17 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 	rec := readAllocDiskRecord(base)
 	if rec != nil && !allocOverlaysMounted(base, rec) {
 		// A record whose overlays are gone (the node restarted, or
-		// someone unmounted them): nothing of it can be held. With no
-		// other holder it is removed and made again below.
+		// a removal copied one back and failed on the other). With
+		// other holders, their disk is mounted again, never left off
+		// (the task would write the node's disk unbounded); with none
+		// it is copied back, removed and made again below.
 		if len(others) > 0 {
-			return "alloc/data and alloc/tmp are not limited: the allocation's disk is not mounted over them", nil
+			for _, sub := range allocSubdirs {
+				if err := reattachAllocOverlay(base, *rec, sub, true); err != nil {
+					return "", fmt.Errorf("mount the allocation's disk again: alloc/%s: %w", sub, err)
+				}
+			}
+			return "", nil
 		}
 		if err := removeAllocDisk(base, *rec, true); err != nil {
 			return "", fmt.Errorf("remove the allocation's stale disk: %w", err)
@@ -370,7 +377,11 @@ func finishAllocDisk(stateRoot, base, self string) error {
 // removeAllocDisk copies the overlays' content back (when copy is set and
 // the allocation directory is still there), unmounts the overlays and the
 // file system (its loop device detaches itself) and removes the image and
-// its record. What cannot be copied keeps the image.
+// its record. An overlay the node lost (a restart) is mounted again first,
+// so that what the disk holds is copied back, not dropped with it. An
+// overlay whose copy back fails stays mounted, with the disk under it: what
+// the tasks wrote stays where Nomad and the allocation's next task see it,
+// still bounded by the disk, and the next try copies it.
 func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 	var errs []error
 	for _, sub := range allocSubdirs {
@@ -381,6 +392,12 @@ func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 			src, err := mountSource(target)
 			return err == nil && src == allocOverlaySource(base, sub)
 		}
+		if copy && !ours() {
+			if err := reattachAllocOverlay(base, rec, sub, false); err != nil {
+				errs = append(errs, fmt.Errorf("alloc/%s: copy back what the disk holds: %w", sub, err))
+				continue
+			}
+		}
 		if !ours() {
 			continue
 		}
@@ -388,6 +405,15 @@ func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 		if copy {
 			if err := copyBack(target, "alloc/"+sub, unmount); err != nil {
 				errs = append(errs, err)
+				continue
+			}
+			// Copied: a later try must not lay this upper layer over
+			// the copy again.
+			done := filepath.Join(base, sub+".copied")
+			_ = os.RemoveAll(done)
+			if err := os.Rename(filepath.Join(base, sub), done); err != nil {
+				errs = append(errs, fmt.Errorf("allocation disk: %w", err))
+				continue
 			}
 		}
 		if ours() {
@@ -396,11 +422,11 @@ func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 			}
 		}
 	}
-	if err := unmountFS(base); err != nil {
-		errs = append(errs, err)
-	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
+	}
+	if err := unmountFS(base); err != nil {
+		return err
 	}
 	_ = os.RemoveAll(base)
 	if err := os.Remove(base + ".img"); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -410,6 +436,47 @@ func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 		return err
 	}
 	return nil
+}
+
+// reattachAllocOverlay mounts the disk's file system at base and its
+// overlay over alloc/<sub> again after the node lost them (a restart keeps
+// disk_dir, not the mounts). It does nothing when the image or alloc/<sub>
+// is gone (nothing to copy, or nowhere to), nor, unless always is set, when
+// the disk holds no upper layer for sub (nothing written, or copied back
+// already). The image is never mounted twice.
+func reattachAllocOverlay(base string, rec allocDiskRecord, sub string, always bool) error {
+	target := filepath.Join(rec.AllocDir, "alloc", sub)
+	if _, err := os.Lstat(target); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if src, err := mountSource(target); err != nil || src == allocOverlaySource(base, sub) {
+		return err
+	}
+	image := base + ".img"
+	if _, err := os.Lstat(image); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	src, err := mountSource(base)
+	if err != nil {
+		return err
+	}
+	if src == "" {
+		if dev := loopOf(image); dev != "" {
+			return fmt.Errorf("allocation disk image %s is on %s but not mounted at %s: not mounted twice", image, dev, base)
+		}
+		if err := os.Mkdir(base, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("allocation disk mount point: %w", err)
+		}
+		if err := mountImage(image, base); err != nil {
+			return err
+		}
+	}
+	if !always {
+		if _, err := os.Lstat(filepath.Join(base, sub, "upper")); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+	}
+	return mountAllocOverlay(base, rec.AllocDir, sub)
 }
 
 // SweepAllocDisks finishes what crashes left in disk_dir: the disks that no

@@ -1,0 +1,83 @@
+package runtime
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/shoenig/test/must"
+	"golang.org/x/sys/unix"
+)
+
+// What the tasks wrote to alloc/data is on the allocation's disk until the
+// copy back. A removal that finds the overlays gone (the node restarted:
+// the mounts went, disk_dir stayed) must copy the disk back, not drop it,
+// whether the sweep or the next task's start finds it.
+func TestAllocDisk_UnmountedDiskIsCopiedBack(t *testing.T) {
+	for _, by := range []string{"sweep", "join"} {
+		t.Run(by, func(t *testing.T) {
+			e := newAllocDiskEnv(t)
+			s := e.task(t, "s")
+			e.join(t, s, 16<<20)
+			x := filepath.Join(e.allocDir, "alloc", "data", "x")
+			must.NoError(t, os.WriteFile(x, []byte("written before the restart"), 0o644))
+			base := allocDiskBase(e.diskDir, "a1")
+			for _, m := range []string{filepath.Join(e.allocDir, "alloc", "data"), filepath.Join(e.allocDir, "alloc", "tmp"), base} {
+				must.NoError(t, unix.Unmount(m, 0))
+			}
+			must.NoError(t, os.RemoveAll(s))
+			switch by {
+			case "sweep":
+				_, err := SweepAllocDisks(e.diskDir, e.stateRoot)
+				must.NoError(t, err)
+			case "join":
+				n := e.task(t, "n")
+				e.join(t, n, 16<<20)
+				defer func() { must.NoError(t, LeaveAllocDisk(n)) }()
+			}
+			got, err := os.ReadFile(x)
+			must.NoError(t, err, must.Sprint("what the task wrote was dropped with the disk"))
+			must.Eq(t, "written before the restart", string(got))
+		})
+	}
+}
+
+// A copy back that fails (the node's disk is full) keeps what the tasks
+// wrote where Nomad and the next task see it, the disk mounted and bounding
+// them, and the next try copies it back.
+func TestAllocDisk_FailedCopyBackKeepsDataAndLimit(t *testing.T) {
+	e := newAllocDiskEnv(t)
+	// The allocation directory on a file system too small for the copy.
+	must.NoError(t, unix.Mount("tmpfs", e.allocDir, "tmpfs", 0, "size=2m"))
+	t.Cleanup(func() { _ = unix.Unmount(e.allocDir, unix.MNT_DETACH) })
+	for _, d := range []string{"data", "tmp"} {
+		must.NoError(t, os.MkdirAll(filepath.Join(e.allocDir, "alloc", d), 0o777))
+	}
+	a := e.task(t, "a")
+	e.join(t, a, 16<<20)
+	big := bytes.Repeat([]byte("d"), 4<<20)
+	x := filepath.Join(e.allocDir, "alloc", "data", "x")
+	must.NoError(t, os.WriteFile(x, big, 0o644))
+	must.Error(t, LeaveAllocDisk(a))
+
+	// The data is still at the host path, on the disk.
+	got, err := os.ReadFile(x)
+	must.NoError(t, err, must.Sprint("a failed copy back hid what the task wrote"))
+	must.Eq(t, len(big), len(got))
+	must.True(t, e.mounted(t), must.Sprint("a failed copy back took the disk off alloc/data"))
+
+	// The next task of the allocation is on the disk, not unlimited.
+	b := e.task(t, "b")
+	must.Eq(t, "", e.join(t, b, 16<<20))
+	must.True(t, e.mounted(t))
+
+	// Room made: the retries succeed and copy everything back.
+	must.NoError(t, unix.Mount("", e.allocDir, "", unix.MS_REMOUNT, "size=64m"))
+	must.NoError(t, LeaveAllocDisk(b))
+	must.NoError(t, LeaveAllocDisk(a))
+	must.False(t, e.mounted(t))
+	got, err = os.ReadFile(x)
+	must.NoError(t, err)
+	must.Eq(t, len(big), len(got))
+}
