@@ -5,9 +5,12 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/shoenig/test/must"
 	"golang.org/x/sys/unix"
+
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
 // What the tasks wrote to alloc/data is on the allocation's disk until the
@@ -80,4 +83,38 @@ func TestAllocDisk_FailedCopyBackKeepsDataAndLimit(t *testing.T) {
 	got, err = os.ReadFile(x)
 	must.NoError(t, err)
 	must.Eq(t, len(big), len(got))
+}
+
+// The node's other users can write alloc/data (Nomad makes it
+// world-writable) while the copy back runs, and swap a file it found
+// regular for a FIFO before it opens it: the open must not wait for a
+// writer that never comes (DestroyTask and the sweep would hang, holding
+// the allocation's lock and the sweep's), and the FIFO is not copied.
+func TestCopyBack_FileSwappedForFIFO(t *testing.T) {
+	testutil.RequireRoot(t)
+	srcDir, dstDir := t.TempDir(), t.TempDir()
+	must.NoError(t, unix.Mkfifo(filepath.Join(srcDir, "f"), 0o666))
+	src, err := os.OpenRoot(srcDir)
+	must.NoError(t, err)
+	defer src.Close()
+	dst, err := os.OpenRoot(dstDir)
+	must.NoError(t, err)
+	defer dst.Close()
+	c := &treeCopy{src: src, dst: dst, links: map[[2]uint64]string{}}
+	done := make(chan error, 1)
+	// As if the Lstat had seen a regular file of 10 bytes there.
+	go func() { done <- c.file("f", 10) }()
+	select {
+	case err := <-done:
+		must.Error(t, err)
+	case <-time.After(10 * time.Second):
+		// Unblock the open so that the goroutine ends.
+		if w, err := os.OpenFile(filepath.Join(srcDir, "f"), os.O_WRONLY, 0); err == nil {
+			w.Close()
+		}
+		<-done
+		t.Fatal("the copy back blocked opening a FIFO")
+	}
+	_, err = os.Lstat(filepath.Join(dstDir, "f"))
+	must.True(t, os.IsNotExist(err), must.Sprint("the FIFO's stand-in was left in the copy"))
 }

@@ -190,7 +190,10 @@ func (c *treeCopy) entry(rel string) error {
 		if st.Nlink > 1 {
 			c.links[key] = rel
 		}
-		if err := c.file(rel, fi.Size()); err != nil {
+		if err := c.file(rel, fi.Size()); errors.Is(err, errNotRegular) {
+			// Swapped since the Lstat: left out, as FIFOs are.
+			return nil
+		} else if err != nil {
 			return err
 		}
 	default:
@@ -205,13 +208,26 @@ func (c *treeCopy) entry(rel string) error {
 	return c.dst.Chtimes(rel, fi.ModTime(), fi.ModTime())
 }
 
+// errNotRegular is file's answer for what is no longer a regular file.
+var errNotRegular = errors.New("not a regular file")
+
 // file copies the data extents of a regular file; its holes stay holes.
+// The open never waits: what was seen as a regular file may have been
+// swapped for a FIFO since (alloc/data is world-writable), which is then
+// left out (errNotRegular).
 func (c *treeCopy) file(rel string, size int64) error {
-	in, err := c.src.OpenFile(rel, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	in, err := c.src.OpenFile(rel, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(in.Fd()), &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("%s: %w", rel, errNotRegular)
+	}
 	out, err := c.dst.OpenFile(rel, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return err
