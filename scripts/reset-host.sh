@@ -22,7 +22,7 @@
 #               agents' own nomad-sandbox-e2e-* and nomad-sandbox-demo, in
 #               every hierarchy
 #   network     namespaces, veths and nft tables named by the driver (nsbx,
-#               nomad_sandbox*), by its tests (tnpx, t<4 hex>, nsbx_test_*,
+#               nomad_sandbox*), by its tests (tnpx, tnps, t<4 hex>, nsbx_test_*,
 #               sbxt*) and the e2e suite's bridge (sbxe2e*), its CNI state
 #               and iptables chains, the test hosts' policy rules and tables
 #   sysctl      net.ipv4.ip_forward back to 0
@@ -38,7 +38,7 @@ dirs=(/run/nomad-sandbox /run/nomad-driver-sandbox /var/lib/nomad-sandbox /var/l
 for d in /tmp/nomad-sandbox-e2e-* /tmp/nomad-sandbox-demo.*; do
 	[ -d "$d" ] && dirs+=("$d")
 done
-ns_re='^(nsbx|tnpx|sbxt|sbxe2e|t[0-9a-f]{4})'
+ns_re='^(nsbx|tnpx|tnps|sbxt|sbxe2e|t[0-9a-f]{4})'
 table_re='^(nomad_sandbox|nsbx_test_)'
 
 # 1. Processes: agents and plugins first (they would start sandboxes
