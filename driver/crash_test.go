@@ -135,13 +135,13 @@ type child struct {
 // startChild runs a child plugin for cfg. It is killed when the test ends.
 func (e *testEnv) startChild(t *testing.T, cfg *drivers.TaskConfig, tc TaskConfig, crashAt, then string) *child {
 	t.Helper()
-	spec := crashChild{Plugin: e.config, Supervisor: e.supervis, NetPrefix: e.netPrefix, NetTable: "nsbx_test_" + e.netPrefix,
+	spec := crashChild{Plugin: e.config, Supervisor: e.supervisorExe, NetPrefix: e.netPrefix, NetTable: "nsbx_test_" + e.netPrefix,
 		Task: cfg, Driver: tc, CrashAt: crashAt, Then: then}
 	b, err := json.Marshal(&spec)
 	must.NoError(t, err)
 	path := filepath.Join(t.TempDir(), "child.json")
 	must.NoError(t, os.WriteFile(path, b, 0o600))
-	cmd := exec.Command(e.supervis, crashChildArg, path)
+	cmd := exec.Command(e.supervisorExe, crashChildArg, path)
 	cmd.Stderr = testWriter{t}
 	stdout, err := cmd.StdoutPipe()
 	must.NoError(t, err)
@@ -207,7 +207,7 @@ func (c *child) kill(t *testing.T) {
 // its absence can be checked after.
 type traces struct {
 	id, stateDir string
-	net          *netpolicy.Sandbox
+	net          *netpolicy.Network
 }
 
 func (e *testEnv) tracesOf(t *testing.T, cfg *drivers.TaskConfig, egress bool) traces {

@@ -27,13 +27,13 @@ import (
 // testEnv is one configured driver with its own state, runsc root and host
 // rootfs, all removed when the test ends.
 type testEnv struct {
-	t        *testing.T
-	base     string
-	rootfs   string
-	config   PluginConfig
-	driver   *Driver
-	harness  *dtestutil.DriverHarness
-	supervis string
+	t             *testing.T
+	base          string
+	rootfs        string
+	config        PluginConfig
+	driver        *Driver
+	harness       *dtestutil.DriverHarness
+	supervisorExe string
 	// netPrefix names this env's network namespaces, veths and nft
 	// objects, apart from every other env's.
 	netPrefix string
@@ -65,7 +65,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 	}
 	exe, err := os.Executable()
 	must.NoError(t, err)
-	e := &testEnv{t: t, base: base, rootfs: rootfs, config: pc, supervis: exe, netPrefix: netPrefixFor(base)}
+	e := &testEnv{t: t, base: base, rootfs: rootfs, config: pc, supervisorExe: exe, netPrefix: netPrefixFor(base)}
 	e.driver = e.newDriver()
 	e.harness = dtestutil.NewDriverHarness(t, e.driver)
 	t.Cleanup(func() {
@@ -77,7 +77,7 @@ func newTestEnv(t *testing.T, mutate func(*PluginConfig)) *testEnv {
 
 func (e *testEnv) newDriver() *Driver {
 	d := New(hclog.New(&hclog.LoggerOptions{Name: e.t.Name(), Level: hclog.Debug, Output: testWriter{e.t}}))
-	d.SetSupervisorExe(e.supervis)
+	d.SetSupervisorExe(e.supervisorExe)
 	d.netPrefix, d.netTable = e.netPrefix, "nsbx_test_"+e.netPrefix
 	var raw []byte
 	must.NoError(e.t, base.MsgPackEncode(&raw, &e.config))

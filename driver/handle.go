@@ -56,9 +56,9 @@ func newTaskHandle(cfg *drivers.TaskConfig, st taskState, sup *runtime.Superviso
 	}
 }
 
-// watch waits for the supervisor to report the end of the task. It returns
+// awaitExit waits for the supervisor to report the end of the task. It returns
 // the status, or nil when ctx ended first.
-func (h *taskHandle) watch(ctx context.Context) *runtime.ExitStatus {
+func (h *taskHandle) awaitExit(ctx context.Context) *runtime.ExitStatus {
 	st, err := h.sup.Wait(ctx)
 	if ctx.Err() != nil {
 		// The plugin is shutting down; the task goes on without us.

@@ -30,9 +30,9 @@ func (d *Driver) admit() (release func(), err error) {
 	}, nil
 }
 
-// watch follows a task to its end and reports how it ended as task events.
-func (d *Driver) watch(h *taskHandle) {
-	st := h.watch(d.ctx)
+// reportExit follows a task to its end and reports how it ended as task events.
+func (d *Driver) reportExit(h *taskHandle) {
+	st := h.awaitExit(d.ctx)
 	if st == nil {
 		return
 	}

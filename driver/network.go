@@ -85,7 +85,7 @@ func capDenials(counts map[string]uint64) map[string]uint64 {
 // service, and what was denied.
 type taskNet struct {
 	id      string
-	sb      *netpolicy.Sandbox
+	nw      *netpolicy.Network
 	entries []netpolicy.Entry
 	dir     string
 
@@ -233,10 +233,10 @@ func (d *Driver) setupNetwork(cfg *drivers.TaskConfig, id, dir string, lim taskL
 	ctx, cancel := context.WithTimeout(d.ctx, time.Minute)
 	defer cancel()
 	entries := lim.egress
-	var sb *netpolicy.Sandbox
+	var nw *netpolicy.Network
 	var err error
 	if lim.net == netGroup {
-		sb, err = d.net.Attach(ctx, id, cfg.NetworkIsolation.Path, entries, netpolicy.AttachOptions{Replies: servedPorts(cfg)})
+		nw, err = d.net.Attach(ctx, id, cfg.NetworkIsolation.Path, entries, netpolicy.AttachOptions{Replies: servedPorts(cfg)})
 		switch {
 		case errors.Is(err, netpolicy.ErrNoInterface) && len(entries) == 0:
 			return nil, nil
@@ -246,12 +246,12 @@ func (d *Driver) setupNetwork(cfg *drivers.TaskConfig, id, dir string, lim taskL
 			return nil, fmt.Errorf("network: another sandbox task of this allocation runs in the group network; a sandbox takes the namespace's interface over, so a group network serves one sandbox task at a time (prestart tasks that end before the main task starts are fine): %w", err)
 		}
 	} else {
-		sb, err = d.net.Create(ctx, id, entries)
+		nw, err = d.net.Create(ctx, id, entries)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("network: %w", err)
 	}
-	tn := &taskNet{id: id, sb: sb, entries: entries, dir: dir}
+	tn := &taskNet{id: id, nw: nw, entries: entries, dir: dir}
 	if err := d.startNetwork(cfg, tn); err != nil {
 		_ = d.net.Destroy(id)
 		return nil, err
@@ -273,16 +273,16 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 		tn.refused = map[string]int{}
 	}
 	srv := &netpolicy.DNSServer{Upstreams: d.config.DNSServers, Logger: d.logger.Named("dns")}
-	listen := netip.AddrPortFrom(tn.sb.Gateway, 53)
-	if tn.sb.Attached {
+	listen := netip.AddrPortFrom(tn.nw.Gateway, 53)
+	if tn.nw.Attached {
 		// The gateway is shared with the other allocations on the bridge:
 		// a port of this sandbox's own, which its queries to port 53 are
 		// redirected to.
-		listen = netip.AddrPortFrom(tn.sb.Gateway, 0)
+		listen = netip.AddrPortFrom(tn.nw.Gateway, 0)
 	}
 	bound, stop, err := srv.Listen(d.ctx, listen, netpolicy.DNSPolicy{
 		Allowed: netpolicy.DNSAllowlist(hosts),
-		Denied:  d.net.Denied(tn.sb),
+		Denied:  d.net.Denied(tn.nw),
 		Allow: func(addr netip.Addr, rule netpolicy.DNSRule, ttl time.Duration) error {
 			name, _ := rule.(string)
 			return d.net.AllowName(tn.id, name, addr, ttl)
@@ -292,13 +292,13 @@ func (d *Driver) startNetwork(cfg *drivers.TaskConfig, tn *taskNet) error {
 			countRefused(tn.refused, name)
 			tn.mu.Unlock()
 		},
-		Client: tn.sb.Addr.Addr(),
+		Client: tn.nw.Addr.Addr(),
 	})
 	if err != nil {
-		return fmt.Errorf("network: DNS service on %s: %w", tn.sb.Gateway, err)
+		return fmt.Errorf("network: DNS service on %s: %w", tn.nw.Gateway, err)
 	}
 	tn.stopDNS = stop
-	if tn.sb.Attached {
+	if tn.nw.Attached {
 		if err := d.net.RedirectDNS(tn.id, bound); err != nil {
 			_ = stop()
 			return fmt.Errorf("network: %w", err)
@@ -427,7 +427,7 @@ func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
 		return nil, err
 	}
 	// What was refused before the restart stays in the record.
-	tn := &taskNet{id: id, dir: dir, sb: sb, denials: rec.Denials, refused: rec.RefusedDNS}
+	tn := &taskNet{id: id, dir: dir, nw: sb, denials: rec.Denials, refused: rec.RefusedDNS}
 	for _, s := range rec.Egress {
 		e, err := netpolicy.ParseEgress(s)
 		if err != nil {

@@ -95,7 +95,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("start sandbox: %w", err)
 	}
 	d.tasks.Set(cfg.ID, h)
-	go d.watch(h)
+	go d.reportExit(h)
 
 	d.emitEvent(cfg, fmt.Sprintf("Sandbox started: runsc %s, platform %s", rec.RunscVersion, rec.Platform), map[string]string{
 		"sandbox_id":    id,
@@ -174,12 +174,12 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 			tn.stop()
 			_ = d.net.Destroy(id)
 		})
-		network, bc.NetnsPath = "sandbox", tn.sb.Netns
+		network, bc.NetnsPath = "sandbox", tn.nw.Netns
 	}
 	switch {
 	case bc.HostNetwork:
 		rec.Policy.Network = "host (allow_host_network)"
-	case tn != nil && tn.sb.Attached:
+	case tn != nil && tn.nw.Attached:
 		rec.Policy.Network = "sandbox in the group network, default deny"
 	case tn != nil:
 		rec.Policy.Network = "sandbox, default deny"
@@ -190,7 +190,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	}
 	if tn != nil {
 		// The sandbox's only resolver is its own DNS service.
-		dns, opts = []string{tn.sb.Gateway.String()}, []string{"ndots:1"}
+		dns, opts = []string{tn.nw.Gateway.String()}, []string{"ndots:1"}
 	}
 	if err := os.WriteFile(bc.ResolvConf, runtime.ResolvConf(dns, search, opts), 0o644); err != nil {
 		return nil, nil, fmt.Errorf("write resolv.conf: %w", err)
@@ -326,7 +326,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	defer d.sweepMu.Unlock()
 	sup := &runtime.Supervisor{Dir: st.StateDir, Exe: d.supervisorExe}
 	// A supervisor that is gone without an exit status was killed: the
-	// task is recovered all the same, and its watch reports the loss
+	// task is recovered all the same, and its reportExit reports the loss
 	// (runtime.ErrSupervisorLost) and stops what is left of the sandbox.
 	if _, err := sup.ExitStatus(); err != nil {
 		return fmt.Errorf("recover task: %w", err)
@@ -351,7 +351,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		}
 	}
 	d.tasks.Set(handle.Config.ID, h)
-	go d.watch(h)
+	go d.reportExit(h)
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "sandbox_id", st.SandboxID)
 	return nil
 }

@@ -106,7 +106,7 @@ type nsView struct {
 // route, whose host end is in the root namespace. Nothing in the namespace
 // is changed; the filter is installed in one batch before Attach returns,
 // and on error nothing of it is left.
-func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entry, opt AttachOptions) (*Sandbox, error) {
+func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entry, opt AttachOptions) (*Network, error) {
 	for _, p := range opt.Replies {
 		if (p.Proto != "tcp" && p.Proto != "udp") || p.Port == 0 {
 			return nil, fmt.Errorf("attach sandbox network: reply port %s: want tcp or udp and a port above 0", p)
@@ -131,7 +131,7 @@ func (m *Manager) Attach(ctx context.Context, id, netnsPath string, allow []Entr
 		return nil, fail("inspect", err)
 	}
 	addr := v.addrs[0]
-	sb := &Sandbox{ID: id, Netns: netnsPath, HostIf: v.hostIf, Addr: addr, Gateway: v.gateway, MAC: v.mac, Attached: true}
+	sb := &Network{ID: id, Netns: netnsPath, HostIf: v.hostIf, Addr: addr, Gateway: v.gateway, MAC: v.mac, Attached: true}
 	att := &attachment{Netns: netnsPath, HostIf: v.hostIf, Link: v.link, Addrs: v.addrs, Broadcast: v.broadcast, Routes: v.routes, GatewayMAC: v.gatewayMAC.String()}
 	for _, p := range opt.Replies {
 		att.Replies = append(att.Replies, p.String())

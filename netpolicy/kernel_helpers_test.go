@@ -130,7 +130,7 @@ func ktObjectsGone(t *testing.T, m *Manager, id string) {
 	}
 }
 
-func ktCreate(t *testing.T, m *Manager, id string, allow []Entry) *Sandbox {
+func ktCreate(t *testing.T, m *Manager, id string, allow []Entry) *Network {
 	t.Helper()
 	sb, err := m.Create(context.Background(), id, allow)
 	ktMust(t, err)

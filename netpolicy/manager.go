@@ -41,10 +41,10 @@ type Manager struct {
 	failAt string
 }
 
-// Sandbox is one sandbox's network: a namespace whose eth0 is configured
+// Network is one sandbox's network: a namespace whose eth0 is configured
 // with Addr and a default route via Gateway, the host end of the veth, and
 // the filter on it.
-type Sandbox struct {
+type Network struct {
 	ID string
 	// Netns is the path of the bind-mounted namespace, for the OCI spec's
 	// linux.namespaces network path.
@@ -136,7 +136,7 @@ func (m *Manager) lock() (func(), error) {
 // A namespace serves one sandbox lifetime (runsc takes its eth0 over and
 // strips its address): Destroy it when the sandbox is gone. Create for an id
 // that still has a network returns ErrExists.
-func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (*Sandbox, error) {
+func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (*Network, error) {
 	n, leases, unlock, err := m.reserve(ctx, "create", id, allow)
 	if err != nil {
 		return nil, err
@@ -167,7 +167,7 @@ func (m *Manager) Create(ctx context.Context, id string, allow []Entry) (*Sandbo
 		return ctx.Err()
 	}
 
-	sb := &Sandbox{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: addr, Gateway: gw}
+	sb := &Network{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: addr, Gateway: gw}
 
 	// The namespace, with IPv6 off before any interface appears in it.
 	if err := step("netns"); err != nil {
@@ -294,7 +294,7 @@ func checkEntries(allow []Entry) error {
 // lease: for a plugin that restarted and recovers its tasks (to serve DNS on
 // Gateway for Addr again). ErrNotFound if there is no lease or its host end
 // or namespace is gone.
-func (m *Manager) Get(id string) (*Sandbox, error) {
+func (m *Manager) Get(id string) (*Network, error) {
 	if err := m.init(); err != nil {
 		return nil, err
 	}
@@ -306,7 +306,7 @@ func (m *Manager) Get(id string) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	sb := &Sandbox{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: l.Addr, Gateway: l.Gateway}
+	sb := &Network{ID: id, Netns: m.cfg.netnsPath(n), HostIf: n.base, Addr: l.Addr, Gateway: l.Gateway}
 	if a := l.Attached; a != nil {
 		sb.Netns, sb.HostIf, sb.Attached = a.Netns, a.HostIf, true
 	}
@@ -323,7 +323,7 @@ func (m *Manager) Get(id string) (*Sandbox, error) {
 // setupLinks makes the veth (its sandbox end, eth0, directly inside the
 // namespace), configures both ends but leaves the host end down, and
 // returns the sandbox end's MAC.
-func (m *Manager) setupLinks(sb *Sandbox) (net.HardwareAddr, error) {
+func (m *Manager) setupLinks(sb *Network) (net.HardwareAddr, error) {
 	nsh, err := netns.GetFromPath(sb.Netns)
 	if err != nil {
 		return nil, fmt.Errorf("open netns: %w", err)
@@ -390,7 +390,7 @@ func (m *Manager) setupLinks(sb *Sandbox) (net.HardwareAddr, error) {
 
 // installFilter adds the sandbox's chains, sets and counters, and the
 // masquerade if configured, in one atomic batch.
-func (m *Manager) installFilter(sb *Sandbox, n names, allow []Entry) error {
+func (m *Manager) installFilter(sb *Network, n names, allow []Entry) error {
 	spec := m.filterSpecFor(sb, n, allow)
 	c, err := nftables.New()
 	if err != nil {
@@ -409,7 +409,7 @@ func (m *Manager) installFilter(sb *Sandbox, n names, allow []Entry) error {
 }
 
 // filterSpecFor is the filter of sandbox sb for allow.
-func (m *Manager) filterSpecFor(sb *Sandbox, n names, allow []Entry) *filterSpec {
+func (m *Manager) filterSpecFor(sb *Network, n names, allow []Entry) *filterSpec {
 	spec := &filterSpec{
 		n: n, device: sb.HostIf, mac: sb.MAC, addr: sb.Addr.Addr(), gateway: sb.Gateway,
 		block: m.blockFor(ownNet(sb.Attached, sb.Addr)),
@@ -465,7 +465,7 @@ func (m *Manager) blockFor(own netip.Prefix) []addrRange {
 
 // Denied reports, for the DNS service of sandbox sb, the addresses no
 // answer may point at: those sb's filter denies whatever its allowlist says.
-func (m *Manager) Denied(sb *Sandbox) func(netip.Addr) bool {
+func (m *Manager) Denied(sb *Network) func(netip.Addr) bool {
 	if err := m.init(); err != nil {
 		return func(netip.Addr) bool { return true }
 	}
