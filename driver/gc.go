@@ -2,15 +2,16 @@ package driver
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -144,13 +145,13 @@ func (d *Driver) sweep(ctx context.Context, graceOver bool) {
 // leftover reads a state directory's task record and says why the
 // directory is no task's that Nomad may still have; why is "" when it may.
 func leftover(dir string, graceOver bool) (meta taskMeta, why string) {
-	b, err := os.ReadFile(runtime.StateDir(dir).TaskMeta())
-	if err != nil {
+	var pathErr *fs.PathError
+	switch err := atomicfile.ReadJSON(runtime.StateDir(dir).TaskMeta(), &meta); {
+	case errors.As(err, &pathErr):
 		// Written before anything else a start makes and removed last: a
 		// start or a removal was cut short.
 		return meta, "no task record (a start or removal was cut short)"
-	}
-	if err := json.Unmarshal(b, &meta); err != nil {
+	case err != nil:
 		return meta, "unreadable task record"
 	}
 	if _, err := os.Lstat(meta.TaskDir); errors.Is(err, os.ErrNotExist) {

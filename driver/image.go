@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/image"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -50,12 +50,8 @@ func (d *Driver) collectImages() {
 	inUse := map[string]bool{}
 	entries, _ := os.ReadDir(d.config.StateDir)
 	for _, e := range entries {
-		b, err := os.ReadFile(runtime.StateDir(filepath.Join(d.config.StateDir, e.Name())).TaskMeta())
-		if err != nil {
-			continue
-		}
 		var m taskMeta
-		if json.Unmarshal(b, &m) == nil && m.ImageDigest != "" {
+		if atomicfile.ReadJSON(runtime.StateDir(filepath.Join(d.config.StateDir, e.Name())).TaskMeta(), &m) == nil && m.ImageDigest != "" {
 			inUse[m.ImageDigest] = true
 		}
 	}

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -411,15 +410,10 @@ func (tn *taskNet) stop() {
 // loadNetwork reads network.json of a recovered sandbox; nil when the
 // sandbox has no network.
 func (d *Driver) loadNetwork(dir, id string) (*taskNet, error) {
-	b, err := os.ReadFile(runtime.StateDir(dir).Network())
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var rec runtime.NetworkRecord
-	if err := json.Unmarshal(b, &rec); err != nil {
+	if err := atomicfile.ReadJSON(runtime.StateDir(dir).Network(), &rec); errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
 		return nil, err
 	}
 	sb, err := d.net.Get(id)
