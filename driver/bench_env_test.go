@@ -130,7 +130,7 @@ func newBenchEnv(b *testing.B, wrap bool) *benchEnv {
 func (e *benchEnv) writeBareBundle(b *testing.B) (string, *runtime.BundleConfig) {
 	b.Helper()
 	dir := filepath.Join(e.dir, "bare")
-	bundle := filepath.Join(dir, runtime.BundleDir)
+	bundle := runtime.StateDir(dir).Bundle()
 	td := filepath.Join(dir, "task")
 	dirs := runtime.TaskDirs{Alloc: filepath.Join(dir, "alloc"), Local: filepath.Join(td, "local"), Secrets: filepath.Join(td, "secrets")}
 	for _, d := range []string{bundle, dirs.Alloc, dirs.Local, dirs.Secrets} {

@@ -611,7 +611,7 @@ while [ ! -e /alloc/data/finish ]; do sleep 0.05; done; echo finished`},
 
 	rec := ee.waitNetRecord(t, floodCfg, nil, []string{refusedOther})
 	must.LessEq(t, maxRefusedNames+1, len(rec.RefusedDNS))
-	fi, err := os.Stat(filepath.Join(ee.config.StateDir, sandboxID(floodCfg), runtime.NetworkFile))
+	fi, err := os.Stat(runtime.StateDir(filepath.Join(ee.config.StateDir, sandboxID(floodCfg))).Network())
 	must.NoError(t, err)
 	t.Logf("network.json: %d bytes, %d refused names, %d denials", fi.Size(), len(rec.RefusedDNS), len(rec.Denials))
 	must.LessEq(t, int64(16<<10), fi.Size())

@@ -94,7 +94,7 @@ func (ee *egressEnv) fromPool(proto string, dst netip.AddrPort) func(testutil.Hi
 // collector every denialPoll) lists every denial and refused name wanted.
 func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denials, refused []string) runtime.NetworkRecord {
 	t.Helper()
-	path := filepath.Join(ee.config.StateDir, sandboxID(cfg), runtime.NetworkFile)
+	path := runtime.StateDir(filepath.Join(ee.config.StateDir, sandboxID(cfg))).Network()
 	var rec runtime.NetworkRecord
 	err := wait.InitialSuccess(wait.BoolFunc(func() bool {
 		b, err := os.ReadFile(path)
@@ -118,7 +118,7 @@ func (ee *egressEnv) waitNetRecord(t *testing.T, cfg *drivers.TaskConfig, denial
 		return true
 	}), wait.Timeout(egDeadline), wait.Gap(100*time.Millisecond)).Run()
 	if err != nil {
-		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", runtime.NetworkFile, denials, refused, rec)
+		t.Fatalf("%s never listed denials %q and refused names %q; last: %+v", path, denials, refused, rec)
 	}
 	return rec
 }

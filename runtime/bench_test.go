@@ -28,7 +28,7 @@ func newBareBench(b *testing.B, args ...string) *bareBench {
 	testutil.RequireRoot(b)
 	base := b.TempDir()
 	cfg := busyboxBundle(b, base, "bench", args)
-	bundle := filepath.Join(base, BundleDir)
+	bundle := StateDir(base).Bundle()
 	runscRoot := filepath.Join(base, "runsc-root")
 	if err := os.MkdirAll(bundle, 0o755); err != nil {
 		b.Fatal(err)

@@ -35,13 +35,6 @@ const (
 	execProcessPattern = "exec-*.json"
 )
 
-// Names that some tests still join by hand (the driver's benchmarks and
-// egress tests); new code uses StateDir's methods.
-const (
-	BundleDir   = bundleName
-	NetworkFile = networkName
-)
-
 // StateFile describes one entry of a task's state directory.
 type StateFile struct {
 	// Name is the entry's name in the state directory (a glob for the
