@@ -364,7 +364,9 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 	first, cleanup := e.task(t, "first", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
 		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/first-saw; sleep 600"},
 		DiskLimit: "16MiB"}))
-	defer cleanup()
+	// Before the tasks' destroys are registered, so it runs after them
+	// even when the test fails half-way.
+	t.Cleanup(cleanup)
 	// What Nomad put in alloc/data before (sticky data): the lower layer.
 	data := filepath.Join(first.AllocDir, "alloc", "data")
 	must.NoError(t, os.WriteFile(filepath.Join(data, "sticky"), []byte("sticky\n"), 0o644))
@@ -385,7 +387,12 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 		t.Helper()
 		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool { return read(name) == want }),
 			wait.Timeout(30*time.Second), wait.Gap(20*time.Millisecond)), must.Func(func() string {
-			return fmt.Sprintf("alloc/data/%s is %q, not %q", name, read(name), want)
+			entries, _ := os.ReadDir(data)
+			var names []string
+			for _, en := range entries {
+				names = append(names, en.Name())
+			}
+			return fmt.Sprintf("alloc/data/%s is %q, not %q; alloc/data holds %v; the first's stderr: %q", name, read(name), want, names, readLog(first, "stderr"))
 		}))
 	}
 	waitFile("first-saw", "from-first\nsticky\n")
