@@ -362,7 +362,7 @@ func allocDiskLeft(e *testEnv) []string {
 func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 	e := diskEnv(t, nil)
 	first, cleanup := e.task(t, "first", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
-		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/first-saw; sleep 600"},
+		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/saw.tmp && mv /alloc/data/saw.tmp /alloc/data/first-saw; sleep 600"},
 		DiskLimit: "16MiB"}))
 	// Before the tasks' destroys are registered, so it runs after them
 	// even when the test fails half-way.
@@ -371,7 +371,7 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 	data := filepath.Join(first.AllocDir, "alloc", "data")
 	must.NoError(t, os.WriteFile(filepath.Join(data, "sticky"), []byte("sticky\n"), 0o644))
 	second := e.sibling(t, first, "second", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
-		"while [ ! -e /alloc/data/a ]; do sleep 0.05; done; cat /alloc/data/a /alloc/data/sticky > /alloc/data/b; dd if=/dev/zero of=/alloc/data/big bs=1M count=24 2>/dev/null; echo dd=$? > /alloc/data/dd.rc; rm /alloc/data/big; sleep 600"},
+		"while [ ! -e /alloc/data/a ]; do sleep 0.05; done; cat /alloc/data/a /alloc/data/sticky > /alloc/data/b; while [ ! -e /alloc/data/first-saw ]; do sleep 0.05; done; dd if=/dev/zero of=/alloc/data/big bs=1M count=24 2>/dev/null; echo dd=$? > /alloc/data/dd.rc; rm /alloc/data/big; sleep 600"},
 		DiskLimit: "40MiB"}))
 	evSecond := e.events(t, second.ID)
 	for _, cfg := range []*drivers.TaskConfig{first, second} {
@@ -395,6 +395,8 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 			return fmt.Sprintf("alloc/data/%s is %q, not %q; alloc/data holds %v; the first's stderr: %q", name, read(name), want, names, readLog(first, "stderr"))
 		}))
 	}
+	// Only then the second fills the disk (the first's write must not
+	// meet a full disk).
 	waitFile("first-saw", "from-first\nsticky\n")
 	// 24 MiB do not fit in the allocation's 16 MiB, made by the first.
 	waitFile("dd.rc", "dd=1\n")
