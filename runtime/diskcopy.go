@@ -6,11 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
+
 	"os"
 	"path"
 	"path/filepath"
-	"syscall"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -24,35 +24,73 @@ import (
 // stay holes and hard links stay links, so a task cannot turn its
 // disk_limit into more on the node's disk.
 
+// maxCopyDepth is how many directories deep below local/, alloc/data or
+// alloc/tmp the copy back and DirUsage go. Each level holds descriptors
+// while it is walked, and a task can nest a directory in itself as often
+// as it has inodes (far beyond PATH_MAX, which no program's paths pass):
+// deeper directories are left out of the copy, and DirUsage refuses them.
+const maxCopyDepth = 1024
+
 // DirUsage is what a directory tree holds on disk, in bytes of allocated
-// blocks and in entries, counted without following links.
+// blocks and in entries, counted without following links. It walks by
+// descriptor, so the cost is one stat per entry however deep the tree.
 func DirUsage(dir string) (bytes, entries int64, err error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, 0, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
 	seen := map[[2]uint64]bool{}
-	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	var walk func(fd int, rel string, depth int) error
+	walk = func(fd int, rel string, depth int) error {
+		names, err := readNames(fd)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", rel, err)
 		}
-		if p == dir {
-			return nil
+		for _, name := range names {
+			var st unix.Stat_t
+			if err := unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				return fmt.Errorf("%s: %w", path.Join(rel, name), err)
+			}
+			key := [2]uint64{st.Dev, st.Ino}
+			if seen[key] {
+				continue
+			}
+			seen[key] = true
+			bytes += st.Blocks * 512
+			entries++
+			if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+				continue
+			}
+			if depth >= maxCopyDepth {
+				return fmt.Errorf("%s: directories nested more than %d deep", path.Join(rel, name), maxCopyDepth)
+			}
+			sub, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("%s: %w", path.Join(rel, name), err)
+			}
+			err = walk(sub, path.Join(rel, name), depth+1)
+			unix.Close(sub)
+			if err != nil {
+				return err
+			}
 		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok {
-			return nil
-		}
-		key := [2]uint64{st.Dev, st.Ino}
-		if seen[key] {
-			return nil
-		}
-		seen[key] = true
-		bytes += st.Blocks * 512
-		entries++
 		return nil
-	})
+	}
+	err = walk(fd, dir, 0)
 	return bytes, entries, err
+}
+
+// readNames lists the directory open at fd (through a descriptor of its
+// own, so that fd's offset is untouched).
+func readNames(fd int) ([]string, error) {
+	d, err := unix.Openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(d), ".")
+	defer f.Close()
+	return f.Readdirnames(-1)
 }
 
 // copyBack replaces the directory target (the overlay, still mounted) with
@@ -87,23 +125,23 @@ func copyBack(target, name string, unmount func() error) error {
 	if h.Type() != unix.S_IFDIR {
 		return fmt.Errorf("%s is not the directory just made", tmp)
 	}
-	dst, err := os.OpenRoot(h.ProcPath())
+	dst, err := h.Open(unix.O_RDONLY | unix.O_DIRECTORY)
 	if err != nil {
 		return err
 	}
-	defer dst.Close()
-	src, err := os.OpenRoot(target)
+	defer unix.Close(dst)
+	src, err := unix.Open(target, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
-	c := &treeCopy{src: src, dst: dst, links: map[[2]uint64]string{}}
-	err = c.dir(".")
-	src.Close()
+	c := &treeCopy{root: dst, links: map[[2]uint64]string{}}
+	err = c.dir(src, dst, ".", 0)
+	unix.Close(src)
 	if err == nil {
-		err = dst.Lchown(".", int(rootSt.Uid), int(rootSt.Gid))
+		err = unix.Fchown(dst, int(rootSt.Uid), int(rootSt.Gid))
 	}
 	if err == nil {
-		err = dst.Chmod(".", fs.FileMode(rootSt.Mode&0o777)|stickyBit(rootSt.Mode))
+		err = unix.Fchmod(dst, rootSt.Mode&0o1777)
 	}
 	if err != nil {
 		_ = os.RemoveAll(filepath.Join(parent, tmp))
@@ -122,90 +160,144 @@ func copyBack(target, name string, unmount func() error) error {
 	return os.RemoveAll(filepath.Join(parent, old))
 }
 
-func stickyBit(mode uint32) fs.FileMode {
-	if mode&unix.S_ISVTX != 0 {
-		return fs.ModeSticky
-	}
-	return 0
-}
-
-// treeCopy copies a tree between two roots: directories, regular files
-// (their data extents only) and symbolic links (as links); set-id bits are
-// dropped, devices, FIFOs and sockets left out.
+// treeCopy copies a tree between two directories, by descriptor (each
+// entry costs the same at any depth): directories, regular files (their
+// data extents only) and symbolic links (as links); set-id bits are
+// dropped, devices, FIFOs and sockets left out, and directories deeper than
+// maxCopyDepth too. The destination is the copy's own directory, which
+// nobody else can enter until the copy is done.
 type treeCopy struct {
-	src, dst *os.Root
-	links    map[[2]uint64]string
+	// root is the destination's top directory; links maps a multiply
+	// linked source inode to the path, beneath root, of its first copy.
+	root  int
+	links map[[2]uint64]string
 }
 
-func (c *treeCopy) dir(rel string) error {
-	f, err := c.src.OpenFile(rel, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+func (c *treeCopy) dir(src, dst int, rel string, depth int) error {
+	names, err := readNames(src)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", rel, err)
 	}
-	entries, err := f.ReadDir(-1)
-	f.Close()
-	if err != nil {
-		return err
-	}
-	for _, e := range entries {
-		if err := c.entry(path.Join(rel, e.Name())); err != nil {
+	for _, name := range names {
+		if err := c.entry(src, dst, name, path.Join(rel, name), depth); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (c *treeCopy) entry(rel string) error {
-	fi, err := c.src.Lstat(rel)
-	if err != nil {
-		return err
+func (c *treeCopy) entry(src, dst int, name, rel string, depth int) error {
+	var st unix.Stat_t
+	if err := unix.Fstatat(src, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("%s: %w", rel, err)
 	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return fmt.Errorf("%s: no stat", rel)
-	}
-	perm := fi.Mode().Perm() | fi.Mode()&fs.ModeSticky
-	switch {
-	case fi.IsDir():
-		if err := c.dst.Mkdir(rel, 0o700); err != nil {
-			return err
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		if depth >= maxCopyDepth {
+			return nil
 		}
-		if err := c.dir(rel); err != nil {
-			return err
+		if err := unix.Mkdirat(dst, name, 0o700); err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
 		}
-	case fi.Mode()&fs.ModeSymlink != 0:
-		to, err := c.src.Readlink(rel)
+		s, err := unix.Openat(src, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			// Swapped since the fstatat: left out.
+			return unix.Unlinkat(dst, name, unix.AT_REMOVEDIR)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
+		}
+		d, err := unix.Openat(dst, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = c.dir(s, d, rel, depth+1)
+			unix.Close(d)
+		}
+		unix.Close(s)
 		if err != nil {
 			return err
 		}
-		if err := c.dst.Symlink(to, rel); err != nil {
-			return err
+	case unix.S_IFLNK:
+		to, err := readlinkat(src, name)
+		if err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
 		}
-		return c.dst.Lchown(rel, int(st.Uid), int(st.Gid))
-	case fi.Mode().IsRegular():
+		if err := unix.Symlinkat(to, dst, name); err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
+		}
+		return unix.Fchownat(dst, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
+	case unix.S_IFREG:
 		key := [2]uint64{st.Dev, st.Ino}
 		if first, ok := c.links[key]; ok {
-			return c.dst.Link(first, rel)
+			return c.link(first, dst, name, rel)
+		}
+		if err := c.file(src, dst, name, st.Size); errors.Is(err, errNotRegular) {
+			// Swapped since the fstatat: left out, as FIFOs are.
+			return nil
+		} else if err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
 		}
 		if st.Nlink > 1 {
 			c.links[key] = rel
 		}
-		if err := c.file(rel, fi.Size()); errors.Is(err, errNotRegular) {
-			// Swapped since the Lstat: left out, as FIFOs are.
-			return nil
-		} else if err != nil {
-			return err
-		}
 	default:
 		return nil
 	}
-	if err := c.dst.Lchown(rel, int(st.Uid), int(st.Gid)); err != nil {
+	if err := unix.Fchownat(dst, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("%s: %w", rel, err)
+	}
+	// Permissions and the sticky bit; never set-uid or set-gid.
+	if err := unix.Fchmodat(dst, name, st.Mode&0o1777, 0); err != nil {
+		return fmt.Errorf("%s: %w", rel, err)
+	}
+	ts := []unix.Timespec{st.Mtim, st.Mtim}
+	if err := unix.UtimesNanoAt(dst, name, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("%s: %w", rel, err)
+	}
+	return nil
+}
+
+// link makes name in dst a hard link to first, the path beneath the
+// copy's root of an earlier copy of the same file. A path too long for one
+// lookup is walked a directory at a time.
+func (c *treeCopy) link(first string, dst int, name, rel string) error {
+	if len(first) < unix.PathMax-1 {
+		if err := unix.Linkat(c.root, first, dst, name, 0); err != nil {
+			return fmt.Errorf("%s: link to %s: %w", rel, first, err)
+		}
+		return nil
+	}
+	dir, err := unix.Dup(c.root)
+	if err != nil {
 		return err
 	}
-	if err := c.dst.Chmod(rel, perm); err != nil {
-		return err
+	parts := strings.Split(first, "/")
+	for _, p := range parts[:len(parts)-1] {
+		next, err := unix.Openat(dir, p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(dir)
+		if err != nil {
+			return fmt.Errorf("%s: link to %s: %w", rel, first, err)
+		}
+		dir = next
 	}
-	return c.dst.Chtimes(rel, fi.ModTime(), fi.ModTime())
+	defer unix.Close(dir)
+	if err := unix.Linkat(dir, parts[len(parts)-1], dst, name, 0); err != nil {
+		return fmt.Errorf("%s: link to %s: %w", rel, first, err)
+	}
+	return nil
+}
+
+// readlinkat reads the target of the symbolic link name in dir.
+func readlinkat(dir int, name string) (string, error) {
+	for size := 256; ; size *= 2 {
+		b := make([]byte, size)
+		n, err := unix.Readlinkat(dir, name, b)
+		if err != nil {
+			return "", err
+		}
+		if n < size {
+			return string(b[:n]), nil
+		}
+	}
 }
 
 // errNotRegular is file's answer for what is no longer a regular file.
@@ -215,23 +307,25 @@ var errNotRegular = errors.New("not a regular file")
 // The open never waits: what was seen as a regular file may have been
 // swapped for a FIFO since (alloc/data is world-writable), which is then
 // left out (errNotRegular).
-func (c *treeCopy) file(rel string, size int64) error {
-	in, err := c.src.OpenFile(rel, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+func (c *treeCopy) file(src, dst int, name string, size int64) error {
+	fd, err := unix.Openat(src, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
+	in := os.NewFile(uintptr(fd), name)
 	defer in.Close()
 	var st unix.Stat_t
-	if err := unix.Fstat(int(in.Fd()), &st); err != nil {
+	if err := unix.Fstat(fd, &st); err != nil {
 		return err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return fmt.Errorf("%s: %w", rel, errNotRegular)
+		return errNotRegular
 	}
-	out, err := c.dst.OpenFile(rel, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+	ofd, err := unix.Openat(dst, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return err
 	}
+	out := os.NewFile(uintptr(ofd), name)
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
