@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/netnsrun"
 )
 
@@ -36,7 +37,7 @@ func prepareNetnsDir(dir string) error {
 
 // createNetns makes a new network namespace, mounts it at path (which must
 // not exist) and runs setup inside it. On error nothing is left at path.
-func createNetns(path string, setup func() error) (err error) {
+func createNetns(path string, setup func() error) error {
 	if err := prepareNetnsDir(filepath.Dir(path)); err != nil {
 		return err
 	}
@@ -45,12 +46,9 @@ func createNetns(path string, setup func() error) (err error) {
 		return fmt.Errorf("create netns: %w", err)
 	}
 	f.Close()
-	defer func() {
-		if err != nil {
-			deleteNetns(path)
-		}
-	}()
-	return netnsrun.InNew(func() error {
+	cu := cleanup.Make(func() { _ = deleteNetns(path) })
+	defer cu.Clean()
+	err = netnsrun.InNew(func() error {
 		if err := unix.Mount("/proc/thread-self/ns/net", path, "none", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("create netns: mount: %w", err)
 		}
@@ -59,6 +57,10 @@ func createNetns(path string, setup func() error) (err error) {
 		}
 		return setup()
 	})
+	if err == nil {
+		cu.Release()
+	}
+	return err
 }
 
 // deleteNetns unmounts and removes a namespace mounted at path; a missing
