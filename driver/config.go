@@ -349,10 +349,8 @@ func (c PluginConfig) validate() (*Settings, error) {
 		s.deniedEgress = append(s.deniedEgress, p)
 	}
 	for _, d := range c.DNSServers {
-		if _, err := netip.ParseAddr(d); err != nil {
-			if _, err := netip.ParseAddrPort(d); err != nil {
-				return nil, fmt.Errorf("dns_servers %q is not an IP address or IP:port", d)
-			}
+		if _, err := netpolicy.ParseUpstream(d); err != nil {
+			return nil, fmt.Errorf("dns_servers %q is not an IP address or IP:port", d)
 		}
 	}
 	if c.NetworkSubnet == "" {

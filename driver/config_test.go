@@ -306,6 +306,19 @@ func TestPluginConfig_Validate(t *testing.T) {
 	mustValidate(t, minimalConfig())
 }
 
+// TestPluginConfig_DNSServersOneParser: dns_servers accepts exactly what the
+// DNS service uses (netpolicy.ParseUpstream), so a node is never refused a
+// form the service takes, nor started with one it cannot use.
+func TestPluginConfig_DNSServersOneParser(t *testing.T) {
+	for _, d := range []string{"192.0.2.53", "192.0.2.53:5353", "2001:db8::53", "[2001:db8::53]", "[2001:db8::53]:5353", "dns.google", "192.0.2.53:", "[2001:db8::53", ""} {
+		c := minimalConfig()
+		c.DNSServers = []string{d}
+		_, verr := c.Validate()
+		_, perr := netpolicy.ParseUpstream(d)
+		must.Eq(t, perr == nil, verr == nil, must.Sprintf("dns_servers %q: Validate says %v, the DNS service's parser %v", d, verr, perr))
+	}
+}
+
 // TestPluginConfig_ImageSizes: the image size caps default to non-zero
 // values, and settings that cannot work are refused naming the fields.
 func TestPluginConfig_ImageSizes(t *testing.T) {

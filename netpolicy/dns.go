@@ -377,7 +377,7 @@ func (s *DNSServer) newHandler(p DNSPolicy) (*dnsHandler, error) {
 		return nil, errors.New("dns: no upstream servers")
 	}
 	for _, u := range s.Upstreams {
-		ap, err := dnsParseUpstream(u)
+		ap, err := ParseUpstream(u)
 		if err != nil {
 			return nil, err
 		}
@@ -386,7 +386,11 @@ func (s *DNSServer) newHandler(p DNSPolicy) (*dnsHandler, error) {
 	return h, nil
 }
 
-func dnsParseUpstream(u string) (netip.AddrPort, error) {
+// ParseUpstream parses a DNS server as "ip", "[ipv6]", "ip:port" or
+// "[ipv6]:port" (port 53 when none is given). The driver checks dns_servers
+// with it, so that what the plugin config accepts is what the DNS service
+// can use.
+func ParseUpstream(u string) (netip.AddrPort, error) {
 	if ap, err := netip.ParseAddrPort(u); err == nil {
 		return ap, nil
 	}
