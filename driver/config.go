@@ -140,40 +140,55 @@ var capabilities = &drivers.Capabilities{
 	MountConfigs: drivers.MountConfigSupportAll,
 }
 
-// PluginConfig is the decoded plugin configuration.
+// PluginConfig is the decoded plugin configuration, grouped by the plane
+// each setting governs (the README's plugin table says what each does).
 type PluginConfig struct {
-	RunscPath           string   `codec:"runsc_path"`
-	RunscRoot           string   `codec:"runsc_root"`
-	StateDir            string   `codec:"state_dir"`
-	Platform            string   `codec:"platform"`
+	// The runtime and where it keeps its state.
+	RunscPath string `codec:"runsc_path"`
+	RunscRoot string `codec:"runsc_root"`
+	StateDir  string `codec:"state_dir"`
+	Platform  string `codec:"platform"`
+
+	// Loosenings of the process and file system planes.
 	AllowCaps           []string `codec:"allow_caps"`
 	AllowWritableRootfs bool     `codec:"allow_writable_rootfs"`
 	AllowHostRootfs     []string `codec:"allow_host_rootfs"`
-	DefaultPidsLimit    int64    `codec:"default_pids_limit"`
-	MaxPidsLimit        int64    `codec:"max_pids_limit"`
-	DefaultTimeout      string   `codec:"default_timeout"`
-	MaxTimeout          string   `codec:"max_timeout"`
-	MaxSandboxes        int      `codec:"max_sandboxes"`
-	AuditLog            string   `codec:"audit_log"`
-	TraceLog            string   `codec:"trace_log"`
-	TracePoints         []string `codec:"trace_points"`
-	TraceRate           int64    `codec:"trace_rate"`
-	TraceMaxRecords     int64    `codec:"trace_max_records"`
-	DenyEnvIdentity     bool     `codec:"deny_env_identity"`
-	AllowTaskAPI        bool     `codec:"allow_task_api"`
-	ImageDir            string   `codec:"image_dir"`
-	ImagePullTimeout    string   `codec:"image_pull_timeout"`
-	ImageMaxSizeMB      int64    `codec:"image_max_size_mb"`
-	RequireDigest       bool     `codec:"require_digest"`
-	AllowedRegistries   []string `codec:"allowed_registries"`
-	AuthConfig          string   `codec:"auth_config"`
-	ImageGC             ImageGC  `codec:"image_gc"`
-	AllowedEgress       []string `codec:"allowed_egress"`
-	DeniedEgress        []string `codec:"denied_egress"`
-	DNSServers          []string `codec:"dns_servers"`
-	NetworkSubnet       string   `codec:"network_subnet"`
-	AllowHostNetwork    bool     `codec:"allow_host_network"`
-	MaxEgressEntries    int      `codec:"max_egress_entries"`
+
+	// Limits: defaults for tasks that set none, and ceilings.
+	DefaultPidsLimit int64  `codec:"default_pids_limit"`
+	MaxPidsLimit     int64  `codec:"max_pids_limit"`
+	DefaultTimeout   string `codec:"default_timeout"`
+	MaxTimeout       string `codec:"max_timeout"`
+	MaxSandboxes     int    `codec:"max_sandboxes"`
+
+	// The audit log and the syscall trail.
+	AuditLog        string   `codec:"audit_log"`
+	TraceLog        string   `codec:"trace_log"`
+	TracePoints     []string `codec:"trace_points"`
+	TraceRate       int64    `codec:"trace_rate"`
+	TraceMaxRecords int64    `codec:"trace_max_records"`
+
+	// Identity.
+	DenyEnvIdentity bool `codec:"deny_env_identity"`
+	AllowTaskAPI    bool `codec:"allow_task_api"`
+
+	// Images and their pulls.
+	ImageDir          string   `codec:"image_dir"`
+	ImagePullTimeout  string   `codec:"image_pull_timeout"`
+	ImageMaxSizeMB    int64    `codec:"image_max_size_mb"`
+	RequireDigest     bool     `codec:"require_digest"`
+	AllowedRegistries []string `codec:"allowed_registries"`
+	AuthConfig        string   `codec:"auth_config"`
+	ImageGC           ImageGC  `codec:"image_gc"`
+
+	// The network and its egress policy.
+	AllowedEgress    []string `codec:"allowed_egress"`
+	DeniedEgress     []string `codec:"denied_egress"`
+	DNSServers       []string `codec:"dns_servers"`
+	NetworkSubnet    string   `codec:"network_subnet"`
+	AllowHostNetwork bool     `codec:"allow_host_network"`
+	MaxEgressEntries int      `codec:"max_egress_entries"`
+
 	// Disk limits (see runtime/disk.go): sizes with a unit; "0" for
 	// default_disk_limit means no limit for tasks that set none, for
 	// max_disk_limit no ceiling.
@@ -402,24 +417,32 @@ func parseTimeout(field, s string) (time.Duration, error) {
 	return d, nil
 }
 
-// TaskConfig is the decoded task configuration.
+// TaskConfig is the decoded task configuration, grouped by plane as
+// PluginConfig is.
 type TaskConfig struct {
-	Rootfs         string   `codec:"rootfs"`
-	Command        string   `codec:"command"`
-	Args           []string `codec:"args"`
-	Entrypoint     []string `codec:"entrypoint"`
-	WorkDir        string   `codec:"work_dir"`
+	// What runs, and in which root.
+	Rootfs     string   `codec:"rootfs"`
+	Image      string   `codec:"image"`
+	Auth       TaskAuth `codec:"auth"`
+	Command    string   `codec:"command"`
+	Args       []string `codec:"args"`
+	Entrypoint []string `codec:"entrypoint"`
+	WorkDir    string   `codec:"work_dir"`
+	Hostname   string   `codec:"hostname"`
+
+	// Privileges and file systems.
 	CapAdd         []string `codec:"cap_add"`
 	ReadonlyRootfs bool     `codec:"readonly_rootfs"`
 	Tmpfs          []string `codec:"tmpfs"`
-	Hostname       string   `codec:"hostname"`
-	PidsLimit      int64    `codec:"pids_limit"`
-	DiskLimit      string   `codec:"disk_limit"`
-	DiskInodes     int64    `codec:"disk_inodes"`
-	Timeout        string   `codec:"timeout"`
-	Image          string   `codec:"image"`
-	Auth           TaskAuth `codec:"auth"`
-	Egress         []string `codec:"egress"`
+
+	// Limits.
+	PidsLimit  int64  `codec:"pids_limit"`
+	DiskLimit  string `codec:"disk_limit"`
+	DiskInodes int64  `codec:"disk_inodes"`
+	Timeout    string `codec:"timeout"`
+
+	// Egress.
+	Egress []string `codec:"egress"`
 }
 
 // TaskAuth is the task's own registry credentials (the auth block).

@@ -162,27 +162,47 @@ func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, 
 	ch := make(chan *drivers.Fingerprint)
 	go func() {
 		defer close(ch)
-		timer := time.NewTimer(0)
-		defer timer.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-d.ctx.Done():
-				return
-			case <-timer.C:
-				timer.Reset(fingerprintPeriod)
-				select {
-				case ch <- d.fingerprint(ctx):
-				case <-ctx.Done():
-					return
-				case <-d.ctx.Done():
-					return
-				}
-			}
-		}
+		d.periodic(ctx, fingerprintPeriod, nil, func() bool {
+			return send(ctx, d.ctx, ch, d.fingerprint(ctx))
+		})
 	}()
 	return ch, nil
+}
+
+// periodic calls f at once and then every period until f returns false,
+// ctx or the driver's context ends, or done (nil: never) closes: the
+// streams Nomad reads (fingerprints, stats) end with either side.
+func (d *Driver) periodic(ctx context.Context, period time.Duration, done <-chan struct{}, f func() bool) {
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.ctx.Done():
+			return
+		case <-done:
+			return
+		case <-timer.C:
+			timer.Reset(period)
+		}
+		if !f() {
+			return
+		}
+	}
+}
+
+// send hands v to a stream's reader; false when either context ended
+// first.
+func send[T any](ctx, driverCtx context.Context, ch chan<- T, v T) bool {
+	select {
+	case ch <- v:
+		return true
+	case <-ctx.Done():
+		return false
+	case <-driverCtx.Done():
+		return false
+	}
 }
 
 func (d *Driver) fingerprint(ctx context.Context) *drivers.Fingerprint {

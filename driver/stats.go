@@ -58,34 +58,18 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 	go func() {
 		defer close(ch)
 		var prev sample
-		timer := time.NewTimer(0)
-		defer timer.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-d.ctx.Done():
-				return
-			case <-h.done:
-				return
-			case <-timer.C:
-				timer.Reset(interval)
-			}
+		d.periodic(ctx, interval, h.done, func() bool {
 			cur, err := d.sample(ctx, h)
 			if err != nil {
 				// A sample can fail while the sandbox starts or
 				// ends; the stream stays open.
 				h.logger.Trace("stats sample failed", "error", err)
-				continue
+				return true
 			}
 			usage := d.usage(prev, cur)
 			prev = cur
-			select {
-			case ch <- usage:
-			case <-ctx.Done():
-				return
-			}
-		}
+			return send(ctx, d.ctx, ch, usage)
+		})
 	}()
 	return ch, nil
 }
