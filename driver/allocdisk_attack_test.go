@@ -43,3 +43,39 @@ func TestAllocDisk_SetIDFilesInertOnHost(t *testing.T) {
 		must.Eq(t, os.FileMode(0o755), fi.Mode(), must.Sprintf("%s kept set-id bits on the host", p))
 	}
 }
+
+// Every way around the allocation's disk from inside the sandbox fails:
+// renaming data/ or tmp/ out from under the overlays, writing beside them
+// in /alloc directly, through a link, through .. or in /alloc/logs, and
+// hard links out of the disk. The host's alloc/ holds what Nomad made and
+// nothing else.
+func TestAllocDisk_NoWayAroundTheOverlays(t *testing.T) {
+	e := diskEnv(t, nil)
+	script := `cd /alloc
+mv data d2 && echo ESCAPED mv data
+mv tmp t2 && echo ESCAPED mv tmp
+ln -s /alloc/x data/lnk; echo x > data/lnk && echo ESCAPED link
+echo x > /alloc/logs/x && echo ESCAPED logs
+mkdir /alloc/x && echo ESCAPED mkdir
+touch /alloc/data/../x && echo ESCAPED dotdot
+echo a > /alloc/data/f
+ln /alloc/data/f /alloc/tmp/f && echo ESCAPED hard link tmp
+ln /alloc/data/f /local/f && echo ESCAPED hard link local
+echo done`
+	cfg, cleanup := e.task(t, "around", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}, DiskLimit: "16MiB"}))
+	defer cleanup()
+	res := e.run(cfg)
+	must.Eq(t, 0, res.ExitCode, must.Sprintf("stderr: %s", readLog(cfg, "stderr")))
+	out := waitLog(t, cfg, "stdout", has("done"))
+	must.Eq(t, "done\n", out, must.Sprintf("stderr: %s", readLog(cfg, "stderr")))
+	entries, err := os.ReadDir(filepath.Join(cfg.AllocDir, "alloc"))
+	must.NoError(t, err)
+	var names []string
+	for _, en := range entries {
+		names = append(names, en.Name())
+	}
+	must.Eq(t, []string{"data", "logs", "tmp"}, names)
+	b, err := os.ReadFile(filepath.Join(cfg.AllocDir, "alloc", "data", "f"))
+	must.NoError(t, err)
+	must.Eq(t, "a\n", string(b))
+}
