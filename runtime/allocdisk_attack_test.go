@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -170,4 +171,23 @@ func TestAllocDisk_DeepTreeCopiedBackInLinearTime(t *testing.T) {
 	e.join(t, b, 64<<20)
 	must.NoError(t, LeaveAllocDisk(b))
 	must.NoError(t, os.RemoveAll(data))
+}
+
+// DirUsage never measures through a link at the directory itself (a local
+// user can put one at local/, pointing at the whole host), but follows a
+// descriptor's /proc link given with a trailing slash.
+func TestDirUsage_LinkNotFollowed(t *testing.T) {
+	dir := t.TempDir()
+	real := filepath.Join(dir, "real")
+	must.NoError(t, os.Mkdir(real, 0o755))
+	must.NoError(t, os.WriteFile(filepath.Join(real, "f"), []byte("x"), 0o644))
+	must.NoError(t, os.Symlink("/usr", filepath.Join(dir, "link")))
+	_, _, err := DirUsage(filepath.Join(dir, "link"))
+	must.Error(t, err)
+	fd, err := unix.Open(real, unix.O_PATH|unix.O_DIRECTORY, 0)
+	must.NoError(t, err)
+	defer unix.Close(fd)
+	_, n, err := DirUsage(fmt.Sprintf("/proc/self/fd/%d/", fd))
+	must.NoError(t, err)
+	must.Eq(t, int64(1), n)
 }

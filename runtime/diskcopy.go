@@ -35,7 +35,9 @@ const maxCopyDepth = 1024
 // blocks and in entries, counted without following links. It walks by
 // descriptor, so the cost is one stat per entry however deep the tree.
 func DirUsage(dir string) (bytes, entries int64, err error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	// Never through a link at dir itself (a local user may have put one
+	// at local/); "/proc/self/fd/N/" is followed for its trailing slash.
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, 0, &os.PathError{Op: "open", Path: dir, Err: err}
 	}
