@@ -35,6 +35,13 @@ const maxCopyDepth = 1024
 // blocks and in entries, counted without following links. It walks by
 // descriptor, so the cost is one stat per entry however deep the tree.
 func DirUsage(dir string) (bytes, entries int64, err error) {
+	return dirUsage(dir, false)
+}
+
+// dirUsage is DirUsage; with leaveOutDeep, directories deeper than
+// maxCopyDepth are not counted (as the copy back leaves them out) instead
+// of refused.
+func dirUsage(dir string, leaveOutDeep bool) (bytes, entries int64, err error) {
 	// Never through a link at dir itself (a local user may have put one
 	// at local/); "/proc/self/fd/N/" is followed for its trailing slash.
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
@@ -65,6 +72,9 @@ func DirUsage(dir string) (bytes, entries int64, err error) {
 				continue
 			}
 			if depth >= maxCopyDepth {
+				if leaveOutDeep {
+					continue
+				}
 				return fmt.Errorf("%s: directories nested more than %d deep", path.Join(rel, name), maxCopyDepth)
 			}
 			sub, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
@@ -114,6 +124,9 @@ func copyBack(target, name string, unmount func() error) error {
 	if err := unix.Stat(target, &rootSt); err != nil {
 		return err
 	}
+	if err := roomFor(target, parent); err != nil {
+		return fmt.Errorf("copy %s back from its disk: %w", name, err)
+	}
 	if err := os.Mkdir(filepath.Join(parent, tmp), 0o700); err != nil {
 		return err
 	}
@@ -160,6 +173,29 @@ func copyBack(target, name string, unmount func() error) error {
 		return err
 	}
 	return os.RemoveAll(filepath.Join(parent, old))
+}
+
+// roomFor checks that what target shows fits on the file system of
+// parent, in blocks (root's: the reserved ones count) and inodes, before
+// the copy writes anything: a copy back that failed for lack of room is
+// tried again (the sweep, every minute), and must not fill the node's disk
+// each time only to give up.
+func roomFor(target, parent string) error {
+	need, n, err := dirUsage(target, true)
+	if err != nil {
+		return err
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(parent, &st); err != nil {
+		return err
+	}
+	if free := int64(st.Bfree) * st.Bsize; need > free {
+		return fmt.Errorf("%s needed, %s free on the node's disk: %w", FormatSize(need), FormatSize(free), unix.ENOSPC)
+	}
+	if st.Files > 0 && n > int64(st.Ffree) {
+		return fmt.Errorf("%d inodes needed, %d free on the node's disk: %w", n, st.Ffree, unix.ENOSPC)
+	}
+	return nil
 }
 
 // treeCopy copies a tree between two directories, by descriptor (each
