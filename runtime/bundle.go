@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -267,13 +266,9 @@ func HostsFile(hostname string) []byte {
 
 // ReadBundle reads the spec of the bundle in dir.
 func ReadBundle(dir string) (*specs.Spec, error) {
-	b, err := os.ReadFile(bundleSpec(dir))
-	if err != nil {
-		return nil, fmt.Errorf("read bundle: %w", err)
-	}
 	var s specs.Spec
-	if err := json.Unmarshal(b, &s); err != nil {
-		return nil, fmt.Errorf("decode bundle: %w", err)
+	if err := atomicfile.ReadJSON(bundleSpec(dir), &s); err != nil {
+		return nil, fmt.Errorf("read bundle: %w", err)
 	}
 	if s.Process == nil {
 		return nil, fmt.Errorf("bundle %s has no process", dir)

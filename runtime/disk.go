@@ -2,7 +2,6 @@ package runtime
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -288,12 +287,8 @@ func mountImage(image, mnt string) error {
 // ReadDiskRecord reads the disk record in a task's state directory; nil
 // when the task has no disk.
 func ReadDiskRecord(dir string) *DiskRecord {
-	b, err := os.ReadFile(StateDir(dir).Disk())
-	if err != nil {
-		return nil
-	}
 	var r DiskRecord
-	if json.Unmarshal(b, &r) != nil {
+	if atomicfile.ReadJSON(StateDir(dir).Disk(), &r) != nil {
 		return nil
 	}
 	return &r
@@ -459,11 +454,10 @@ func DiskImages(dir string) (map[string]string, error) {
 		if !strings.HasSuffix(name, ".img") {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(dir, strings.TrimSuffix(name, ".img")+".json"))
 		var rec struct {
 			TaskDir string `json:"task_dir"`
 		}
-		if err != nil || json.Unmarshal(b, &rec) != nil {
+		if atomicfile.ReadJSON(filepath.Join(dir, strings.TrimSuffix(name, ".img")+".json"), &rec) != nil {
 			rec.TaskDir = ""
 		}
 		out[filepath.Join(dir, name)] = rec.TaskDir
