@@ -119,7 +119,7 @@ func copyBack(target, name string, unmount func() error) error {
 	if _, err := rand.Read(r[:]); err != nil {
 		return err
 	}
-	tmp, old := "."+base+".sandbox-new-"+hex.EncodeToString(r[:]), "."+base+".sandbox-old-"+hex.EncodeToString(r[:])
+	tmp := "." + base + ".sandbox-new-" + hex.EncodeToString(r[:])
 	var rootSt unix.Stat_t
 	if err := unix.Stat(target, &rootSt); err != nil {
 		return err
@@ -166,13 +166,13 @@ func copyBack(target, name string, unmount func() error) error {
 		_ = os.RemoveAll(filepath.Join(parent, tmp))
 		return err
 	}
-	if err := os.Rename(target, filepath.Join(parent, old)); err != nil {
-		return err
+	// One exchange, not two renames: a crash between two renames would
+	// leave no target at all, and the allocation's next start would fail.
+	if err := unix.Renameat2(unix.AT_FDCWD, filepath.Join(parent, tmp), unix.AT_FDCWD, target, unix.RENAME_EXCHANGE); err != nil {
+		return fmt.Errorf("swap %s with its copy: %w", name, err)
 	}
-	if err := os.Rename(filepath.Join(parent, tmp), target); err != nil {
-		return err
-	}
-	return os.RemoveAll(filepath.Join(parent, old))
+	// tmp is the old directory now.
+	return os.RemoveAll(filepath.Join(parent, tmp))
 }
 
 // roomFor checks that what target shows fits on the file system of
