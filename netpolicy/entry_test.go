@@ -1,7 +1,9 @@
 package netpolicy
 
 import (
+	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -215,5 +217,95 @@ func TestEntryCovers(t *testing.T) {
 	bare := Entry{Prefix: netip.MustParsePrefix("10.0.0.0/8")}
 	if tcp, _ := ParseEgress("10.1.2.3"); !bare.Covers(tcp) || !tcp.Covers(Entry{Prefix: netip.MustParsePrefix("10.1.2.3/32")}) {
 		t.Error("an Entry without Proto is not treated as tcp")
+	}
+}
+
+// TestEntryCovers_NeverWidens: whenever Covers says an allowed_egress entry
+// covers a task's entry, every destination the task's entry opens (address
+// or name, port, protocol) is one the ceiling opens too, judged without
+// Covers. The entries are every combination of addresses, prefixes (IPv4,
+// IPv6, IPv4-mapped), names and wildcards, ports, port ranges and protocols,
+// so a ceiling that a task could exceed through any one of them fails here.
+func TestEntryCovers_NeverWidens(t *testing.T) {
+	hosts := []string{
+		"10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/16", "10.1.2.3", "10.1.2.4", "0.0.0.0/0",
+		"2001:db8::/32", "2001:db8::1", "::/0", "::ffff:10.1.2.3", "::ffff:a01:204",
+		"ex.test", "a.ex.test", "b.a.ex.test", "*.ex.test", "*.a.ex.test", "other.test",
+	}
+	ports := []string{"", ":1", ":80", ":443", ":1-1024", ":443-444", ":65535", ":1-65535"}
+	protos := []string{"", "/tcp", "/udp"}
+	var entries []Entry
+	for _, h := range hosts {
+		for _, p := range ports {
+			for _, pr := range protos {
+				s := h
+				if p != "" && strings.Contains(h, ":") {
+					s = "[" + h + "]"
+				}
+				e, err := ParseEgress(s + p + pr)
+				if err != nil {
+					t.Fatalf("ParseEgress(%q): %v", s+p+pr, err)
+				}
+				entries = append(entries, e)
+			}
+		}
+	}
+	type dest struct {
+		addr  netip.Addr
+		name  string
+		port  uint16
+		proto string
+	}
+	where := func(d dest) string {
+		if d.addr.IsValid() {
+			return netip.AddrPortFrom(d.addr, d.port).String() + "/" + d.proto
+		}
+		return fmt.Sprintf("%s:%d/%s", d.name, d.port, d.proto)
+	}
+	var dests []dest
+	for _, port := range []uint16{1, 2, 80, 443, 444, 1024, 1025, 65535} {
+		for _, proto := range []string{"tcp", "udp"} {
+			for _, a := range []string{"10.1.2.3", "10.1.2.4", "10.2.0.1", "11.0.0.1", "2001:db8::1", "2001:db8::2", "2001:db9::1"} {
+				dests = append(dests, dest{addr: netip.MustParseAddr(a), port: port, proto: proto})
+			}
+			for _, n := range []string{"ex.test", "a.ex.test", "b.a.ex.test", "c.b.a.ex.test", "z.ex.test", "other.test", "a.other.test", "ex.test.other.test"} {
+				dests = append(dests, dest{name: n, port: port, proto: proto})
+			}
+		}
+	}
+	// opens is what the filter and the DNS service let through for e,
+	// spelled out from the fields rather than through Covers.
+	opens := func(e Entry, d dest) bool {
+		proto := e.Proto
+		if proto == "" {
+			proto = "tcp"
+		}
+		if proto != d.proto {
+			return false
+		}
+		if (e.PortLo != 0 || e.PortHi != 0) && (d.port < e.PortLo || d.port > e.PortHi) {
+			return false
+		}
+		if d.addr.IsValid() {
+			return e.Prefix.IsValid() && e.Prefix.Contains(d.addr)
+		}
+		return e.MatchesHost(d.name)
+	}
+	checked := 0
+	for _, outer := range entries {
+		for _, inner := range entries {
+			if !outer.Covers(inner) {
+				continue
+			}
+			checked++
+			for _, d := range dests {
+				if opens(inner, d) && !opens(outer, d) {
+					t.Fatalf("%s covers %s, but %s opens %s and %s does not", outer, inner, inner, where(d), outer)
+				}
+			}
+		}
+	}
+	if checked == 0 {
+		t.Fatal("no entry covered another: the table is broken")
 	}
 }
