@@ -365,6 +365,52 @@ func TestDriver_EgressDenyListWins(t *testing.T) {
 	ee.finish(t, cfg)
 }
 
+// TestDriver_EgressDeniedEgress: the plugin's denied_egress reaches the
+// filter through SetConfig. The operator's allowed_egress names both server
+// addresses and denies one of them, once as an address and once, on the
+// other port, through a prefix; the task lists both in its egress, within
+// the ceiling: the other address answers, the denied one never sees a
+// packet, and the denials are counted.
+func TestDriver_EgressDeniedEgress(t *testing.T) {
+	ee := newEgressEnvWith(t, nil, []string{"0.0.0.0/0"}, nil, func(pc *PluginConfig, h *testutil.NetHost) {
+		pc.DeniedEgress = []string{h.Extra.String(), netip.PrefixFrom(h.Extra, 30).Masked().String()}
+	})
+	h := ee.host
+	allowed := netip.AddrPortFrom(h.Addr, egTCP1)
+	denied := netip.AddrPortFrom(h.Extra, egTCP1)
+	deniedAlt := netip.AddrPortFrom(h.Extra, egTCP2)
+	for _, a := range []netip.AddrPort{denied, deniedAlt} {
+		body, err := h.ClientGet(a)
+		must.NoError(t, err, must.Sprintf("control: %s", a))
+		must.StrContains(t, body, "hello from "+a.String())
+	}
+	probes := []probe{
+		{"allowed", wgetCmd(h.Addr.String(), egTCP1)},
+		{"denied", wgetCmd(h.Extra.String(), egTCP1)},
+		{"denied-alt", wgetCmd(h.Extra.String(), egTCP2)},
+	}
+	cfg, cleanup := ee.task(t, "egress-denied", readonlyDefault(TaskConfig{
+		Command: "/bin/sh", Args: []string{"-c", probeScript("", probes)},
+		Egress:  []string{allowed.String(), denied.String(), deniedAlt.String()},
+		Timeout: "60s",
+	}))
+	defer cleanup()
+	defer ee.startProbing(t, cfg)()
+	_, res := probeResults(t, cfg, probes)
+	must.True(t, res["allowed"].ok(), must.Sprintf("allowlisted %s: %+v", allowed, res["allowed"]))
+	must.StrContains(t, res["allowed"].out, "hello from "+allowed.String())
+	for _, n := range []string{"denied", "denied-alt"} {
+		must.False(t, res[n].ok(), must.Sprintf("%s reached (denied_egress not applied): %+v", n, res[n]))
+		must.StrNotContains(t, res[n].out, "hello")
+	}
+	for _, d := range []netip.AddrPort{denied, deniedAlt} {
+		must.SliceEmpty(t, h.Hits(ee.fromPool("tcp", d)), must.Sprintf("the server saw a connection to %s", d))
+	}
+	want := []string{denied.String() + "/tcp", deniedAlt.String() + "/tcp"}
+	ee.waitNetRecord(t, cfg, want, nil)
+	ee.finish(t, cfg)
+}
+
 // TestDriver_EgressNoneLoopbackOnly: a task without egress, on a node that
 // permits egress, gets no network but loopback and no namespace of the
 // driver's.

@@ -51,6 +51,13 @@ type egressEnv struct {
 // the host's addresses), then the driver with ceiling as allowed_egress.
 func newEgressEnv(t *testing.T, extraPorts []uint16, ceiling []string, records func(*testutil.NetHost) map[string]netip.Addr) *egressEnv {
 	t.Helper()
+	return newEgressEnvWith(t, extraPorts, ceiling, records, nil)
+}
+
+// newEgressEnvWith is newEgressEnv with mutate (nil: none) applied to the
+// plugin config last, for a test of another network setting.
+func newEgressEnvWith(t *testing.T, extraPorts []uint16, ceiling []string, records func(*testutil.NetHost) map[string]netip.Addr, mutate func(*PluginConfig, *testutil.NetHost)) *egressEnv {
+	t.Helper()
 	testutil.RequireRoot(t)
 	ee := &egressEnv{}
 	ports := []uint16{egTCP1, egTCP2, egHTTP}
@@ -75,6 +82,9 @@ func newEgressEnv(t *testing.T, extraPorts []uint16, ceiling []string, records f
 		pc.DNSServers = []string{ee.dns.Addr}
 		pc.NetworkSubnet = ee.host.Pool.String()
 		pc.AuditLog = ee.audit
+		if mutate != nil {
+			mutate(pc, ee.host)
+		}
 	})
 	t.Logf("test host %d: pool %s, server %s (extra %s, other %s), client %s, DNS upstream %s",
 		ee.host.K, ee.host.Pool, ee.host.Addr, ee.host.Extra, ee.host.Other, ee.host.ClientAddr, ee.dns.Addr)
