@@ -1,6 +1,7 @@
 package netnsrun
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -59,5 +60,45 @@ func TestInNewThenIn(t *testing.T) {
 	}
 	if err := In(filepath.Join(t.TempDir(), "missing"), func() error { return nil }); err == nil {
 		t.Error("In a missing path: no error")
+	}
+}
+
+// TestThreadsComeBack: after In and InNew, also when fn fails, every thread
+// of the process is in the process's own namespace again: a thread left in
+// a foreign one would run any later goroutine there (a listener of the
+// plugin opened inside a sandbox's namespace, or a netlink call aimed at
+// the host changing the sandbox's).
+func TestThreadsComeBack(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (unshare, setns)")
+	}
+	own := inode(t, "/proc/self/ns/net")
+	fail := errors.New("fn failed")
+	for i := 0; i < 20; i++ {
+		if err := InNew(func() error { return fail }); !errors.Is(err, fail) {
+			t.Fatalf("InNew: %v, want %v", err, fail)
+		}
+		if err := In("/proc/self/ns/net", func() error { return fail }); !errors.Is(err, fail) {
+			t.Fatalf("In: %v, want %v", err, fail)
+		}
+		if err := InNew(func() error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every thread the runtime has, not only the ones the loop happened
+	// to reuse.
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		var st unix.Stat_t
+		path := filepath.Join("/proc/self/task", task.Name(), "ns", "net")
+		if err := unix.Stat(path, &st); err != nil {
+			continue // the thread ended
+		}
+		if st.Ino != own {
+			t.Errorf("thread %s is in namespace %d, want %d", task.Name(), st.Ino, own)
+		}
 	}
 }
