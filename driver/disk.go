@@ -130,6 +130,10 @@ func (d *Driver) mountDisk(ctx context.Context, cfg *drivers.TaskConfig, dir str
 		if err := d.mountLocalDisk(ctx, cfg, dir, lim); err != nil {
 			return err
 		}
+	} else if err := runtime.CoverTaskDirs(dir, realPath(cfg.TaskDir().Dir), filepath.Base(cfg.TaskDir().LocalDir)); err != nil {
+		// No overlay keeps local/ nosuid: a bind does (secrets/ is
+		// Nomad's noexec tmpfs).
+		return fmt.Errorf("bind local/ nosuid: %w", err)
 	}
 	notice, err := runtime.JoinAllocDisk(ctx, dir, runtime.AllocDisk{
 		Dir:        d.config.diskDir(),

@@ -143,6 +143,7 @@ func (d *Driver) launch(cfg *drivers.TaskConfig, id string, bc *runtime.BundleCo
 	// alloc/tmp with the disks' overlays on them.
 	cu.Add(func() {
 		_ = runtime.UnmountDisk(dir)
+		_ = runtime.UncoverTaskDirs(dir)
 		_ = runtime.LeaveAllocDisk(dir)
 	})
 	if err := d.mountDisk(d.ctx, cfg, dir, lim); err != nil {
@@ -472,6 +473,9 @@ func (d *Driver) removeSandbox(id string, sup *runtime.Supervisor) error {
 	}
 	if err := runtime.UnmountDisk(sup.Dir); err != nil {
 		return fmt.Errorf("remove task disk: %w", err)
+	}
+	if err := runtime.UncoverTaskDirs(sup.Dir); err != nil {
+		return fmt.Errorf("remove the task's nosuid binds: %w", err)
 	}
 	if err := runtime.LeaveAllocDisk(sup.Dir); err != nil {
 		return fmt.Errorf("remove allocation disk: %w", err)

@@ -72,6 +72,10 @@ type allocHolder struct {
 	Base       string `json:"base"`
 	AllocID    string `json:"alloc_id"`
 	LimitBytes int64  `json:"limit_bytes"`
+	// AllocDir is the allocation directory: the last holder to leave
+	// finds alloc/data and alloc/tmp there to strip and unbind when the
+	// allocation has no disk (see coverAllocShare).
+	AllocDir string `json:"alloc_dir,omitempty"`
 }
 
 // allocDiskRecord is NAME.json next to the image: what the disk was made
@@ -172,7 +176,7 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 	}
 	defer unlock()
 	others := holders(filepath.Dir(dir), base)
-	if err := atomicfile.WriteJSON(StateDir(dir).AllocDisk(), allocHolder{Base: base, AllocID: d.AllocID, LimitBytes: d.LimitBytes}, 0o600); err != nil {
+	if err := atomicfile.WriteJSON(StateDir(dir).AllocDisk(), allocHolder{Base: base, AllocID: d.AllocID, LimitBytes: d.LimitBytes, AllocDir: d.AllocDir}, 0o600); err != nil {
 		return "", err
 	}
 	rec := readAllocDiskRecord(base)
@@ -201,13 +205,24 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 		}
 		return "", nil
 	}
+	if d.LimitBytes > 0 && len(others) == 0 {
+		// A nosuid bind that no holder accounts for (their state
+		// directories went without a leave) must not end up under the
+		// overlays, whose copy back renames the directory.
+		if err := uncoverAllocShare(d.AllocDir); err != nil {
+			return "", err
+		}
+		return "", makeAllocDisk(ctx, base, d)
+	}
+	// No disk: the sandboxes write the host's directories, which are
+	// bound nosuid while any task holds them.
+	if err := coverAllocShare(d.AllocDir); err != nil {
+		return "", err
+	}
 	if d.LimitBytes == 0 {
 		return "", nil
 	}
-	if len(others) > 0 {
-		return fmt.Sprintf("alloc/data and alloc/tmp are not limited: %d other task(s) of the allocation without a disk limit run on them", len(others)), nil
-	}
-	return "", makeAllocDisk(ctx, base, d)
+	return fmt.Sprintf("alloc/data and alloc/tmp are not limited: %d other task(s) of the allocation without a disk limit run on them", len(others)), nil
 }
 
 // allocOverlaysMounted says whether the disk's overlays are on alloc/data
@@ -361,8 +376,21 @@ func finishAllocDisk(stateRoot, base, self string) error {
 			return nil
 		}
 	}
+	allocDir := ""
+	if self != "" {
+		if h := readHolder(self); h != nil {
+			allocDir = h.AllocDir
+		}
+	}
 	if rec := readAllocDiskRecord(base); rec != nil {
 		if err := removeAllocDisk(base, *rec, true); err != nil {
+			return err
+		}
+		allocDir = rec.AllocDir
+	}
+	// The set-id bits go before the nosuid binds that kept them inert.
+	if allocDir != "" {
+		if err := uncoverAllocShare(allocDir); err != nil {
 			return err
 		}
 	}

@@ -29,6 +29,7 @@ const (
 	diskName           = "disk.json"
 	diskMountName      = "disk"
 	allocDiskName      = "allocdisk.json"
+	noSuidName         = "nosuid.json"
 	pinsName           = "pins"
 	traceSockName      = "trace.sock"
 	traceConfigName    = "trace.json"
@@ -58,6 +59,7 @@ func StateFiles() []StateFile {
 		{diskName, "runtime (Disk.Mount)", "the task's mounted disk image (DiskRecord)"},
 		{diskMountName, "runtime (Disk.Mount)", "where the disk image is mounted"},
 		{allocDiskName, "runtime (JoinAllocDisk)", "that the task holds its allocation's disk for alloc/data and alloc/tmp (allocHolder)"},
+		{noSuidName, "runtime (CoverTaskDirs)", "the task's own directories bound nosuid over themselves, for the removal's strip of set-id bits (noSuidRecord)"},
 		{supervisorSpecName, "runtime (Supervisor.Start)", "what the supervisor runs (SupervisorSpec)"},
 		{supervisorPidName, "supervisor", "the supervisor's pid (Supervisor.Alive)"},
 		{supervisorSockName, "supervisor", "closes when the supervisor is done (Supervisor.Wait)"},
@@ -131,6 +133,9 @@ func (d StateDir) DiskMount() string { return d.join(diskMountName) }
 // AllocDisk records that the task holds its allocation's disk (see
 // JoinAllocDisk).
 func (d StateDir) AllocDisk() string { return d.join(allocDiskName) }
+
+// NoSuid lists the task's directories bound nosuid (see CoverTaskDirs).
+func (d StateDir) NoSuid() string { return d.join(noSuidName) }
 
 // Pins holds the task's pinned host paths (see PinPaths).
 func (d StateDir) Pins() string { return d.join(pinsName) }

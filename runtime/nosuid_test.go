@@ -1,0 +1,65 @@
+package runtime
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/shoenig/test/must"
+	"golang.org/x/sys/unix"
+)
+
+// stripSetID clears the set-id bits of the regular files of a tree, never
+// through a link (a set-uid file outside the tree keeps its bits), never
+// opening a FIFO for good (the test would hang), and closes a directory
+// nested deeper than it walks to everyone but root.
+func TestStripSetID(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: chown")
+	}
+	dir, outside := t.TempDir(), filepath.Join(t.TempDir(), "host-suid")
+	must.NoError(t, os.WriteFile(outside, []byte("x"), 0o755))
+	must.NoError(t, unix.Chmod(outside, 0o4755))
+	files := map[string]uint32{"a": 0o4755, "sub/b": 0o6777, "sub/c": 0o2750, "plain": 0o1644}
+	for name, mode := range files {
+		p := filepath.Join(dir, name)
+		must.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		must.NoError(t, os.WriteFile(p, []byte("x"), 0o600))
+		must.NoError(t, unix.Chmod(p, mode))
+	}
+	must.NoError(t, os.Symlink(outside, filepath.Join(dir, "link")))
+	must.NoError(t, unix.Mkfifo(filepath.Join(dir, "fifo"), 0o644))
+	// A tree deeper than the walk, owned by another user who could
+	// open it again: the level past the walk becomes root's, 0700.
+	deep := dir + strings.Repeat("/d", maxCopyDepth+2)
+	must.NoError(t, os.MkdirAll(deep, 0o777))
+	must.NoError(t, os.WriteFile(deep+"/e", []byte("x"), 0o600))
+	must.NoError(t, unix.Chmod(deep+"/e", 0o4755))
+	for p := dir + "/d"; len(p) <= len(deep); p += "/d" {
+		must.NoError(t, os.Chown(p, 1000, 1000))
+		must.NoError(t, os.Chmod(p, 0o777))
+	}
+
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	must.NoError(t, err)
+	defer unix.Close(fd)
+	must.NoError(t, stripSetID(fd))
+
+	var st unix.Stat_t
+	for name, mode := range files {
+		must.NoError(t, unix.Lstat(filepath.Join(dir, name), &st))
+		must.Eq(t, mode&0o1777, st.Mode&0o7777, must.Sprintf("%s", name))
+	}
+	must.NoError(t, unix.Lstat(outside, &st))
+	must.Eq(t, uint32(0o4755), st.Mode&0o7777, must.Sprint("a link was followed out of the tree"))
+	must.NoError(t, unix.Lstat(filepath.Join(dir, "fifo"), &st))
+	must.Eq(t, uint32(unix.S_IFIFO), st.Mode&unix.S_IFMT)
+
+	walked := dir + strings.Repeat("/d", maxCopyDepth)
+	must.NoError(t, unix.Lstat(walked, &st))
+	must.Eq(t, uint32(1000), st.Uid, must.Sprint("a walked directory was changed"))
+	must.NoError(t, unix.Lstat(walked+"/d", &st))
+	must.Eq(t, uint32(0), st.Uid, must.Sprint("the directory past the walk is not root's"))
+	must.Eq(t, uint32(0o700), st.Mode&0o7777, must.Sprint("the directory past the walk is open to others"))
+}
