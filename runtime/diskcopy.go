@@ -50,47 +50,91 @@ func dirUsage(dir string, leaveOutDeep bool) (bytes, entries int64, err error) {
 	}
 	defer unix.Close(fd)
 	seen := map[[2]uint64]bool{}
-	var walk func(fd int, rel string, depth int) error
-	walk = func(fd int, rel string, depth int) error {
-		names, err := readNames(fd)
-		if err != nil {
-			return fmt.Errorf("%s: %w", rel, err)
-		}
-		for _, name := range names {
-			var st unix.Stat_t
-			if err := unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-				return fmt.Errorf("%s: %w", path.Join(rel, name), err)
-			}
+	w := treeWalk{
+		visit: func(_ int, _, _ string, st *unix.Stat_t) (bool, error) {
 			key := [2]uint64{st.Dev, st.Ino}
 			if seen[key] {
-				continue
+				return false, nil
 			}
 			seen[key] = true
 			bytes += st.Blocks * 512
 			entries++
-			if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return true, nil
+		},
+		deep: func(_ int, _, rel string) error {
+			if leaveOutDeep {
+				return nil
+			}
+			return fmt.Errorf("%s: directories nested more than %d deep", rel, maxCopyDepth)
+		},
+	}
+	err = w.walk(fd, dir)
+	return bytes, entries, err
+}
+
+// treeWalk walks a tree by descriptor, never following a link, so that
+// each entry costs the same at any depth (a task can nest a directory in
+// itself once per inode, far beyond PATH_MAX).
+type treeWalk struct {
+	// visit is called for each entry with the descriptor of the directory
+	// holding it, its name, its path and its lstat; for a directory it
+	// says whether to go into it.
+	visit func(dir int, name, rel string, st *unix.Stat_t) (bool, error)
+	// deep is called instead of going into a directory maxCopyDepth levels
+	// down: each level walked holds a descriptor.
+	deep func(dir int, name, rel string) error
+	// skipGone skips an entry that is gone, or no longer a directory,
+	// when it is looked at or opened (a local user changed the tree)
+	// instead of failing.
+	skipGone bool
+}
+
+// walk walks the directory open at fd, named rel in messages.
+func (w *treeWalk) walk(fd int, rel string) error {
+	return w.dir(fd, rel, 0)
+}
+
+func (w *treeWalk) dir(fd int, rel string, depth int) error {
+	names, err := readNames(fd)
+	if err != nil {
+		return fmt.Errorf("%s: %w", rel, err)
+	}
+	for _, name := range names {
+		p := path.Join(rel, name)
+		var st unix.Stat_t
+		if err := unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			if w.skipGone && errors.Is(err, unix.ENOENT) {
 				continue
 			}
-			if depth >= maxCopyDepth {
-				if leaveOutDeep {
-					continue
-				}
-				return fmt.Errorf("%s: directories nested more than %d deep", path.Join(rel, name), maxCopyDepth)
-			}
-			sub, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-			if err != nil {
-				return fmt.Errorf("%s: %w", path.Join(rel, name), err)
-			}
-			err = walk(sub, path.Join(rel, name), depth+1)
-			unix.Close(sub)
-			if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		into, err := w.visit(fd, name, p, &st)
+		if err != nil {
+			return err
+		}
+		if !into || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			continue
+		}
+		if depth >= maxCopyDepth {
+			if err := w.deep(fd, name, p); err != nil {
 				return err
 			}
+			continue
 		}
-		return nil
+		sub, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			if w.skipGone && (errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP)) {
+				continue
+			}
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		err = w.dir(sub, p, depth+1)
+		unix.Close(sub)
+		if err != nil {
+			return err
+		}
 	}
-	err = walk(fd, dir, 0)
-	return bytes, entries, err
+	return nil
 }
 
 // readNames lists the directory open at fd (through a descriptor of its

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -43,14 +42,10 @@ func CoverTaskDirs(dir, root string, rels ...string) error {
 		if err != nil {
 			return err
 		}
-		inert, err := inertMountRoot(h)
-		if err == nil && !inert {
+		err = cover(h, func() error {
 			rec.Paths = append(rec.Paths, filepath.Join(root, rel))
-			err = atomicfile.WriteJSON(StateDir(dir).NoSuid(), rec, 0o600)
-			if err == nil {
-				err = bindNoSuid(h)
-			}
-		}
+			return atomicfile.WriteJSON(StateDir(dir).NoSuid(), rec, 0o600)
+		})
 		h.Close()
 		if err != nil {
 			return fmt.Errorf("%s: %w", rel, err)
@@ -95,10 +90,8 @@ func coverAllocShare(allocDir string) error {
 		if err != nil {
 			return err
 		}
-		inert, err := inertMountRoot(h)
-		if err == nil && !inert {
-			err = bindNoSuid(h)
-		}
+		// The holders' records (allocHolder.AllocDir) say where it is.
+		err = cover(h, func() error { return nil })
 		h.Close()
 		if err != nil {
 			return fmt.Errorf("alloc/%s: %w", sub, err)
@@ -132,6 +125,20 @@ func resolveDir(root, rel string) (*safeopen.Handle, error) {
 		return nil, fmt.Errorf("task directory %s is not a directory (mode %#o): refused", rel, h.Stat.Mode)
 	}
 	return h, nil
+}
+
+// cover binds the directory h nosuid (bindNoSuid) unless it is the root of
+// a mount on which set-id bits are inert already; record is called first,
+// so that a crash leaves the bind found.
+func cover(h *safeopen.Handle, record func() error) error {
+	inert, err := inertMountRoot(h)
+	if err != nil || inert {
+		return err
+	}
+	if err := record(); err != nil {
+		return err
+	}
+	return bindNoSuid(h)
 }
 
 // inertMountRoot says whether the directory h is the root of a mount on
@@ -238,59 +245,38 @@ func uncover(parent, name string) error {
 // per inode) is not walked: it is made root's and closed to everyone else
 // instead, so that nothing set-id beneath it can be reached.
 func stripSetID(root int) error {
-	var walk func(fd int, rel string, depth int) error
-	walk = func(fd int, rel string, depth int) error {
-		names, err := readNames(fd)
-		if err != nil {
-			return fmt.Errorf("%s: %w", rel, err)
-		}
-		for _, name := range names {
-			p := path.Join(rel, name)
-			var st unix.Stat_t
-			if err := unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); errors.Is(err, unix.ENOENT) {
-				continue
-			} else if err != nil {
-				return fmt.Errorf("%s: %w", p, err)
+	w := treeWalk{
+		skipGone: true,
+		visit: func(dir int, name, rel string, st *unix.Stat_t) (bool, error) {
+			// Only the sandbox (gone now) could have set the bits on a
+			// file it made; a name without them needs no open.
+			if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&(unix.S_ISUID|unix.S_ISGID) == 0 {
+				return true, nil
 			}
-			switch st.Mode & unix.S_IFMT {
-			case unix.S_IFREG:
-				// Only the sandbox (gone now) could have set the
-				// bits on a file it made; a name without them needs
-				// no open.
-				if st.Mode&(unix.S_ISUID|unix.S_ISGID) == 0 {
-					continue
-				}
-				if err := stripFile(fd, name); err != nil {
-					return fmt.Errorf("%s: %w", p, err)
-				}
-			case unix.S_IFDIR:
-				sub, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-				if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
-					continue
-				}
-				if err != nil {
-					return fmt.Errorf("%s: %w", p, err)
-				}
-				if depth >= maxCopyDepth {
-					err = unix.Fchown(sub, 0, 0)
-					if err == nil {
-						err = unix.Fchmod(sub, 0o700)
-					}
-					if err != nil {
-						err = fmt.Errorf("%s: %w", p, err)
-					}
-				} else {
-					err = walk(sub, p, depth+1)
-				}
-				unix.Close(sub)
-				if err != nil {
-					return err
-				}
+			if err := stripFile(dir, name); err != nil {
+				return false, fmt.Errorf("%s: %w", rel, err)
 			}
-		}
-		return nil
+			return false, nil
+		},
+		deep: func(dir int, name, rel string) error {
+			fd, err := unix.Openat(dir, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+				return nil
+			}
+			if err == nil {
+				err = unix.Fchown(fd, 0, 0)
+				if err == nil {
+					err = unix.Fchmod(fd, 0o700)
+				}
+				unix.Close(fd)
+			}
+			if err != nil {
+				return fmt.Errorf("%s: %w", rel, err)
+			}
+			return nil
+		},
 	}
-	return walk(root, ".", 0)
+	return w.walk(root, ".")
 }
 
 // stripFile clears the set-id bits of the regular file name in dir through

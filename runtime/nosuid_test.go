@@ -63,3 +63,40 @@ func TestStripSetID(t *testing.T) {
 	must.Eq(t, uint32(0), st.Uid, must.Sprint("the directory past the walk is not root's"))
 	must.Eq(t, uint32(0o700), st.Mode&0o7777, must.Sprint("the directory past the walk is open to others"))
 }
+
+// Without a disk, alloc/data and alloc/tmp are bound nosuid while any task
+// of the allocation holds them, including one with a limit that joins
+// while a task without runs on them; the last to leave strips the set-id
+// bits and removes the binds, and a leave that is not the last keeps both.
+func TestAllocShare_NoSuidWhileHeld(t *testing.T) {
+	e := newAllocDiskEnv(t)
+	a, b := e.task(t, "a"), e.task(t, "b")
+	nosuid := func(sub string) bool {
+		var st unix.Statfs_t
+		must.NoError(t, unix.Statfs(filepath.Join(e.allocDir, "alloc", sub), &st))
+		return st.Flags&unix.ST_NOSUID != 0
+	}
+	must.Eq(t, "", e.join(t, a, 0))
+	must.True(t, nosuid("data"))
+	must.True(t, nosuid("tmp"))
+	must.StrContains(t, e.join(t, b, 16<<20), "not limited")
+	must.False(t, e.mounted(t))
+	files := []string{filepath.Join(e.allocDir, "alloc", "data", "suid"), filepath.Join(e.allocDir, "alloc", "tmp", "sgid")}
+	for _, p := range files {
+		must.NoError(t, os.WriteFile(p, []byte("x"), 0o600))
+		must.NoError(t, unix.Chmod(p, 0o6755))
+	}
+	var st unix.Stat_t
+	must.NoError(t, LeaveAllocDisk(a))
+	must.True(t, nosuid("data"), must.Sprint("a leave that was not the last removed the bind"))
+	must.NoError(t, unix.Lstat(files[0], &st))
+	must.Eq(t, uint32(0o6755), st.Mode&0o7777)
+	must.NoError(t, LeaveAllocDisk(b))
+	for _, p := range files {
+		must.NoError(t, unix.Lstat(p, &st))
+		must.Eq(t, uint32(0o755), st.Mode&0o7777, must.Sprintf("%s kept set-id bits", p))
+		src, err := mountSource(filepath.Dir(p))
+		must.NoError(t, err)
+		must.Eq(t, "", src, must.Sprintf("%s is still mounted", filepath.Dir(p)))
+	}
+}
