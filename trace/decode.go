@@ -1,9 +1,11 @@
 package trace
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -130,9 +132,9 @@ func decodeContext(b []byte) (procContext, error) {
 		case 4:
 			c.pid = int32(v)
 		case 8:
-			c.cwd = string(data)
+			c.cwd = capString(data, maxPath)
 		case 9:
-			c.process = string(data)
+			c.process = capString(data, maxProcess)
 		case 10:
 			c.ppid = int32(v)
 		case 7: // Credentials: the effective ids are the ones checked.
@@ -150,16 +152,40 @@ func decodeContext(b []byte) (procContext, error) {
 }
 
 // maxArgs caps what is kept of an argv: the first maxArgs arguments, each
-// cut to maxArgLen bytes. A record stays small whatever the task passes.
+// cut to maxArgLen bytes. A record stays small whatever the task passes,
+// and whatever a Sentry the task escaped into sends: every string from the
+// sandbox is cut (paths, the working directory, the process name), so that
+// a line stays within maxLine and a connect kept until its exit stays small.
 const (
-	maxArgs   = 32
-	maxArgLen = 256
-	maxPath   = 1024
+	maxArgs    = 32
+	maxArgLen  = 256
+	maxPath    = 1024
+	maxProcess = 64 // Linux and gVisor name a process in 15 bytes
+	// maxSockaddr is the largest address connect and bind take
+	// (sizeof(struct sockaddr_storage)).
+	maxSockaddr = 128
 )
 
+// capString is b as a string cut to n bytes as JSON writes it: a control
+// character, an invalid UTF-8 byte, <, >, &, U+2028 and U+2029 take six
+// (\u001b, \ufffd, \u003c, ...), a quote or backslash two; a cut string ends
+// in "…".
 func capString(b []byte, n int) string {
-	if len(b) > n {
-		return string(b[:n]) + "…"
+	size := 0
+	for i := 0; i < len(b); {
+		r, w := utf8.DecodeRune(b[i:])
+		switch {
+		case r == utf8.RuneError && w == 1, r < 0x20, r == '<', r == '>', r == '&', r == '\u2028', r == '\u2029':
+			size += 6
+		case r == '"', r == '\\':
+			size += 2
+		default:
+			size += w
+		}
+		if size > n {
+			return string(b[:i]) + "…"
+		}
+		i += w
 	}
 	return string(b)
 }
@@ -185,7 +211,10 @@ func decode(msgType uint16, b []byte) (*event, error) {
 					ev.argv = append(ev.argv, capString(data, maxArgLen))
 				}
 			case 8:
-				ev.sha256 = append([]byte(nil), data...)
+				// A digest of another size is not a SHA-256.
+				if len(data) == sha256.Size {
+					ev.sha256 = append([]byte(nil), data...)
+				}
 			}
 		case msgTaskExit:
 			if num == 2 {
@@ -216,7 +245,7 @@ func decode(msgType uint16, b []byte) (*event, error) {
 			case num == 6 && msgType == msgOpen:
 				ev.pathname = capString(data, maxPath)
 			case num == 6:
-				ev.address = append([]byte(nil), data...)
+				ev.address = append([]byte(nil), data[:min(len(data), maxSockaddr)]...)
 			case num == 7 && msgType == msgOpen:
 				ev.flags = uint32(v)
 			}

@@ -89,11 +89,8 @@ func Listen(sock, config string, cfg Config) (*Receiver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("trace: open %s: %w", dir, err)
 	}
-	r := &Receiver{
-		cfg: cfg, sock: sock, config: config, dirFD: fd, done: make(chan struct{}),
-		tokens: float64(cfg.Burst), counts: map[string]uint64{}, dropped: map[string]uint64{},
-		reported: map[string]uint64{}, pending: map[int32]*Record{}, sockets: map[[2]int32]string{},
-	}
+	r := newReceiver(cfg)
+	r.sock, r.config, r.dirFD = sock, config, fd
 	_ = os.Remove(sock)
 	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: r.endpoint(), Net: "unixpacket"})
 	if err != nil {
@@ -116,6 +113,15 @@ func Listen(sock, config string, cfg Config) (*Receiver, error) {
 	}
 	go r.serve()
 	return r, nil
+}
+
+// newReceiver is a receiver's state before it listens.
+func newReceiver(cfg Config) *Receiver {
+	return &Receiver{
+		cfg: cfg, done: make(chan struct{}),
+		tokens: float64(cfg.Burst), counts: map[string]uint64{}, dropped: map[string]uint64{},
+		reported: map[string]uint64{}, pending: map[int32]*Record{}, sockets: map[[2]int32]string{},
+	}
 }
 
 // ConfigPath is the file to pass to runsc's --pod-init-config.

@@ -230,3 +230,7 @@ func hexString(b []byte) string {
 	}
 	return hex.EncodeToString(b)
 }
+
+// maxLine bounds one line of the trail, whatever the sandbox sends: every
+// string from it is cut before it is kept, counted as JSON writes it.
+const maxLine = 16 << 10

@@ -114,7 +114,7 @@ func TestReceiver_Points(t *testing.T) {
 	for i := range 40 {
 		exec.bytes(3, []byte("arg"+strconv.Itoa(i)))
 	}
-	exec.bytes(8, []byte{0xab, 0xcd})
+	exec.bytes(8, bytes.Repeat([]byte{0xab}, 32))
 	r.handle(frame(msgExec, 0, exec.b))
 	// socket() = 3 (TCP), then a refused connect on it, then one that
 	// never returns.
@@ -144,7 +144,7 @@ func TestReceiver_Points(t *testing.T) {
 	must.Eq(t, "/bin/busybox", ex.Path)
 	must.Len(t, maxArgs, ex.Argv)
 	must.Eq(t, 40-maxArgs, ex.ArgvDropped)
-	must.Eq(t, "abcd", ex.SHA256)
+	must.Eq(t, strings.Repeat("ab", 32), ex.SHA256)
 	must.Eq(t, int32(7), ex.PID)
 	must.Eq(t, int32(1), ex.PPID)
 	must.Eq(t, uint32(1000), *ex.UID)
@@ -254,4 +254,54 @@ func TestReceiver_OneConnection(t *testing.T) {
 	must.Eq(t, "/bin/id", recs[0].Path)
 	_, err = os.Stat(r.ConfigPath())
 	must.True(t, os.IsNotExist(err), must.Sprint("the session file goes at Close"))
+}
+
+// A Sentry the task escaped into sends strings as long as a message (256
+// KiB) and bytes that JSON writes six times over (controls, invalid UTF-8,
+// <, >, &): every line stays within maxLine, and the connects kept between
+// enter and exit keep no more than their capped strings.
+func TestReceiver_HostileStrings(t *testing.T) {
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	r := newReceiver(Config{Log: log, Points: knownPoints()})
+	huge := bytes.Repeat([]byte{0x1b}, 200<<10)
+	esc := []byte(strings.Repeat("\x1b[31m<&>\xff", 200))
+	ctx := func(tid int32) []byte {
+		return (&msg{}).varint(2, uint64(tid)).varint(4, 7).bytes(8, huge).bytes(9, huge).b
+	}
+	exec := (&msg{}).bytes(1, ctx(7)).bytes(2, esc)
+	for range 40 {
+		exec.bytes(3, esc)
+	}
+	exec.bytes(8, huge)
+	r.handle(frame(msgExec, 0, exec.b))
+	unixAddr := append(binaryFamily(unix.AF_UNIX), esc...)
+	r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctx(7)).bytes(2, []byte{}).varint(4, 3).bytes(6, unixAddr).b))
+	r.handle(frame(msgOpen, 0, (&msg{}).bytes(1, ctx(7)).bytes(2, []byte{}).varint(4, 5).bytes(5, esc).bytes(6, esc).varint(7, unix.O_WRONLY).b))
+	for tid := range int32(maxPendingConnects) {
+		r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctx(100+tid)).varint(4, 3).bytes(6, huge).b))
+	}
+	var kept int
+	for _, p := range r.pending {
+		kept += len(p.Cwd) + len(p.Process) + len(p.Address)
+	}
+	must.Less(t, 4<<20, kept, must.Sprint("bytes the pending connects keep"))
+	close(r.done)
+	sum := r.Close(0)
+	must.Eq(t, "", sum.Error)
+	b, err := os.ReadFile(log)
+	must.NoError(t, err)
+	must.False(t, bytes.ContainsRune(b, 0x1b), must.Sprint("a raw escape in the trail"))
+	lines := 0
+	for line := range bytes.Lines(b) {
+		lines++
+		must.LessEq(t, maxLine, len(line), must.Sprintf("line %d", lines))
+		var rec Record
+		must.NoError(t, json.Unmarshal(line, &rec))
+	}
+	must.Eq(t, 3+maxPendingConnects, lines)
+	recs := readLines(t, log)
+	must.Eq(t, "", recs[0].SHA256, must.Sprint("a digest that is not 32 bytes is not one"))
+	must.Len(t, maxArgs, recs[0].Argv)
+	must.Eq(t, 40-maxArgs, recs[0].ArgvDropped)
 }
