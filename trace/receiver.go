@@ -462,9 +462,19 @@ func (r *Receiver) write(rec *Record) {
 		return
 	}
 	b = append(b, '\n')
-	f, err := os.OpenFile(r.cfg.Log, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	// Non-blocking, and a regular file only: a FIFO left at the path (by
+	// a local user who can write to its directory) would otherwise hold
+	// the open, the receiver, and with it the supervisor's Close and the
+	// task's exit status, for as long as nobody reads it.
+	f, err := os.OpenFile(r.cfg.Log, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
 	if err == nil {
-		_, err = f.Write(b)
+		var fi os.FileInfo
+		if fi, err = f.Stat(); err == nil && !fi.Mode().IsRegular() {
+			err = fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+		}
+		if err == nil {
+			_, err = f.Write(b)
+		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}

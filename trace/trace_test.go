@@ -305,3 +305,48 @@ func TestReceiver_HostileStrings(t *testing.T) {
 	must.Len(t, maxArgs, recs[0].Argv)
 	must.Eq(t, 40-maxArgs, recs[0].ArgvDropped)
 }
+
+// A FIFO at the trail's path (a local user's, in a directory they can write
+// to) is refused at once: an open that waited for a reader would hold the
+// receiver, and with it Close and the task's exit status, for ever.
+func TestReceiver_LogFIFO(t *testing.T) {
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	must.NoError(t, unix.Mkfifo(log, 0o666))
+	r := newReceiver(Config{Log: log, Points: DefaultPoints()})
+	handled := make(chan struct{})
+	go func() {
+		defer close(handled)
+		r.handle(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/true")).b))
+	}()
+	t.Cleanup(func() {
+		// Without the fix the write waits for a reader: give it one,
+		// so that nothing is left blocked.
+		if fd, err := unix.Open(log, unix.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+			<-handled
+			unix.Close(fd)
+		}
+	})
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		select {
+		case <-handled:
+			return true
+		default:
+			return false
+		}
+	}), wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)), must.Sprint("the write waits for a reader of the FIFO"))
+	close(r.done)
+	sum := r.Close(0)
+	must.StrContains(t, sum.Error, "trace log")
+	must.Eq(t, uint64(0), sum.Written)
+
+	// With a reader there (the local user's), nothing is written either.
+	fd, err := unix.Open(log, unix.O_RDONLY|unix.O_NONBLOCK, 0)
+	must.NoError(t, err)
+	defer unix.Close(fd)
+	r = newReceiver(Config{Log: log, Points: DefaultPoints()})
+	r.handle(frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/true")).b))
+	must.StrContains(t, r.err.Error(), "not a regular file")
+	n, err := unix.Read(fd, make([]byte, 1024))
+	must.True(t, n <= 0, must.Sprintf("read %d bytes of the trail from the FIFO (%v)", n, err))
+}
