@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/encoding/protowire"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/audit"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 )
 
@@ -349,4 +351,61 @@ func TestReceiver_LogFIFO(t *testing.T) {
 	must.StrContains(t, r.err.Error(), "not a regular file")
 	n, err := unix.Read(fd, make([]byte, 1024))
 	must.True(t, n <= 0, must.Sprintf("read %d bytes of the trail from the FIFO (%v)", n, err))
+}
+
+// A sender that never closes its end, and floods while the task ends, holds
+// Close no longer than its wait: the supervisor goes on to write the exit
+// status, and a connect still pending is on record as no_return.
+func TestReceiver_SenderNeverCloses(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	log := filepath.Join(dir, "trail.jsonl")
+	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: DefaultPoints(), Rate: 10, Burst: 10, MaxRecords: 100})
+	must.NoError(t, err)
+	closed := false
+	defer func() {
+		if !closed {
+			r.Close(0)
+		}
+	}()
+	conn, err := net.Dial("unixpacket", r.endpoint())
+	must.NoError(t, err)
+	defer conn.Close()
+	_, err = conn.Write((&msg{}).varint(1, 1).b)
+	must.NoError(t, err)
+	_, err = conn.Read(make([]byte, 64))
+	must.NoError(t, err)
+	_, err = conn.Write(frame(msgConnect, 0, (&msg{}).bytes(1, ctxMsg(9, 9, "/", "nc")).varint(4, 3).bytes(6, sockaddrIn([4]byte{10, 0, 0, 3}, 22)).b))
+	must.NoError(t, err)
+	exec := frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(2, 2, "/", "sh")).bytes(2, []byte("/bin/true")).b)
+	_, err = conn.Write(exec)
+	must.NoError(t, err)
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+		b, _ := os.ReadFile(log)
+		return bytes.Contains(b, []byte("/bin/true"))
+	}), wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)))
+
+	flooded := make(chan struct{})
+	go func() {
+		defer close(flooded)
+		for {
+			if _, err := conn.Write(exec); err != nil {
+				return
+			}
+		}
+	}()
+	defer func() { conn.Close(); <-flooded }()
+	var sum atomic.Pointer[audit.Trail]
+	go func() { sum.Store(r.Close(200 * time.Millisecond)) }()
+	closed = true
+	must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool { return sum.Load() != nil }),
+		wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)), must.Sprint("Close held by the sender"))
+	s := sum.Load()
+	must.Eq(t, "", s.Error)
+	must.LessEq(t, 100, s.Written)
+	// The flood spent the rate: the connect is counted, not written.
+	must.Eq(t, uint64(1), s.Counts["connect"])
+	must.Eq(t, []string{"10.0.0.3:22"}, s.Destinations)
+	recs := readLines(t, log)
+	must.Eq(t, "dropped", recs[len(recs)-1].Point)
 }
