@@ -268,9 +268,10 @@ func TestReceiver_HostileStrings(t *testing.T) {
 	r := newReceiver(Config{Log: log, Points: knownPoints()})
 	huge := bytes.Repeat([]byte{0x1b}, 200<<10)
 	esc := []byte(strings.Repeat("\x1b[31m<&>\xff", 200))
-	ctx := func(tid int32) []byte {
-		return (&msg{}).varint(2, uint64(tid)).varint(4, 7).bytes(8, huge).bytes(9, huge).b
+	ctxOf := func(tid int32, s []byte) []byte {
+		return (&msg{}).varint(2, uint64(tid)).varint(4, 7).bytes(8, s).bytes(9, s).b
 	}
+	ctx := func(tid int32) []byte { return ctxOf(tid, huge) }
 	exec := (&msg{}).bytes(1, ctx(7)).bytes(2, esc)
 	for range 40 {
 		exec.bytes(3, esc)
@@ -281,7 +282,7 @@ func TestReceiver_HostileStrings(t *testing.T) {
 	r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctx(7)).bytes(2, []byte{}).varint(4, 3).bytes(6, unixAddr).b))
 	r.handle(frame(msgOpen, 0, (&msg{}).bytes(1, ctx(7)).bytes(2, []byte{}).varint(4, 5).bytes(5, esc).bytes(6, esc).varint(7, unix.O_WRONLY).b))
 	for tid := range int32(maxPendingConnects) {
-		r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctx(100+tid)).varint(4, 3).bytes(6, huge).b))
+		r.handle(frame(msgConnect, 0, (&msg{}).bytes(1, ctxOf(100+tid, huge[:16<<10])).varint(4, 3).bytes(6, huge[:16<<10]).b))
 	}
 	var kept int
 	for _, p := range r.pending {
