@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -409,4 +410,77 @@ func TestReceiver_SenderNeverCloses(t *testing.T) {
 	must.Eq(t, []string{"10.0.0.3:22"}, s.Destinations)
 	recs := readLines(t, log)
 	must.Eq(t, "dropped", recs[len(recs)-1].Point)
+}
+
+// connectAs connects to a SEQPACKET socket from a thread running as uid
+// (the thread is dropped afterwards, never reused): what another local user
+// can do. It returns the descriptor or the error.
+func connectAs(uid int, path string) (int, error) {
+	type result struct {
+		fd  int
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// No UnlockOSThread: the thread, whose ids are changed, ends
+		// with the goroutine.
+		runtime.LockOSThread()
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(uid), uintptr(uid), ^uintptr(0)); e != 0 {
+			ch <- result{-1, e}
+			return
+		}
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(uid), uintptr(uid), ^uintptr(0)); e != 0 {
+			ch <- result{-1, e}
+			return
+		}
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+		if err == nil {
+			if err = unix.Connect(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+				unix.Close(fd)
+				fd = -1
+			}
+		}
+		ch <- result{fd, err}
+	}()
+	r := <-ch
+	return r.fd, r.err
+}
+
+// Another local user cannot reach the socket (its directory is root's
+// only), and, given the way in (a directory opened to all), is turned away
+// without taking the trail's place: root's connection after it is the
+// trail's.
+func TestReceiver_OtherUser(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "trace-peer-")
+	must.NoError(t, err)
+	defer os.RemoveAll(dir)
+	must.NoError(t, os.Chmod(dir, 0o700))
+	log := filepath.Join(dir, "trail.jsonl")
+	r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: log, Points: DefaultPoints()})
+	must.NoError(t, err)
+	defer r.Close(0)
+
+	_, err = connectAs(65534, r.sock)
+	must.ErrorIs(t, err, unix.EACCES)
+
+	must.NoError(t, os.Chmod(dir, 0o755))
+	must.NoError(t, os.Chmod(r.sock, 0o777))
+	fd, err := connectAs(65534, r.sock)
+	must.NoError(t, err)
+	defer unix.Close(fd)
+	_, err = unix.Write(fd, (&msg{}).varint(1, 1).b)
+	must.NoError(t, err)
+	n, err := unix.Read(fd, make([]byte, 64))
+	must.True(t, n <= 0, must.Sprintf("the other user's connection got %d bytes of answer (%v)", n, err))
+
+	conn, err := net.Dial("unixpacket", r.endpoint())
+	must.NoError(t, err)
+	defer conn.Close()
+	_, err = conn.Write((&msg{}).varint(1, 1).b)
+	must.NoError(t, err)
+	reply := make([]byte, 64)
+	n, err = conn.Read(reply)
+	must.NoError(t, err)
+	must.Eq(t, []byte{0x08, 0x01}, reply[:n])
 }
