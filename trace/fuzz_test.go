@@ -35,8 +35,8 @@ func seedMessages() [][]byte {
 		frame(msgTaskExit, 5, (&msg{}).bytes(1, ctxMsg(7, 7, "/w", "nc")).varint(2, 9).b),
 		// A hostile Sentry's: strings longer than any cap, of bytes
 		// that JSON writes six times over.
-		frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(7, 7, strings.Repeat("\x1b<", 10<<10), strings.Repeat("\xff", 1<<10))).
-			bytes(2, bytes.Repeat([]byte{0}, 2<<10)).bytes(3, bytes.Repeat([]byte{'&'}, 1<<10)).b),
+		frame(msgExec, 0, (&msg{}).bytes(1, ctxMsg(7, 7, strings.Repeat("\x1b<", 1500), strings.Repeat("\xff", 200))).
+			bytes(2, bytes.Repeat([]byte{0}, 512)).bytes(3, bytes.Repeat([]byte{'&'}, 512)).b),
 	}
 }
 
