@@ -486,3 +486,29 @@ func TestReceiver_OtherUser(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, []byte{0x08, 0x01}, reply[:n])
 }
+
+// A sender that connects and never says its version holds Close no longer
+// than its wait either (the handshake's own deadline is 30 s), and one that
+// speaks version 0 gets no answer and no trail.
+func TestReceiver_SilentOrBadHandshake(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, hello := range [][]byte{nil, (&msg{}).varint(1, 0).b} {
+		dir := t.TempDir()
+		r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: filepath.Join(dir, "trail.jsonl"), Points: DefaultPoints()})
+		must.NoError(t, err)
+		conn, err := net.Dial("unixpacket", r.endpoint())
+		must.NoError(t, err)
+		defer conn.Close()
+		if hello != nil {
+			_, err = conn.Write(hello)
+			must.NoError(t, err)
+			n, err := conn.Read(make([]byte, 64))
+			must.True(t, n <= 0 && err != nil, must.Sprintf("version 0 answered with %d bytes", n))
+		}
+		var sum atomic.Pointer[audit.Trail]
+		go func() { sum.Store(r.Close(100 * time.Millisecond)) }()
+		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool { return sum.Load() != nil }),
+			wait.Timeout(5*time.Second), wait.Gap(10*time.Millisecond)), must.Sprint("Close held by a silent sender"))
+		must.StrContains(t, sum.Load().Error, "handshake")
+	}
+}
