@@ -117,6 +117,12 @@ func uncoverAllocShare(allocDir string) error {
 // directory.
 func resolveDir(root, rel string) (*safeopen.Handle, error) {
 	h, err := safeopen.Resolve(root, rel, safeopen.NoSymlinks)
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) || err == nil && h.Type() == unix.S_IFLNK {
+		if h != nil {
+			h.Close()
+		}
+		return nil, fmt.Errorf("task directory %s is a symbolic link or goes through one, which someone other than Nomad put there: refused", rel)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("task directory %s: %w", rel, err)
 	}
@@ -129,11 +135,19 @@ func resolveDir(root, rel string) (*safeopen.Handle, error) {
 
 // cover binds the directory h nosuid (bindNoSuid) unless it is the root of
 // a mount on which set-id bits are inert already; record is called first,
-// so that a crash leaves the bind found.
+// so that a crash leaves the bind found. A bind of ours that a failed
+// removal left read-only (see stripBeneath) is made writable again for the
+// new sandbox.
 func cover(h *safeopen.Handle, record func() error) error {
-	inert, err := inertMountRoot(h)
-	if err != nil || inert {
+	root, fs, err := mountRootOf(h)
+	if err != nil {
 		return err
+	}
+	if root && fs.Flags&(unix.ST_NOSUID|unix.ST_NOEXEC) != 0 {
+		if ourBind(root, fs) && fs.Flags&unix.ST_RDONLY != 0 {
+			return setMountAttr(h, unix.MountAttr{Attr_clr: unix.MOUNT_ATTR_RDONLY})
+		}
+		return nil
 	}
 	if err := record(); err != nil {
 		return err
@@ -141,14 +155,30 @@ func cover(h *safeopen.Handle, record func() error) error {
 	return bindNoSuid(h)
 }
 
-// inertMountRoot says whether the directory h is the root of a mount on
-// which set-id bits do nothing (nosuid, or noexec).
-func inertMountRoot(h *safeopen.Handle) (bool, error) {
-	root, fs, err := mountRootOf(h)
-	if err != nil || !root {
-		return false, err
+// ourBind says whether a directory that is (root) or is not the root of a
+// mount whose file system fs describes carries a bind of bindNoSuid's
+// kind: nosuid and nodev, and no disk's overlay.
+func ourBind(root bool, fs unix.Statfs_t) bool {
+	const flags = unix.ST_NOSUID | unix.ST_NODEV
+	return root && fs.Flags&flags == flags && fs.Type != unix.OVERLAYFS_SUPER_MAGIC
+}
+
+// setMountAttr changes the flags of the mount whose root h is.
+func setMountAttr(h *safeopen.Handle, attr unix.MountAttr) error {
+	fd, err := h.Open(unix.O_RDONLY | unix.O_DIRECTORY)
+	if err != nil {
+		return err
 	}
-	return fs.Flags&(unix.ST_NOSUID|unix.ST_NOEXEC) != 0, nil
+	defer unix.Close(fd)
+	return mountSetattr(fd, attr)
+}
+
+// mountSetattr changes the flags of the mount whose root fd is.
+func mountSetattr(fd int, attr unix.MountAttr) error {
+	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &attr); err != nil {
+		return fmt.Errorf("mount_setattr: %w", err)
+	}
+	return nil
 }
 
 // mountRootOf says whether h is the root of a mount, and describes the
@@ -176,24 +206,33 @@ func mountRootOf(h *safeopen.Handle) (bool, unix.Statfs_t, error) {
 // whatever its name points at by then. Not recursive: nothing is mounted
 // in a task's directories, and the strip then walks one file system.
 func bindNoSuid(h *safeopen.Handle) error {
-	dfd, err := h.Open(unix.O_RDONLY | unix.O_DIRECTORY)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(dfd)
-	mfd, err := unix.OpenTree(dfd, "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH)
+	fd, clone, err := cloneMount(h)
 	if err != nil {
 		return fmt.Errorf("bind nosuid: %w", err)
 	}
-	defer unix.Close(mfd)
-	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
-	if err := unix.MountSetattr(mfd, "", unix.AT_EMPTY_PATH, &attr); err != nil {
+	defer unix.Close(fd)
+	defer unix.Close(clone)
+	if err := mountSetattr(clone, unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}); err != nil {
 		return fmt.Errorf("bind nosuid: %w", err)
 	}
-	if err := unix.MoveMount(mfd, "", dfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
-		return fmt.Errorf("bind nosuid: %w", err)
+	if err := unix.MoveMount(clone, "", fd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		return fmt.Errorf("bind nosuid: move_mount: %w", err)
 	}
 	return nil
+}
+
+// cloneMount opens the directory h (the root of a mount, or any directory)
+// and a detached copy of it as a bind (open_tree), for bindNoSuid to attach
+// or stripBeneath to write through; the caller closes both.
+func cloneMount(h *safeopen.Handle) (fd, clone int, err error) {
+	if fd, err = h.Open(unix.O_RDONLY | unix.O_DIRECTORY); err != nil {
+		return -1, -1, err
+	}
+	if clone, err = unix.OpenTree(fd, "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH); err != nil {
+		unix.Close(fd)
+		return -1, -1, fmt.Errorf("open_tree: %w", err)
+	}
+	return fd, clone, nil
 }
 
 // uncover strips the set-id bits beneath parent/name and removes the
@@ -217,17 +256,10 @@ func uncover(parent, name string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
-	const ours = unix.ST_NOSUID | unix.ST_NODEV
-	if !root || fs.Flags&ours != ours || fs.Type == unix.OVERLAYFS_SUPER_MAGIC {
+	if !ourBind(root, fs) {
 		return nil
 	}
-	fd, err := h.Open(unix.O_RDONLY | unix.O_DIRECTORY)
-	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
-	}
-	err = stripSetID(fd)
-	unix.Close(fd)
-	if err != nil {
+	if err := stripBeneath(h); err != nil {
 		return fmt.Errorf("strip set-id bits beneath %s: %w", filepath.Join(parent, name), err)
 	}
 	// Our descriptors hold the mount: detached, it goes when they close
@@ -237,6 +269,33 @@ func uncover(parent, name string) error {
 		return fmt.Errorf("unmount nosuid bind %s: %w", target, err)
 	}
 	return nil
+}
+
+// stripBeneath strips the set-id bits beneath the bind whose root h is.
+// While the strip walks, nobody may move a file from a directory not walked
+// yet into one walked already (a local user in a directory the task made
+// world-writable), or that file would keep its bits once the bind is gone:
+// the bind turns read-only for everyone first, and the strip writes through
+// a writable copy of it that only this process holds.
+func stripBeneath(h *safeopen.Handle) error {
+	fd, clone, err := cloneMount(h)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	defer unix.Close(clone)
+	if err := mountSetattr(fd, unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
+		return err
+	}
+	if err := mountSetattr(clone, unix.MountAttr{Attr_clr: unix.MOUNT_ATTR_RDONLY}); err != nil {
+		return err
+	}
+	dir, err := unix.Openat(clone, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(dir)
+	return stripSetID(dir)
 }
 
 // stripSetID clears S_ISUID and S_ISGID on every regular file beneath the

@@ -100,3 +100,40 @@ func TestAllocShare_NoSuidWhileHeld(t *testing.T) {
 		must.Eq(t, "", src, must.Sprintf("%s is still mounted", filepath.Dir(p)))
 	}
 }
+
+// While the strip walks, the bind is read-only for everyone but the strip
+// itself, so that nobody can move a set-id file from a directory not
+// walked yet into one walked already; a bind a failed removal left so is
+// made writable again by the next cover; the removal leaves nothing
+// mounted.
+func TestStripBeneath_BindReadOnlyMeanwhile(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: mounts")
+	}
+	root, state := t.TempDir(), t.TempDir()
+	target := filepath.Join(root, "local")
+	must.NoError(t, os.MkdirAll(filepath.Join(target, "w"), 0o777))
+	t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
+	must.NoError(t, CoverTaskDirs(state, root, "local"))
+	suid := filepath.Join(target, "w", "suid")
+	must.NoError(t, os.WriteFile(suid, []byte("x"), 0o600))
+	must.NoError(t, unix.Chmod(suid, 0o4755))
+
+	h, err := resolveDir(root, "local")
+	must.NoError(t, err)
+	must.NoError(t, stripBeneath(h))
+	h.Close()
+	var st unix.Stat_t
+	must.NoError(t, unix.Lstat(suid, &st))
+	must.Eq(t, uint32(0o755), st.Mode&0o7777)
+	must.ErrorIs(t, os.Rename(suid, filepath.Join(target, "moved")), unix.EROFS)
+
+	must.NoError(t, CoverTaskDirs(state, root, "local"))
+	must.NoError(t, os.WriteFile(filepath.Join(target, "again"), nil, 0o600), must.Sprint("the next cover left the bind read-only"))
+	must.NoError(t, UncoverTaskDirs(state))
+	src, err := mountSource(target)
+	must.NoError(t, err)
+	must.Eq(t, "", src)
+	_, err = os.Stat(StateDir(state).NoSuid())
+	must.ErrorIs(t, err, os.ErrNotExist)
+}
