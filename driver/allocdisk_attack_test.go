@@ -14,8 +14,8 @@ import (
 // A task writes set-uid and set-gid root executables to /alloc/data and
 // /alloc/tmp. On the host they are inert while it runs (the overlays are
 // mounted nosuid) and lose the bits in the copy back, so no local user
-// runs them as root. (A task without any disk writes the plain host
-// directories, and its set-id files stay: see README, Disk.)
+// runs them as root. (Without any disk, nosuid binds do the same: see
+// TestSetID_InertWithoutDisk.)
 func TestAllocDisk_SetIDFilesInertOnHost(t *testing.T) {
 	e := diskEnv(t, nil)
 	cfg, cleanup := e.task(t, "setid", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",

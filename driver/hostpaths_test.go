@@ -9,6 +9,7 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
+	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
@@ -94,7 +95,13 @@ func TestHostile_TaskPathsSwappedForHostLinks(t *testing.T) {
 				do()
 			}
 			_, _, err := e.harness.StartTask(cfg)
-			must.NoError(t, swapped)
+			if tc.late && errors.Is(swapped, unix.EBUSY) {
+				// local/ is a mount point by then (the driver's nosuid
+				// bind, or a disk's overlay): nobody can move it.
+				t.Logf("not swapped: %v", swapped)
+			} else {
+				must.NoError(t, swapped)
+			}
 			if err == nil {
 				res := e.wait(cfg.ID, 60*time.Second)
 				t.Logf("exit %d", res.ExitCode)
