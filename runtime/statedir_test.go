@@ -55,7 +55,7 @@ func TestStateDir_NamesUnchanged(t *testing.T) {
 	for _, f := range StateFiles() {
 		names = append(names, f.Name)
 	}
-	must.Eq(t, "task.json bundle/config.json resolv.conf hosts pins network.json disk.json disk allocdisk.json "+
+	must.Eq(t, "task.json bundle/config.json resolv.conf hosts pins network.json disk.json disk allocdisk.json nosuid.json "+
 		"supervisor.json supervisor.pid supervisor.sock supervisor.log sandbox.pid runsc.log runsc-panic.log "+
 		"trace.sock trace.json exit.json exec-*.json", strings.Join(names, " "))
 }
