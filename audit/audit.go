@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Events in the audit log.
@@ -125,11 +127,23 @@ func (l *Log) Write(r *Record, sync bool) error {
 		return fmt.Errorf("audit log: encode: %w", err)
 	}
 	b = append(b, '\n')
-	f, err := os.OpenFile(l.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	// Never through a link, never blocking, a regular file only: a link or
+	// a FIFO left at the path (by a local user who can write to its
+	// directory) would otherwise have root append elsewhere, or hold the
+	// supervisor (and with it the task's exit status) for as long as
+	// nobody reads the FIFO.
+	f, err := os.OpenFile(l.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("audit log %s: %w", l.Path, err)
 	}
-	n, err := f.Write(b)
+	var n int
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	}
+	if err == nil {
+		n, err = f.Write(b)
+	}
 	if err == nil && n != len(b) {
 		err = fmt.Errorf("short write (%d of %d bytes)", n, len(b))
 	}

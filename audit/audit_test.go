@@ -7,7 +7,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/shoenig/test/must"
 )
@@ -71,4 +73,35 @@ func TestLog_UnwritableIsAnError(t *testing.T) {
 	err := l.Write(&Record{Event: EventStarted}, false)
 	must.Error(t, err)
 	must.StrContains(t, err.Error(), "audit log ")
+}
+
+// A link or a FIFO at the log's path (a local user who can write to its
+// directory) is refused: root never appends through the link, and the write
+// never waits for a reader of the FIFO.
+func TestLog_LinkAndFIFORefused(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "elsewhere")
+	must.NoError(t, os.WriteFile(target, []byte("canary\n"), 0o600))
+	link := filepath.Join(dir, "link.log")
+	must.NoError(t, os.Symlink(target, link))
+	must.Error(t, (&Log{Path: link}).Write(&Record{Event: EventStarted}, true))
+	b, err := os.ReadFile(target)
+	must.NoError(t, err)
+	must.EqOp(t, "canary\n", string(b))
+
+	fifo := filepath.Join(dir, "fifo.log")
+	must.NoError(t, syscall.Mkfifo(fifo, 0o600))
+	done := make(chan error, 1)
+	go func() { done <- (&Log{Path: fifo}).Write(&Record{Event: EventStarted}, true) }()
+	select {
+	case err := <-done:
+		// ENXIO with no reader, "not a regular file" with one.
+		must.Error(t, err)
+	case <-time.After(10 * time.Second):
+		// Unblock the writer so the test can end.
+		if f, err := os.OpenFile(fifo, os.O_RDONLY|syscall.O_NONBLOCK, 0); err == nil {
+			f.Close()
+		}
+		t.Fatal("the write waited for a reader of the FIFO")
+	}
 }
