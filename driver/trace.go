@@ -11,8 +11,8 @@ import (
 // Bounds of a task's trail when the operator sets none: a sustained rate
 // in lines a second (bursts of traceBurstSeconds of it) and a total per
 // sandbox. What the sandbox sends takes at most 16 KiB of a line (argv,
-// paths and names are capped), so the
-// total bounds what one sandbox can add to the node's disk.
+// paths and names are capped), so the total bounds what one sandbox can
+// add to the node's disk.
 const (
 	defaultTraceRate       = 100
 	defaultTraceMaxRecords = 20000
