@@ -3,6 +3,7 @@ package runtime
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -136,4 +137,31 @@ func TestStripBeneath_BindReadOnlyMeanwhile(t *testing.T) {
 	must.Eq(t, "", src)
 	_, err = os.Stat(StateDir(state).NoSuid())
 	must.ErrorIs(t, err, os.ErrNotExist)
+}
+
+// What the nosuid bind adds to a task without a disk: the bind at the
+// start, and at the removal the strip's walk of local/ (empty, and 1,000
+// files in 10 directories, none set-id) and the unmount.
+func BenchmarkNoSuidCoverAndUncover(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: mounts")
+	}
+	for _, files := range []int{0, 1000} {
+		b.Run(strconv.Itoa(files)+" files", func(b *testing.B) {
+			root, state := b.TempDir(), b.TempDir()
+			target := filepath.Join(root, "local")
+			must.NoError(b, os.MkdirAll(target, 0o755))
+			for f := range files {
+				sub := filepath.Join(target, strconv.Itoa(f%10))
+				must.NoError(b, os.MkdirAll(sub, 0o755))
+				must.NoError(b, os.WriteFile(filepath.Join(sub, strconv.Itoa(f)), nil, 0o644))
+			}
+			b.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
+			b.ResetTimer()
+			for range b.N {
+				must.NoError(b, CoverTaskDirs(state, root, "local"))
+				must.NoError(b, UncoverTaskDirs(state))
+			}
+		})
+	}
 }
