@@ -33,7 +33,7 @@ type noSuidRecord struct {
 // CoverTaskDirs binds each of the task's own directories rels (resolved
 // beneath root, the task directory, without following any link) over
 // itself nosuid,nodev, unless it is the root of a mount that keeps set-id
-// bits inert already (Nomad's noexec tmpfs for secrets/, a disk's overlay).
+// bits inert already (nosuid or noexec, as Nomad's tmpfs on secrets/ is).
 // Call it before the sandbox is made; UncoverTaskDirs undoes it.
 func CoverTaskDirs(dir, root string, rels ...string) error {
 	var rec noSuidRecord
