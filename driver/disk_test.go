@@ -120,7 +120,7 @@ func testWritersStopAtTheLimit(t *testing.T, big, small, full, inodes string) {
 	}
 
 	out := waitLog(t, fastCfg, "stdout", has("dd="))
-	must.StrContains(t, readLog(fastCfg, "stderr"), "No space left on device")
+	waitLog(t, fastCfg, "stderr", has("No space left on device"))
 	must.StrNotContains(t, out, "dd=0")
 	size, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(out, "\n", 2)[1]))
 	must.NoError(t, err, must.Sprintf("stdout %q", out))
@@ -136,7 +136,7 @@ func testWritersStopAtTheLimit(t *testing.T, big, small, full, inodes string) {
 	out = waitLog(t, nb, "stdout", has("top="))
 	must.StrContains(t, out, "neighbour-ok")
 	must.StrNotContains(t, out, "top=0")
-	must.StrContains(t, readLog(nb, "stderr"), "Read-only file system")
+	waitLog(t, nb, "stderr", has("Read-only file system"))
 	_, err = os.Lstat(filepath.Join(nb.AllocDir, "alloc", "top"))
 	must.True(t, os.IsNotExist(err), must.Sprint("a write at the top of /alloc reached the host"))
 	// Nomad reads what the task wrote on the host path while the
@@ -362,7 +362,7 @@ func allocDiskLeft(e *testEnv) []string {
 func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 	e := diskEnv(t, nil)
 	first, cleanup := e.task(t, "first", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
-		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/saw.tmp && mv /alloc/data/saw.tmp /alloc/data/first-saw; sleep 600"},
+		"if [ -f /alloc/data/a ]; then echo again >> /alloc/data/a; else echo from-first > /alloc/data/a.tmp && mv /alloc/data/a.tmp /alloc/data/a; fi; while [ ! -e /alloc/data/b ]; do sleep 0.05; done; cat /alloc/data/b > /alloc/data/saw.tmp && mv /alloc/data/saw.tmp /alloc/data/first-saw; sleep 600"},
 		DiskLimit: "16MiB"}))
 	// Before the tasks' destroys are registered, so it runs after them
 	// even when the test fails half-way.
@@ -371,7 +371,7 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 	data := filepath.Join(first.AllocDir, "alloc", "data")
 	must.NoError(t, os.WriteFile(filepath.Join(data, "sticky"), []byte("sticky\n"), 0o644))
 	second := e.sibling(t, first, "second", readonlyDefault(TaskConfig{Command: "/bin/sh", Args: []string{"-c",
-		"while [ ! -e /alloc/data/a ]; do sleep 0.05; done; cat /alloc/data/a /alloc/data/sticky > /alloc/data/b; while [ ! -e /alloc/data/first-saw ]; do sleep 0.05; done; dd if=/dev/zero of=/alloc/data/big bs=1M count=24 2>/dev/null; echo dd=$? > /alloc/data/dd.rc; rm /alloc/data/big; sleep 600"},
+		"while [ ! -e /alloc/data/a ]; do sleep 0.05; done; cat /alloc/data/a /alloc/data/sticky > /alloc/data/b.tmp && mv /alloc/data/b.tmp /alloc/data/b; while [ ! -e /alloc/data/first-saw ]; do sleep 0.05; done; dd if=/dev/zero of=/alloc/data/big bs=1M count=24 2>/dev/null; echo dd=$? > /alloc/data/dd.rc; rm /alloc/data/big; sleep 600"},
 		DiskLimit: "40MiB"}))
 	evSecond := e.events(t, second.ID)
 	for _, cfg := range []*drivers.TaskConfig{first, second} {
