@@ -19,6 +19,7 @@ import (
 	dtestutil "github.com/hashicorp/nomad/plugins/drivers/testutils"
 	"github.com/shoenig/test/must"
 	"github.com/shoenig/test/wait"
+	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
@@ -152,6 +153,17 @@ func (e *testEnv) taskWithLogs(t *testing.T, name string, tc TaskConfig, withLog
 	cleanup := e.harness.MkAllocDir(cfg, withLogs)
 	return cfg, func() {
 		cleanup()
+		// What a test left mounted in the allocation directory (a
+		// task's nosuid binds when the test removed its state
+		// directory, or one that failed half-way) goes too: the
+		// harness's removal stops at a mount point.
+		if mounts, err := runtime.MountsUnder(cfg.AllocDir); err == nil && len(mounts) > 0 {
+			t.Logf("unmounting what the test left in its allocation directory: %v", mounts)
+			for _, mp := range mounts {
+				_ = unix.Unmount(mp, unix.MNT_DETACH)
+			}
+			_ = os.RemoveAll(cfg.AllocDir)
+		}
 		// The harness removes the alloc dir but not the temporary
 		// directory it made around it.
 		_ = os.Remove(filepath.Dir(cfg.AllocDir))

@@ -17,7 +17,9 @@
 #   directories /run/nomad-sandbox (state_dir, runsc_root), /run/nomad-driver-sandbox,
 #               /var/lib/nomad-sandbox (image cache, disks, demo rootfs),
 #               /var/log/nomad-sandbox, and the e2e suite's and the demo's
-#               work directories /tmp/nomad-sandbox-e2e-*, /tmp/nomad-sandbox-demo.*
+#               work directories /tmp/nomad-sandbox-e2e-*, /tmp/nomad-sandbox-demo.*,
+#               and the driver tests' allocation directories
+#               /tmp/nomad_driver_harness-* (made by Nomad's test harness)
 #   cgroups     nomad-sandbox, nomad-sandbox-test-*, and the e2e and demo
 #               agents' own nomad-sandbox-e2e-* and nomad-sandbox-demo, in
 #               every hierarchy
@@ -34,8 +36,10 @@ bin="$top/bin"
 say() { echo "reset-host: $*"; }
 
 dirs=(/run/nomad-sandbox /run/nomad-driver-sandbox /var/lib/nomad-sandbox /var/log/nomad-sandbox)
-# The e2e suite's and the demo's work directories (agent data, task dirs).
-for d in /tmp/nomad-sandbox-e2e-* /tmp/nomad-sandbox-demo.*; do
+# The e2e suite's and the demo's work directories (agent data, task dirs),
+# and the allocation directories Nomad's driver test harness made for the
+# driver tests (a killed test leaves them, with the task's binds in them).
+for d in /tmp/nomad-sandbox-e2e-* /tmp/nomad-sandbox-demo.* /tmp/nomad_driver_harness-*; do
 	[ -d "$d" ] && dirs+=("$d")
 done
 ns_re='^(nsbx|tnpx|tnps|sbxt|sbxe2e|t[0-9a-f]{4})'
