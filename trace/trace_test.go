@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -496,9 +497,16 @@ func TestReceiver_SilentOrBadHandshake(t *testing.T) {
 		dir := t.TempDir()
 		r, err := Listen(filepath.Join(dir, "trace.sock"), filepath.Join(dir, "trace.json"), Config{Log: filepath.Join(dir, "trail.jsonl"), Points: DefaultPoints()})
 		must.NoError(t, err)
+		sock := filepath.Join(dir, "trace.sock")
 		conn, err := net.Dial("unixpacket", r.endpoint())
 		must.NoError(t, err)
 		defer conn.Close()
+		// The receiver has taken the connection (it removes the socket
+		// then): a Close before that is a sandbox that never connected.
+		must.Wait(t, wait.InitialSuccess(wait.BoolFunc(func() bool {
+			_, err := os.Lstat(sock)
+			return errors.Is(err, os.ErrNotExist)
+		}), wait.Timeout(5*time.Second), wait.Gap(5*time.Millisecond)), must.Sprint("the receiver never took the connection"))
 		if hello != nil {
 			_, err = conn.Write(hello)
 			must.NoError(t, err)
