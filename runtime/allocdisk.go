@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
@@ -239,7 +240,7 @@ func allocOverlaysMounted(base string, rec *allocDiskRecord) bool {
 
 // makeAllocDisk makes, formats and mounts the disk and its overlays; on
 // failure it removes what it made.
-func makeAllocDisk(ctx context.Context, base string, d AllocDisk) (err error) {
+func makeAllocDisk(ctx context.Context, base string, d AllocDisk) error {
 	var used, entries int64
 	for _, sub := range allocSubdirs {
 		h, err := resolveAllocSubdir(d.AllocDir, sub)
@@ -265,11 +266,8 @@ func makeAllocDisk(ctx context.Context, base string, d AllocDisk) (err error) {
 	if err := atomicfile.WriteJSON(base+".json", rec, 0o600); err != nil {
 		return err
 	}
-	defer func() {
-		if err != nil {
-			_ = removeAllocDisk(base, rec, false)
-		}
-	}()
+	cu := cleanup.Make(func() { _ = removeAllocDisk(base, rec, false) })
+	defer cu.Clean()
 	disk := &Disk{Image: base + ".img", SizeBytes: rec.SizeBytes, Inodes: rec.Inodes, LimitBytes: d.LimitBytes}
 	if dev := loopOf(disk.Image); dev != "" {
 		return fmt.Errorf("allocation disk image %s is in use already (%s)", disk.Image, dev)
@@ -292,6 +290,7 @@ func makeAllocDisk(ctx context.Context, base string, d AllocDisk) (err error) {
 			return err
 		}
 	}
+	cu.Release()
 	return nil
 }
 
