@@ -34,7 +34,7 @@ echo "SYSNAME=$(uname -s)"
 dmesg 2>&1 | head -n 5 | sed 's/^/DMESG: /'
 if touch /e2e-probe 2>/dev/null; then echo ROOT=writable; else echo ROOT=readonly; fi
 grep CapEff /proc/self/status
-for d in /alloc /local /secrets; do
+for d in /alloc /alloc/data /alloc/tmp /local /secrets; do
   if echo probe > $d/e2e-probe; then echo "WRITE $d=ok"; else echo "WRITE $d=fail"; fi
 done
 echo "SECRETS_DIR=$NOMAD_SECRETS_DIR"
@@ -79,12 +79,17 @@ echo DONE
 	// No capabilities.
 	must.StrContains(t, stdout, "CapEff:\t0000000000000000\n")
 
-	// Task directories are writable and are Nomad's.
-	for _, d := range []string{"/alloc", "/local", "/secrets"} {
+	// Task directories are writable and are Nomad's; /alloc itself is
+	// not (only its data/ and tmp/, which the allocation's disk bounds).
+	for _, d := range []string{"/alloc/data", "/alloc/tmp", "/local", "/secrets"} {
 		must.StrContains(t, stdout, "WRITE "+d+"=ok\n")
 	}
+	must.StrContains(t, stdout, "WRITE /alloc=fail\n")
+	_, err = os.Lstat(filepath.Join(j.allocDir(), "alloc", "e2e-probe"))
+	must.True(t, os.IsNotExist(err), must.Sprint("the task wrote at the top of the host's alloc/"))
 	for _, p := range []string{
-		filepath.Join(j.allocDir(), "alloc", "e2e-probe"),
+		filepath.Join(j.allocDir(), "alloc", "data", "e2e-probe"),
+		filepath.Join(j.allocDir(), "alloc", "tmp", "e2e-probe"),
 		filepath.Join(j.allocDir(), spec.Task, "local", "e2e-probe"),
 		filepath.Join(j.allocDir(), spec.Task, "secrets", "e2e-probe"),
 	} {
