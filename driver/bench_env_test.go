@@ -402,5 +402,16 @@ func benchSummary(b *testing.B, line string) {
 	fmt.Println("SUMMARY " + line)
 }
 
-// benchMedian is testutil.Median, under the name the disk benchmark uses.
-func benchMedian(ds []time.Duration) time.Duration { return testutil.Median(ds) }
+// benchLost reports the runs left out of a benchmark's timings because
+// WaitTask lost their exit status (why says how), and stops the benchmark
+// when none is left. It returns lost, for the lost-exit metric.
+func benchLost(b *testing.B, lost, total int, why string) int {
+	b.Helper()
+	if lost > 0 {
+		benchSummary(b, fmt.Sprintf("WARNING: %d of %d %s; they are left out of the timings", lost, total, why))
+	}
+	if lost == total {
+		b.Fatal("every run lost its exit status: no timing to report")
+	}
+	return lost
+}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/testutil"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/runtime"
 )
 
@@ -79,12 +80,12 @@ func BenchmarkDiskLimit(b *testing.B) {
 	b.StopTimer()
 	for k, name := range []string{"", "-limit", "", "-limit"} {
 		if k < 2 {
-			b.ReportMetric(benchMedian(starts[k]).Seconds(), "start"+name+"-s")
-			b.ReportMetric(benchMedian(cycles[k]).Seconds(), "cycle"+name+"-s")
+			b.ReportMetric(testutil.Median(starts[k]).Seconds(), "start"+name+"-s")
+			b.ReportMetric(testutil.Median(cycles[k]).Seconds(), "cycle"+name+"-s")
 			continue
 		}
-		b.ReportMetric(benchMedian(exits[k]).Seconds(), "write"+name+"-s")
-		b.ReportMetric(benchMedian(destroys[k]).Seconds(), "destroy"+name+"-s")
+		b.ReportMetric(testutil.Median(exits[k]).Seconds(), "write"+name+"-s")
+		b.ReportMetric(testutil.Median(destroys[k]).Seconds(), "destroy"+name+"-s")
 	}
 }
 
