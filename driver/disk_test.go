@@ -404,14 +404,14 @@ func TestAllocDisk_SharedRestartAndCleanup(t *testing.T) {
 
 	// The first ends; the second still holds the disk.
 	must.NoError(t, e.harness.DestroyTask(first.ID, true))
-	src, err := runtime.MountSourceOf(data)
+	src, err := runtime.MountSource(data)
 	must.NoError(t, err)
 	must.StrHasPrefix(t, "nomad-sandbox-disk:alloc-", src, must.Sprint("the disk went while a task of the allocation held it"))
 	must.NoError(t, e.harness.DestroyTask(second.ID, true))
 	// Copied back: the host holds it all, nothing of the disk is left.
 	must.Eq(t, "from-first\nsticky\n", read("b"))
 	must.Eq(t, "sticky\n", read("sticky"))
-	src, err = runtime.MountSourceOf(data)
+	src, err = runtime.MountSource(data)
 	must.NoError(t, err)
 	must.Eq(t, "", src)
 	must.Eq(t, []string(nil), allocDiskLeft(e))
@@ -474,7 +474,7 @@ func TestAllocDisk_LinkedDirRefused(t *testing.T) {
 		must.NoError(t, os.Symlink(host, p))
 		_, _, err := e.harness.StartTask(cfg)
 		must.ErrorContains(t, err, "alloc/"+sub)
-		src, merr := runtime.MountSourceOf(host)
+		src, merr := runtime.MountSource(host)
 		must.NoError(t, merr)
 		must.Eq(t, "", src, must.Sprint("something was mounted over the link's target"))
 		must.Eq(t, []string(nil), allocDiskLeft(e))

@@ -230,7 +230,7 @@ func JoinAllocDisk(ctx context.Context, dir string, d AllocDisk) (notice string,
 // and alloc/tmp.
 func allocOverlaysMounted(base string, rec *allocDiskRecord) bool {
 	for _, sub := range allocSubdirs {
-		src, err := mountSource(filepath.Join(rec.AllocDir, "alloc", sub))
+		src, err := MountSource(filepath.Join(rec.AllocDir, "alloc", sub))
 		if err != nil || src != allocOverlaySource(base, sub) {
 			return false
 		}
@@ -318,7 +318,7 @@ func mountAllocOverlay(base, allocDir, sub string) error {
 	}
 	defer h.Close()
 	target := filepath.Join(allocDir, "alloc", sub)
-	if src, err := mountSource(target); err != nil {
+	if src, err := MountSource(target); err != nil {
 		return err
 	} else if strings.HasPrefix(src, overlaySourcePrefix) {
 		return fmt.Errorf("alloc/%s still carries a disk (%s), which was not removed", sub, strings.TrimPrefix(src, overlaySourcePrefix))
@@ -416,7 +416,7 @@ func removeAllocDisk(base string, rec allocDiskRecord, copy bool) error {
 		// Only an overlay of this disk's: whatever else is mounted
 		// there is not ours to remove.
 		ours := func() bool {
-			src, err := mountSource(target)
+			src, err := MountSource(target)
 			return err == nil && src == allocOverlaySource(base, sub)
 		}
 		if copy && !ours() {
@@ -476,14 +476,14 @@ func reattachAllocOverlay(base string, rec allocDiskRecord, sub string, always b
 	if _, err := os.Lstat(target); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	if src, err := mountSource(target); err != nil || src == allocOverlaySource(base, sub) {
+	if src, err := MountSource(target); err != nil || src == allocOverlaySource(base, sub) {
 		return err
 	}
 	image := base + ".img"
 	if _, err := os.Lstat(image); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	src, err := mountSource(base)
+	src, err := MountSource(base)
 	if err != nil {
 		return err
 	}
@@ -565,7 +565,3 @@ func allocDiskFull(dir string) string {
 	}
 	return ""
 }
-
-// MountSourceOf is the source of the topmost mount at path ("" when nothing
-// is mounted there): a disk's overlay is "nomad-sandbox-disk:...".
-func MountSourceOf(path string) (string, error) { return mountSource(path) }

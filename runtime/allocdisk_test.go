@@ -32,7 +32,7 @@ func newAllocDiskEnv(t *testing.T) *allocDiskEnv {
 	must.NoError(t, os.MkdirAll(e.stateRoot, 0o700))
 	t.Cleanup(func() {
 		for _, sub := range []string{"data", "tmp"} {
-			src, _ := mountSource(filepath.Join(e.allocDir, "alloc", sub))
+			src, _ := MountSource(filepath.Join(e.allocDir, "alloc", sub))
 			if src != "" {
 				t.Errorf("alloc/%s still mounted (%s)", sub, src)
 				_ = unix.Unmount(filepath.Join(e.allocDir, "alloc", sub), unix.MNT_DETACH)
@@ -62,7 +62,7 @@ func (e *allocDiskEnv) join(t *testing.T, dir string, limit int64) string {
 
 func (e *allocDiskEnv) mounted(t *testing.T) bool {
 	t.Helper()
-	src, err := mountSource(filepath.Join(e.allocDir, "alloc", "data"))
+	src, err := MountSource(filepath.Join(e.allocDir, "alloc", "data"))
 	must.NoError(t, err)
 	return src == allocOverlaySource(allocDiskBase(e.diskDir, "a1"), "data")
 }

@@ -183,7 +183,7 @@ func (d *Disk) Mount(dir, root, rel string) error {
 	}
 	target := filepath.Join(root, rel)
 	// Never twice: an ext4 mounted twice at once is corrupted.
-	if src, err := mountSource(target); err != nil {
+	if src, err := MountSource(target); err != nil {
 		return err
 	} else if strings.HasPrefix(src, overlaySourcePrefix) {
 		return fmt.Errorf("local/ still carries the disk of an earlier run (%s), which was not removed", strings.TrimPrefix(src, overlaySourcePrefix))
@@ -309,7 +309,7 @@ func UnmountDisk(dir string) error {
 	// Only an overlay of this task's own: whatever else is mounted there
 	// is not ours to remove.
 	ours := func() bool {
-		src, err := mountSource(rec.Target)
+		src, err := MountSource(rec.Target)
 		return err == nil && src == overlaySourcePrefix+filepath.Base(dir)
 	}
 	unmount := func() error { return unmountOverlay(rec.Target) }
@@ -359,9 +359,9 @@ func unmountFS(mnt string) error {
 	return nil
 }
 
-// mountSource is the source field of the topmost mount at path (empty when
+// MountSource is the source field of the topmost mount at path (empty when
 // nothing is mounted there).
-func mountSource(path string) (string, error) {
+func MountSource(path string) (string, error) {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return "", err

@@ -96,7 +96,7 @@ func TestAllocShare_NoSuidWhileHeld(t *testing.T) {
 	for _, p := range files {
 		must.NoError(t, unix.Lstat(p, &st))
 		must.Eq(t, uint32(0o755), st.Mode&0o7777, must.Sprintf("%s kept set-id bits", p))
-		src, err := mountSource(filepath.Dir(p))
+		src, err := MountSource(filepath.Dir(p))
 		must.NoError(t, err)
 		must.Eq(t, "", src, must.Sprintf("%s is still mounted", filepath.Dir(p)))
 	}
@@ -132,7 +132,7 @@ func TestStripBeneath_BindReadOnlyMeanwhile(t *testing.T) {
 	must.NoError(t, CoverTaskDirs(state, root, "local"))
 	must.NoError(t, os.WriteFile(filepath.Join(target, "again"), nil, 0o600), must.Sprint("the next cover left the bind read-only"))
 	must.NoError(t, UncoverTaskDirs(state))
-	src, err := mountSource(target)
+	src, err := MountSource(target)
 	must.NoError(t, err)
 	must.Eq(t, "", src)
 	_, err = os.Stat(StateDir(state).NoSuid())
