@@ -12,7 +12,6 @@ import (
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/cleanup"
-	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
 // The tasks of an allocation share its alloc/ directory, so the share a
@@ -243,7 +242,7 @@ func allocOverlaysMounted(base string, rec *allocDiskRecord) bool {
 func makeAllocDisk(ctx context.Context, base string, d AllocDisk) error {
 	var used, entries int64
 	for _, sub := range allocSubdirs {
-		h, err := resolveAllocSubdir(d.AllocDir, sub)
+		h, err := resolveDir(d.AllocDir, filepath.Join("alloc", sub))
 		if err != nil {
 			return err
 		}
@@ -294,25 +293,10 @@ func makeAllocDisk(ctx context.Context, base string, d AllocDisk) error {
 	return nil
 }
 
-// resolveAllocSubdir opens alloc/<sub> beneath the allocation directory
-// without following any link: the node's other users can replace it
-// (Nomad makes alloc/ world-writable).
-func resolveAllocSubdir(allocDir, sub string) (*safeopen.Handle, error) {
-	h, err := safeopen.Resolve(allocDir, filepath.Join("alloc", sub), safeopen.NoSymlinks)
-	if err != nil {
-		return nil, fmt.Errorf("alloc/%s: %w", sub, err)
-	}
-	if h.Type() != unix.S_IFDIR {
-		h.Close()
-		return nil, fmt.Errorf("alloc/%s is not a directory (mode %#o): refused", sub, h.Stat.Mode)
-	}
-	return h, nil
-}
-
 // mountAllocOverlay mounts the overlay over alloc/<sub>, its upper layer on
 // the disk mounted at base.
 func mountAllocOverlay(base, allocDir, sub string) error {
-	h, err := resolveAllocSubdir(allocDir, sub)
+	h, err := resolveDir(allocDir, filepath.Join("alloc", sub))
 	if err != nil {
 		return err
 	}

@@ -13,7 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/atomicfile"
-	"github.com/nomad-driver-sandbox/nomad-driver-sandbox/internal/safeopen"
 )
 
 // A task's disk limit is a file system of its own: a sparse image file of
@@ -173,14 +172,11 @@ func mkfsPath() string {
 // dir (StateDir.Disk) before making it, so that a crash leaves something the
 // removal finds.
 func (d *Disk) Mount(dir, root, rel string) error {
-	th, err := safeopen.Resolve(root, rel, safeopen.NoSymlinks)
+	th, err := resolveDir(root, rel)
 	if err != nil {
-		return fmt.Errorf("task directory %s: %w", rel, err)
+		return err
 	}
 	defer th.Close()
-	if th.Type() != unix.S_IFDIR {
-		return fmt.Errorf("task directory %s is not a directory", rel)
-	}
 	target := filepath.Join(root, rel)
 	// Never twice: an ext4 mounted twice at once is corrupted.
 	if src, err := MountSource(target); err != nil {

@@ -86,7 +86,7 @@ func UncoverTaskDirs(dir string) error {
 // held; the last holder's leave removes the binds (uncoverAllocShare).
 func coverAllocShare(allocDir string) error {
 	for _, sub := range allocSubdirs {
-		h, err := resolveAllocSubdir(allocDir, sub)
+		h, err := resolveDir(allocDir, filepath.Join("alloc", sub))
 		if err != nil {
 			return err
 		}
@@ -114,7 +114,8 @@ func uncoverAllocShare(allocDir string) error {
 }
 
 // resolveDir opens root/rel without following any link; it must be a
-// directory.
+// directory. The task's and the allocation's directories are world-writable
+// (Nomad's), so a node's other user can replace one with a link at any time.
 func resolveDir(root, rel string) (*safeopen.Handle, error) {
 	h, err := safeopen.Resolve(root, rel, safeopen.NoSymlinks)
 	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) || err == nil && h.Type() == unix.S_IFLNK {
