@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 
@@ -42,7 +43,7 @@ func CoverTaskDirs(dir, root string, rels ...string) error {
 		if err != nil {
 			return err
 		}
-		err = cover(h, func() error {
+		err = cover(h, root, rel, func() error {
 			rec.Paths = append(rec.Paths, filepath.Join(root, rel))
 			return atomicfile.WriteJSON(StateDir(dir).NoSuid(), rec, 0o600)
 		})
@@ -91,7 +92,7 @@ func coverAllocShare(allocDir string) error {
 			return err
 		}
 		// The holders' records (allocHolder.AllocDir) say where it is.
-		err = cover(h, func() error { return nil })
+		err = cover(h, allocDir, filepath.Join("alloc", sub), func() error { return nil })
 		h.Close()
 		if err != nil {
 			return fmt.Errorf("alloc/%s: %w", sub, err)
@@ -134,12 +135,12 @@ func resolveDir(root, rel string) (*safeopen.Handle, error) {
 	return h, nil
 }
 
-// cover binds the directory h nosuid (bindNoSuid) unless it is the root of
-// a mount on which set-id bits are inert already; record is called first,
-// so that a crash leaves the bind found. A bind of ours that a failed
-// removal left read-only (see stripBeneath) is made writable again for the
-// new sandbox.
-func cover(h *safeopen.Handle, record func() error) error {
+// cover binds the directory h (resolveDir's base/rel) nosuid (bindNoSuid)
+// unless it is the root of a mount on which set-id bits are inert already;
+// record is called first, so that a crash leaves the bind found. A bind of
+// ours that a failed removal left read-only (see stripBeneath) is made
+// writable again for the new sandbox.
+func cover(h *safeopen.Handle, base, rel string, record func() error) error {
 	root, fs, err := mountRootOf(h)
 	if err != nil {
 		return err
@@ -153,7 +154,40 @@ func cover(h *safeopen.Handle, record func() error) error {
 	if err := record(); err != nil {
 		return err
 	}
-	return bindNoSuid(h)
+	clone, err := bindNoSuid(h)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(clone)
+	// The bind is on the directory resolved; a node's other user may have
+	// renamed it away before the bind and made a plain one in its place,
+	// which the sandbox would then write. From here on the name holds: a
+	// mount point can be neither renamed nor removed.
+	if err := boundAt(h, base, rel); err != nil {
+		if uerr := unix.Unmount("/proc/self/fd/"+strconv.Itoa(clone), unix.MNT_DETACH); uerr != nil {
+			return errors.Join(err, fmt.Errorf("unmount the nosuid bind: %w", uerr))
+		}
+		return err
+	}
+	return nil
+}
+
+// boundAt says whether base/rel, resolved again, is the directory h with
+// the nosuid bind on it.
+func boundAt(h *safeopen.Handle, base, rel string) error {
+	now, err := resolveDir(base, rel)
+	if err != nil {
+		return err
+	}
+	defer now.Close()
+	root, fs, err := mountRootOf(now)
+	if err != nil {
+		return err
+	}
+	if now.Stat.Dev != h.Stat.Dev || now.Stat.Ino != h.Stat.Ino || !ourBind(root, fs) {
+		return fmt.Errorf("%s was replaced while it was being bound nosuid, which someone other than Nomad did: refused", rel)
+	}
+	return nil
 }
 
 // ourBind says whether a directory that is (root) or is not the root of a
@@ -204,22 +238,25 @@ func mountRootOf(h *safeopen.Handle) (bool, unix.Statfs_t, error) {
 // bindNoSuid mounts a bind of the directory h over itself, nosuid and
 // nodev from the moment it is attached (the new mount API sets the flags
 // on the detached copy), on the descriptor: the directory resolved, not
-// whatever its name points at by then. Not recursive: nothing is mounted
-// in a task's directories, and the strip then walks one file system.
-func bindNoSuid(h *safeopen.Handle) error {
+// whatever its name points at by then (cover checks the name). Not
+// recursive: nothing is mounted in a task's directories, and the strip then
+// walks one file system. It returns the bind's descriptor, which the caller
+// closes.
+func bindNoSuid(h *safeopen.Handle) (int, error) {
 	fd, clone, err := cloneMount(h)
 	if err != nil {
-		return fmt.Errorf("bind nosuid: %w", err)
+		return -1, fmt.Errorf("bind nosuid: %w", err)
 	}
 	defer unix.Close(fd)
-	defer unix.Close(clone)
 	if err := mountSetattr(clone, unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}); err != nil {
-		return fmt.Errorf("bind nosuid: %w", err)
+		unix.Close(clone)
+		return -1, fmt.Errorf("bind nosuid: %w", err)
 	}
 	if err := unix.MoveMount(clone, "", fd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
-		return fmt.Errorf("bind nosuid: move_mount: %w", err)
+		unix.Close(clone)
+		return -1, fmt.Errorf("bind nosuid: move_mount: %w", err)
 	}
-	return nil
+	return clone, nil
 }
 
 // cloneMount opens the directory h (the root of a mount, or any directory)
